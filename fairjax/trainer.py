@@ -1,0 +1,468 @@
+"""The generic sharded, multi-host, resumable training loop.
+
+``train(config, task, workdir) -> summary`` runs any :class:`Task` on a
+``('data', 'fsdp', 'tensor')`` mesh (see :mod:`fairjax.parallel`).
+
+The contract with a task (built by ``fairjax.train`` from the config)::
+
+    class Task(Protocol):
+        config: ml_collections.ConfigDict
+        def init(self, rng) -> tuple[trainable, frozen]
+            # pytrees of arrays.  Only `trainable` gets optimizer state and gradients;
+            # `frozen` may be {} (LoRA: the base params; full fine-tuning: the reference copy).
+        def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]
+            # this process's contiguous slice (batch_size / process_count rows) of global
+            # batch `step`; a pure function of step, so the data position resumes exactly.
+        def loss(self, trainable, frozen, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]
+            # pure and jittable; `batch` holds global (sharded) arrays; metrics are scalars.
+        def finish(self, trainable, frozen, workdir: str) -> dict
+            # once after training, on every process (writes outputs on process 0).
+
+    Optional:
+        init_in_jit: bool = True
+            # True: `init` is traced under jit with the params' out_shardings (params are
+            # created sharded; init must be jittable).  False: `init` runs eagerly (e.g. it
+            # reads weights from disk) and its result is placed onto the shardings.
+        def param_partition_rules(self) -> list[tuple[regex, spec]]
+            # tried after config.sharding_rules, before the FSDP default.
+
+Step semantics (one jitted function, state donated):
+
+* ``state = {step, trainable, opt_state, rng}``; ``step`` counts completed steps;
+  the randomness of step ``s`` is ``fold_in(rng, s)`` (micro-batch ``j``:
+  ``fold_in(fold_in(rng, s), j)``), so a resumed run draws exactly what an
+  uninterrupted one would.
+* gradient accumulation: the global batch ``B`` is split into ``k = grad_accum_steps``
+  micro-batches ``batch[j::k]`` (strided, so each micro-batch stays spread over all
+  devices without communication), ``lax.scan`` sums their gradients and the update uses
+  ``g = (1/k) sum_j grad L_j``; for a loss that is a per-example mean this equals the
+  gradient of the whole batch.  Metrics are averaged the same way.
+* update: ``optax.chain(clip_by_global_norm(grad_clip), adamw|adam|sgd(schedule))``;
+  ``schedule(s)`` = linear warm-up ``lr * s / warmup_steps`` then constant or cosine
+  decay to 0 at ``total_steps``.  Logged ``grad_norm`` is the norm before clipping,
+  ``lr`` the rate the update of that step used.
+* a non-finite loss or gradient leaves the state unchanged and the loop stops with
+  :class:`NonFiniteLossError` (the last periodic checkpoint is kept).
+
+Checkpoints: ``<workdir>/checkpoints`` (orbax, see :mod:`fairjax.checkpoint`); every
+``checkpoint.every_steps``, at the end, and on SIGTERM/SIGINT (save, then return with
+``summary['preempted'] = True``).  Running again with the same workdir resumes.
+Metrics: TensorBoard events in ``<workdir>/tb`` and one JSON line per logged step in
+``<workdir>/metrics.jsonl`` (process 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from fairjax import parallel
+from fairjax.checkpoint import Checkpointer, PreemptionGuard
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):  # pragma: no cover - documentation of the contract
+    config: ml_collections.ConfigDict
+
+    def init(self, rng) -> tuple[Any, Any]: ...
+
+    def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]: ...
+
+    def loss(self, trainable, frozen, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+    def finish(self, trainable, frozen, workdir: str) -> dict: ...
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or gradient) became NaN/inf; training stopped without saving the bad state."""
+
+
+class ConfigError(ValueError):
+    """A trainer config value that cannot work (one-line message naming the key)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def default_train_config() -> ml_collections.ConfigDict:
+    """Defaults of every key the trainer reads; each ``configs/*.py`` starts from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 8  # global, over all processes and devices
+    c.grad_accum_steps = 1
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",  # adamw | adam | sgd
+            lr=1e-4,
+            schedule="constant",  # constant | cosine (both after linear warm-up)
+            warmup_steps=0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=1e-2,  # adamw only
+            momentum=0.0,  # sgd only
+            grad_clip=1.0,  # global-norm clipping; 0 = off
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # (regex over '/'-joined param path, partition spec tuple); first match wins,
+    # unmatched params: FSDP over their largest dim divisible by mesh.fsdp.
+    c.sharding_rules = []
+    c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3, "async": False})
+    c.log_every_steps = 50
+    c.progress_bar = True
+    return c
+
+
+def _get(cfg, key, default):
+    try:
+        v = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except (AttributeError, KeyError):
+        v = default
+    return default if v is None else v
+
+
+def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """``lr(s)``: ``lr * s / warmup`` for ``s < warmup``, then ``lr`` (constant) or
+    ``lr * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))`` (cosine)."""
+    lr = float(opt_cfg.lr)
+    warmup = int(_get(opt_cfg, "warmup_steps", 0))
+    kind = str(_get(opt_cfg, "schedule", "constant"))
+    if kind == "constant":
+        after = optax.constant_schedule(lr)
+    elif kind == "cosine":
+        after = optax.cosine_decay_schedule(lr, max(int(total_steps) - warmup, 1))
+    else:
+        raise ConfigError(f"optimizer.schedule={kind!r} is not one of constant, cosine")
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``optax.chain(clip_by_global_norm?, adamw|adam|sgd(schedule))`` and the schedule."""
+    schedule = make_schedule(opt_cfg, total_steps)
+    name = str(_get(opt_cfg, "name", "adamw"))
+    b1, b2, eps = float(_get(opt_cfg, "b1", 0.9)), float(_get(opt_cfg, "b2", 0.999)), float(_get(opt_cfg, "eps", 1e-8))
+    if name == "adamw":
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=float(_get(opt_cfg, "weight_decay", 0.0)))
+    elif name == "adam":
+        opt = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+    elif name == "sgd":
+        m = float(_get(opt_cfg, "momentum", 0.0))
+        opt = optax.sgd(schedule, momentum=m if m > 0 else None)
+    else:
+        raise ConfigError(f"optimizer.name={name!r} is not one of adamw, adam, sgd")
+    clip = float(_get(opt_cfg, "grad_clip", 0.0))
+    parts = ([optax.clip_by_global_norm(clip)] if clip > 0 else []) + [opt]
+    return optax.chain(*parts), schedule
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def split_micro(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Array]:
+    """``(B, ...) -> (k, B/k, ...)`` with micro-batch ``j = batch[j::k]`` (stays device-local)."""
+    sh = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
+
+    def one(x):
+        y = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(y, sh)
+
+    return jax.tree.map(one, batch)
+
+
+def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum_steps: int, mesh):
+    """The pure step ``(state, frozen, batch) -> (state, metrics)`` (see module docstring)."""
+    k = int(grad_accum_steps)
+
+    def grads_of(trainable, frozen, batch, key):
+        def f(p, b, r):
+            loss, metrics = task.loss(p, frozen, b, r)
+            return loss, metrics
+
+        vg = jax.value_and_grad(f, has_aux=True)
+        if k == 1:
+            (loss, metrics), grads = vg(trainable, batch, jax.random.fold_in(key, 0))
+            return loss, metrics, grads
+        micro = split_micro(batch, k, mesh)
+
+        def body(carry, xs):
+            j, mb = xs
+            (loss, metrics), grads = vg(trainable, mb, jax.random.fold_in(key, j))
+            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
+            return acc, None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda p, b: vg(p, b, key), trainable, first)
+        (l0, m0), g0 = shapes
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), (l0, m0, g0))
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        scale = lambda x: (x / k).astype(x.dtype)  # noqa: E731
+        grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, trainable)
+        return scale(loss), jax.tree.map(scale, metrics), grads
+
+    def step_fn(state, frozen, batch):
+        step = state["step"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        loss, metrics, grads = grads_of(state["trainable"], frozen, batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new = {"step": step + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        out = {k_: jnp.asarray(v, jnp.float32) for k_, v in dict(metrics).items()}
+        out.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                   lr=jnp.asarray(schedule(step), jnp.float32), finite=ok)
+        return new, out
+
+    return step_fn
+
+
+# ----------------------------------------------------------------------------- state set-up
+
+
+def _rules(config, task) -> list[tuple[str, Any]]:
+    rules = [tuple(r) for r in list(_get(config, "sharding_rules", []) or [])]
+    if hasattr(task, "param_partition_rules"):
+        rules += [tuple(r) for r in task.param_partition_rules()]
+    return rules
+
+
+def _state_shardings(abstract, tx, mesh, rules):
+    tr_sh = parallel.param_shardings(abstract["trainable"], mesh, rules)
+    rep = parallel.replicated(mesh)
+    opt_sh = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract["opt_state"], tr_sh, transform_non_params=lambda _: rep
+    )
+    return {"step": rep, "trainable": tr_sh, "opt_state": opt_sh, "rng": rep}
+
+
+class _Setup:
+    """Mesh, shardings and the initial/restored state of a run."""
+
+    def __init__(self, config, task, workdir):
+        self.mesh = parallel.make_mesh(dict(_get(config, "mesh", {"data": -1})))
+        self.k = int(_get(config, "grad_accum_steps", 1))
+        if self.k < 1:
+            raise ConfigError(f"grad_accum_steps={self.k} must be >= 1")
+        self.batch_size = int(config.batch_size)
+        parallel.check_batch_size(self.batch_size, self.mesh, self.k)
+        parallel.host_batch_slice(self.batch_size)  # divides over processes
+        self.total_steps = int(config.total_steps)
+        self.tx, self.schedule = make_optimizer(config.optimizer, self.total_steps)
+        self.rules = _rules(config, task)
+        base = jax.random.key(int(_get(config, "seed", 0)))
+        self.init_key, self.train_key = jax.random.split(base)
+        self.task = task
+
+        tr_abs, fr_abs = jax.eval_shape(task.init, self.init_key) if getattr(task, "init_in_jit", True) else (None, None)
+        self._eager = None
+        if tr_abs is None:  # eager init (task reads weights from disk)
+            self._eager = task.init(self.init_key)
+            tr_abs, fr_abs = jax.tree.map(_sds, self._eager)
+        opt_abs = jax.eval_shape(self.tx.init, tr_abs)
+        rng_abs = jax.ShapeDtypeStruct(jax.random.key_data(self.train_key).shape, jnp.uint32)
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": tr_abs, "opt_state": opt_abs, "rng": rng_abs}
+        self.state_sh = _state_shardings(abstract, self.tx, self.mesh, self.rules)
+        self.frozen_sh = parallel.param_shardings(fr_abs, self.mesh, self.rules)
+        self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
+
+    def frozen(self):
+        if self._eager is not None:
+            return parallel.put_global(self._eager[1], self.frozen_sh)
+        return jax.jit(lambda k: self.task.init(k)[1], out_shardings=self.frozen_sh)(self.init_key)
+
+    def fresh_state(self):
+        if self._eager is not None:
+            trainable = parallel.put_global(self._eager[0], self.state_sh["trainable"])
+        else:
+            trainable = jax.jit(lambda k: self.task.init(k)[0], out_shardings=self.state_sh["trainable"])(self.init_key)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh["opt_state"])(trainable)
+        rep = self.state_sh["step"]
+        step = parallel.put_global(np.zeros((), np.int32), rep)
+        rng = parallel.put_global(np.asarray(jax.random.key_data(self.train_key)), rep)
+        return {"step": step, "trainable": trainable, "opt_state": opt_state, "rng": rng}
+
+
+def _sds(x):
+    return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if not hasattr(x, "dtype") else x.dtype)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _Logger:
+    """TensorBoard + metrics.jsonl + tqdm, process 0 only."""
+
+    def __init__(self, workdir, total, start, progress_bar):
+        self.main = jax.process_index() == 0
+        self.tb = self.jsonl = self.bar = None
+        if not self.main:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def step(self, n=1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, step, metrics):
+        if not self.main:
+            return
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"train/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics})
+        else:
+            log.info("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+
+    def message(self, text):
+        if not self.main:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config, task, workdir: str) -> dict:
+    """Train ``task`` as ``config`` says, checkpointing in ``workdir``; resume if it holds checkpoints.
+
+    Returns ``task.finish(...)``'s summary plus ``step``, ``preempted`` and the last
+    logged metrics.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    s = _Setup(config, task, workdir)
+    ck_cfg = _get(config, "checkpoint", {})
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        every_steps=int(_get(ck_cfg, "every_steps", 0)),
+        keep=_get(ck_cfg, "keep", 3),
+        async_save=bool(_get(ck_cfg, "async", False)),
+    )
+    frozen = s.frozen()
+    restored = ckpt.restore(s.abstract)
+    if restored is None:
+        state, start = s.fresh_state(), 0
+    else:
+        start, state = restored
+        if int(jax.device_get(state["step"])) != start:
+            raise RuntimeError(f"checkpoint {ckpt.directory}/{start} holds step {int(jax.device_get(state['step']))}")
+    step_fn = make_train_step(task, s.tx, s.schedule, s.k, s.mesh)
+    rep = parallel.replicated(s.mesh)
+    p_step = jax.jit(
+        step_fn,
+        in_shardings=(s.state_sh, s.frozen_sh, parallel.batch_sharding(s.mesh)),
+        out_shardings=(s.state_sh, rep),
+        donate_argnums=(0,),
+    )
+    log_every = int(_get(config, "log_every_steps", 50))
+    logger = _Logger(workdir, s.total_steps, start, bool(_get(config, "progress_bar", True)))
+    if start:
+        logger.message(f"resumed from {ckpt.directory}/{start}")
+    pidx, pcount = jax.process_index(), jax.process_count()
+    last_metrics: dict[str, float] = {}
+    preempted = None
+    t_last, n_last = time.perf_counter(), start
+    pending = None  # (step_number_completed, device metrics) awaiting the finite check
+
+    def settle(pend):
+        """Fetch a step's metrics, stop on non-finite, log on schedule."""
+        nonlocal last_metrics, t_last, n_last
+        done, m = pend
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not m.pop("finite"):
+            ckpt.wait()
+            last = ckpt.latest_step()
+            kept = f"the last good checkpoint {ckpt.directory}/{last} is kept" if last is not None else "no checkpoint had been written"
+            raise NonFiniteLossError(
+                f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {done - 1}: training stopped, {kept}; "
+                "lower optimizer.lr, enable optimizer.grad_clip or check the data"
+            )
+        logger.step()
+        if done % log_every == 0 or done == s.total_steps:
+            now = time.perf_counter()
+            m["steps_per_sec"] = (done - n_last) / max(now - t_last, 1e-9)
+            t_last, n_last = now, done
+            logger.write(done, m)
+        last_metrics = m
+
+    with PreemptionGuard() as guard:
+        try:
+            for step in range(start, s.total_steps):
+                local = task.batch(step, pidx, pcount)
+                batch = parallel.global_batch(local, s.mesh, global_size=s.batch_size)
+                state, metrics = p_step(state, frozen, batch)
+                if pending is not None:
+                    settle(pending)
+                pending = (step + 1, metrics)
+                stop = guard.should_stop()
+                if stop or ckpt.due(step + 1) or step + 1 == s.total_steps:
+                    settle(pending)
+                    pending = None
+                    ckpt.save(step + 1, state)
+                if stop:
+                    preempted = step + 1
+                    break
+            if pending is not None:
+                settle(pending)
+            ckpt.wait()
+        finally:
+            logger.close()
+            ckpt.close()
+    summary: dict[str, Any] = {"step": int(jax.device_get(state["step"])), "preempted": preempted is not None}
+    if preempted is not None:
+        msg = (f"stopped by {guard.signal_name or 'signal'} at step {preempted}: checkpoint saved in "
+               f"{ckpt.directory}/{preempted}; run the same command again to resume")
+        logger.message(msg)
+        summary["message"] = msg
+        summary.update(last_metrics)
+        return summary
+    summary.update(last_metrics)
+    summary.update(task.finish(state["trainable"], frozen, workdir) or {})
+    return summary
+
+
+def params_on_host(tree: Any) -> Any:
+    """Numpy copy of a (possibly multi-host sharded) tree, identical on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
