@@ -31,10 +31,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from fairjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No checkpoint could be restored (one-line message naming the directory)."""
 
 

@@ -68,6 +68,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fairjax import parallel
 from fairjax.checkpoint import Checkpointer, PreemptionGuard
+from fairjax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,11 @@ class Task(Protocol):  # pragma: no cover - documentation of the contract
     def finish(self, trainable, frozen, workdir: str) -> dict: ...
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss (or gradient) became NaN/inf; training stopped without saving the bad state."""
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A trainer config value that cannot work (one-line message naming the key)."""
 
 
@@ -218,7 +219,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
         loss, metrics, grads = grads_of(state["trainable"], frozen, batch, key)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -281,21 +282,33 @@ class _Setup:
         self.frozen_sh = parallel.param_shardings(fr_abs, self.mesh, self.rules)
         self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
 
-    def frozen(self):
-        if self._eager is not None:
-            return parallel.put_global(self._eager[1], self.frozen_sh)
-        return jax.jit(lambda k: self.task.init(k)[1], out_shardings=self.frozen_sh)(self.init_key)
+    def initial(self, fresh: bool) -> tuple[dict | None, Any]:
+        """``(state or None, frozen)``: a fresh train state (when ``fresh``) and the frozen params.
 
-    def fresh_state(self):
-        if self._eager is not None:
-            trainable = parallel.put_global(self._eager[0], self.state_sh["trainable"])
-        else:
-            trainable = jax.jit(lambda k: self.task.init(k)[0], out_shardings=self.state_sh["trainable"])(self.init_key)
-        opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh["opt_state"])(trainable)
+        With ``init_in_jit`` both come out of one jitted call, already sharded.
+        """
         rep = self.state_sh["step"]
-        step = parallel.put_global(np.zeros((), np.int32), rep)
-        rng = parallel.put_global(np.asarray(jax.random.key_data(self.train_key)), rep)
-        return {"step": step, "trainable": trainable, "opt_state": opt_state, "rng": rng}
+        extras = {
+            "step": parallel.put_global(np.zeros((), np.int32), rep),
+            "rng": parallel.put_global(np.asarray(jax.random.key_data(self.train_key)), rep),
+        }
+        if self._eager is not None:
+            frozen = parallel.put_global(self._eager[1], self.frozen_sh)
+            if not fresh:
+                return None, frozen
+            trainable = parallel.put_global(self._eager[0], self.state_sh["trainable"])
+            opt_state = jax.jit(self.tx.init, out_shardings=self.state_sh["opt_state"])(trainable)
+            return {"trainable": trainable, "opt_state": opt_state, **extras}, frozen
+        if not fresh:
+            return None, jax.jit(lambda k: self.task.init(k)[1], out_shardings=self.frozen_sh)(self.init_key)
+
+        def init_all(k):
+            trainable, frozen = self.task.init(k)
+            return trainable, self.tx.init(trainable), frozen
+
+        out_sh = (self.state_sh["trainable"], self.state_sh["opt_state"], self.frozen_sh)
+        trainable, opt_state, frozen = jax.jit(init_all, out_shardings=out_sh)(self.init_key)
+        return {"trainable": trainable, "opt_state": opt_state, **extras}, frozen
 
 
 def _sds(x):
@@ -303,6 +316,22 @@ def _sds(x):
 
 
 # ----------------------------------------------------------------------------- logging
+
+
+def _summary_writer(logdir: str):
+    """``tensorboardX.SummaryWriter`` without tensorboardX's optional ``import torch``
+    (3 s, and training never needs torch); scalars only."""
+    import sys
+
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes tensorboardX's `try: import torch` take its ImportError path
+        try:
+            import tensorboardX
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir)
 
 
 class _Logger:
@@ -313,9 +342,7 @@ class _Logger:
         self.tb = self.jsonl = self.bar = None
         if not self.main:
             return
-        from tensorboardX import SummaryWriter
-
-        self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.tb = _summary_writer(os.path.join(workdir, "tb"))
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if progress_bar:
             from tqdm.auto import tqdm
@@ -375,11 +402,10 @@ def train(config, task, workdir: str) -> dict:
         keep=_get(ck_cfg, "keep", 3),
         async_save=bool(_get(ck_cfg, "async", False)),
     )
-    frozen = s.frozen()
     restored = ckpt.restore(s.abstract)
-    if restored is None:
-        state, start = s.fresh_state(), 0
-    else:
+    state, frozen = s.initial(fresh=restored is None)
+    start = 0
+    if restored is not None:
         start, state = restored
         if int(jax.device_get(state["step"])) != start:
             raise RuntimeError(f"checkpoint {ckpt.directory}/{start} holds step {int(jax.device_get(state['step']))}")

@@ -7,6 +7,7 @@ losers, and with ``centre=True``
     k = stop_gradient(0.5 * mean(g[s=+1]) + 0.5 * mean(g[s=-1]))     (over the global batch)
     loss = mean(-log_sigmoid(s * beta * (g - k)))
 
+``signal_at_step`` sends SIGTERM to this process while drawing that batch (preemption).
 With ``centre=False`` the loss is a plain per-example mean (k = 0).  ``noise`` adds
 ``noise * normal(rng)`` to the inputs so the step randomness is exercised.
 Data: global batch ``step`` is drawn from ``np.random.default_rng([seed, step])``;
@@ -38,10 +39,12 @@ class MLP(nn.Module):
 
 class ToyTask:
     def __init__(self, config=None, dim=8, hidden=16, beta=2.0, centre=True, noise=0.01, data_seed=1,
-                 nan_at_step=None, sleep=0.0, out_dir=None):
+                 nan_at_step=None, sleep=0.0, out_dir=None, signal_at_step=None):
         self.config = config if config is not None else ml_collections.ConfigDict()
         self.dim, self.beta, self.centre, self.noise = dim, beta, centre, noise
         self.data_seed, self.nan_at_step, self.sleep = data_seed, nan_at_step, sleep
+        self.signal_at_step = signal_at_step
+        self.batches_drawn = []
         self.model = MLP(hidden)
         self.out_dir = out_dir
         self.final = None
@@ -59,6 +62,11 @@ class ToyTask:
         return {"x": x, "s": s}
 
     def batch(self, step, process_index, process_count):
+        self.batches_drawn.append(step)
+        if self.signal_at_step is not None and step == self.signal_at_step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would, mid-run
         if self.sleep:
             import time
 

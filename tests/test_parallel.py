@@ -1,0 +1,130 @@
+"""Mesh, sharding rules and host-local -> global batches (8 virtual CPU devices)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fairjax import parallel
+from fairjax.errors import UserError
+from fairjax.parallel import ShardingError
+
+
+def test_mesh_shape_fills_minus_one():
+    assert parallel.mesh_shape({"data": -1}, 8) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert parallel.mesh_shape({"data": 2, "fsdp": -1}, 8) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parallel.mesh_shape({"data": 1, "fsdp": 2, "tensor": -1}, 8) == {"data": 1, "fsdp": 2, "tensor": 4}
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"data": 16}, ["needs 16 devices", "only 8"]),
+        ({"data": 4, "fsdp": 4}, ["needs 16 devices"]),
+        ({"data": 2}, ["uses 2 of the 8"]),
+        ({"data": 3, "fsdp": -1}, ["do not divide the 8 devices"]),
+        ({"data": -1, "fsdp": -1}, ["only one axis may be -1"]),
+        ({"model": 2}, ["unknown axis", "model"]),
+        ({"data": 0}, ["data=0"]),
+    ],
+)
+def test_bad_mesh_is_one_line_error(spec, words):
+    with pytest.raises(ShardingError) as e:
+        parallel.make_mesh(spec)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, UserError)
+    for w in words:
+        assert w in msg
+
+
+def test_make_mesh_axes_and_devices():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    assert mesh.axis_names == ("data", "fsdp", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sorted(d.id for d in mesh.devices.ravel()) == sorted(d.id for d in jax.devices())
+
+
+def test_fsdp_default_shards_largest_divisible_dim():
+    assert parallel.fsdp_spec((3, 8, 16), 4) == P(None, None, "fsdp")
+    assert parallel.fsdp_spec((32, 8), 4) == P("fsdp", None)
+    assert parallel.fsdp_spec((6, 16, 5), 4) == P(None, "fsdp", None)
+    assert parallel.fsdp_spec((3, 5), 4) == P()  # nothing divisible: replicated
+    assert parallel.fsdp_spec((2,), 4) == P()  # smaller than the axis
+    assert parallel.fsdp_spec((), 4) == P()
+    assert parallel.fsdp_spec((16, 16), 1) == P()  # no fsdp axis
+
+
+def test_rules_first_match_wins_then_default():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    tree = {
+        "attn": {"to_q": {"kernel": np.zeros((8, 16)), "bias": np.zeros((16,))}},
+        "norm": {"scale": np.zeros((6,))},
+        "proj": {"kernel": np.zeros((4, 6))},
+    }
+    rules = [(r"to_q/kernel$", (None, "tensor")), (r"to_q", ("fsdp",)), (r"norm", ())]
+    sh = parallel.param_shardings(tree, mesh, rules)
+    assert sh["attn"]["to_q"]["kernel"].spec == P(None, "tensor")
+    assert sh["attn"]["to_q"]["bias"].spec == P("fsdp")
+    assert sh["norm"]["scale"].spec == P()
+    assert sh["proj"]["kernel"].spec == P(None, "fsdp")  # default: 6 is the largest dim divisible by 2
+
+
+def test_rule_that_does_not_divide_names_param():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    with pytest.raises(ShardingError, match=r"splits dim 6 of param a/kernel .*4 ways") as e:
+        parallel.param_shardings({"a": {"kernel": np.zeros((6, 3))}}, mesh, [("kernel", ("fsdp", None))])
+    assert "\n" not in str(e.value)
+
+
+def test_batch_that_does_not_divide_is_one_line_error():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    with pytest.raises(ShardingError) as e:
+        parallel.check_batch_size(12, mesh)
+    msg = str(e.value)
+    assert "global batch 12" in msg and "data=2 x fsdp=4" in msg and "multiple of 8" in msg and "\n" not in msg
+    with pytest.raises(ShardingError, match="x 4 gradient-accumulation micro-batches = 32"):
+        parallel.check_batch_size(16, mesh, multiple=4)
+    parallel.check_batch_size(16, mesh)
+    with pytest.raises(ShardingError, match="global batch 12"):
+        parallel.global_batch({"x": np.zeros((12, 3), np.float32)}, mesh)
+
+
+def test_global_batch_places_rows_over_batch_axes():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    s = np.arange(8, dtype=np.int32)
+    g = parallel.global_batch({"x": x, "s": s}, mesh, global_size=8)
+    np.testing.assert_array_equal(np.asarray(g["x"]), x)
+    np.testing.assert_array_equal(np.asarray(g["s"]), s)
+    assert g["x"].sharding.spec == P(("data", "fsdp"))
+    # 4 batch shards of 2 rows, each held by the 2 'tensor' devices
+    rows = sorted({(sh.index[0].start, sh.index[0].stop) for sh in g["x"].addressable_shards})
+    assert rows == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    with pytest.raises(ShardingError, match="disagree"):
+        parallel.global_batch({"x": x, "s": s[:4]}, mesh)
+    with pytest.raises(ShardingError, match="expected global batch 16"):
+        parallel.global_batch({"x": x}, mesh, global_size=16)
+
+
+def test_host_batch_slice_is_contiguous_block():
+    assert parallel.host_batch_slice(16, 0, 2) == slice(0, 8)
+    assert parallel.host_batch_slice(16, 1, 2) == slice(8, 16)
+    with pytest.raises(ShardingError, match="does not divide over 3 processes"):
+        parallel.host_batch_slice(16, 0, 3)
+
+
+def test_put_global_matches_values_and_shardings():
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    tree = {"k": np.arange(32, dtype=np.float32).reshape(4, 8), "b": np.float32(3.0)}
+    sh = parallel.param_shardings(tree, mesh)
+    out = parallel.put_global(tree, sh)
+    np.testing.assert_array_equal(np.asarray(out["k"]), tree["k"])
+    assert out["k"].sharding.spec == P(None, "fsdp") and float(out["b"]) == 3.0
+
+
+def test_initialize_distributed_is_noop_for_single_process(monkeypatch):
+    for k in ("FAIRJAX_COORDINATOR", "FAIRJAX_NUM_PROCESSES", "FAIRJAX_PROCESS_ID", "SLURM_NTASKS",
+              "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed(num_processes=1) is False
