@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from fairjax.errors import UserError
 
 Metrics = dict[str, jax.Array]
 
-__all__ = ["sft", "diffusion_dpo", "popalign", "dpo", "mdpo", "bpo", "log1mexp", "log_odds"]
+__all__ = ["sft", "diffusion_dpo", "popalign", "dpo", "mdpo", "bpo", "log1mexp", "log_odds", "calibrate_beta"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -235,3 +238,46 @@ def bpo(lp_a, lp_b, beta=1.0, variant="v1", eps=1e-6) -> tuple[jax.Array, Metric
     m = _pair_metrics(lo_a, lo_b)
     m["balance"] = jax.lax.stop_gradient(jnp.mean(jnp.abs(d)))
     return loss, m
+
+
+def calibrate_beta(ref_freqs, win_freqs, lose_freqs) -> float:
+    """The beta at which PopAlign's fixed point is balanced across the groups.
+
+    PopAlign's fixed point (REFERENCE.md) is, for each group ``j`` present in
+    both the winning and the losing sets,
+    ``log p_j = log ref_j + k + d_j / beta`` with ``d_j = log(w_j / l_j)``.
+    Balance asks ``log p_j`` to be equal for all ``j``, i.e.
+    ``log ref_j + u d_j = c`` with ``u = 1/beta``. With two groups this has the
+    exact solution ``beta = -(d_1 - d_2) / (log ref_1 - log ref_2)``; with more,
+    ``(u, c)`` is the least-squares solution
+    ``u = -cov(log ref, d) / var(d)`` over the groups.
+
+    Args are frequencies over the same groups (any positive scale: only
+    differences of logs matter): the base model's group frequencies, and the
+    group frequencies among winners and among losers. Raises ``UserError``
+    when a group is missing from a set, when the sets carry no signal, or when
+    no positive beta moves the groups toward balance.
+    """
+    ref = np.asarray(ref_freqs, np.float64)
+    win = np.asarray(win_freqs, np.float64)
+    lose = np.asarray(lose_freqs, np.float64)
+    if not (ref.shape == win.shape == lose.shape) or ref.ndim != 1 or ref.size < 2:
+        raise UserError(f"calibrate_beta needs three 1-D frequency vectors over the same >= 2 groups, "
+                        f"got shapes {ref.shape}, {win.shape}, {lose.shape}")
+    for name, f in (("reference", ref), ("winner", win), ("loser", lose)):
+        if np.any(~(f > 0)):
+            bad = np.flatnonzero(~(f > 0)).tolist()
+            raise UserError(f"calibrate_beta: group(s) {bad} have zero {name} frequency; "
+                            f"pass only groups present in the reference, winning and losing sets")
+    r = np.log(ref)
+    d = np.log(win) - np.log(lose)
+    dc, rc = d - d.mean(), r - r.mean()
+    var = float(np.sum(dc * dc))
+    if var <= 1e-12:
+        raise UserError("calibrate_beta: winners and losers have the same group proportions; "
+                        "the preference data carries no population signal to calibrate on")
+    u = -float(np.sum(rc * dc)) / var
+    if u <= 0:
+        raise UserError("calibrate_beta: no positive beta moves the groups toward balance "
+                        "(the winning set favours the groups the reference already over-represents)")
+    return 1.0 / u

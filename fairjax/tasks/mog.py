@@ -117,7 +117,7 @@ class MogTask:
         n = len(self.train_data["x"])
         per_epoch = n // bs
         epoch, i = divmod(step, per_epoch)
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(n) if per_epoch > 1 else np.arange(n)
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(n) if bs < n else np.arange(n)
         idx = order[i * bs:(i + 1) * bs]
         local = bs // process_count
         idx = idx[process_index * local:(process_index + 1) * local]
