@@ -1,0 +1,257 @@
+"""LoRA as a separate param-tree delta.
+
+A LoRA is a FLAT dict keyed by the '/'-joined path of the kernel it adapts::
+
+    {'down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel':
+        {'a': (fan_in, r), 'b': (r, out)}, ...}
+
+where for a kernel ``W`` of shape ``(*K, out)`` (Dense ``(in, out)``, Conv HWIO
+``(kh, kw, in, out)``, Conv1d ``(k, in, out)``) ``fan_in = prod(K)``. Merging is
+
+    ``W' = W + (alpha / r) * (a @ b).reshape(W.shape)``
+
+done just before ``model.apply``. Only the LoRA dict is trained (it is the only
+tree optax sees, so the only one with optimizer state); the base params are the
+frozen reference model as they are, never copied.
+
+Layout and PEFT: ``a.reshape(*K, r)`` is PEFT's ``lora_A.weight`` in Flax layout
+(Linear: ``lora_A.weight = a.T`` of shape ``(r, in)``; Conv2d:
+``lora_A.weight = a.reshape(kh, kw, in, r).transpose(3, 2, 0, 1)``, OIHW) and
+``b.T`` is ``lora_B.weight`` (``(out, r)``, or ``(out, r, 1, 1)`` for a conv);
+PEFT's scale is also ``alpha / r``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fairjax.convert.core import flatten, path_str
+from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+
+Lora = dict[str, dict[str, jax.Array]]
+
+FORMAT = "fairjax.lora"
+FORMAT_VERSION = "1"
+_RESERVED_META = ("format", "format_version", "alpha", "rank")
+
+__all__ = ["init", "merge", "delta", "match_kernels", "trainable_mask", "rank_of", "num_params",
+           "save", "load", "FORMAT"]
+
+
+# ----------------------------------------------------------------------------- selection
+
+def _compile(targets: str | Iterable[str]) -> list[re.Pattern]:
+    pats = [targets] if isinstance(targets, str) else list(targets)
+    if not pats:
+        raise ValueError("no LoRA target regex given; pass e.g. r'attn[12]/to_(q|k|v|out_0)/kernel$'")
+    return [re.compile(p) for p in pats]
+
+
+def _is_kernel(path: str, leaf) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel" and jnp.ndim(leaf) >= 2
+
+
+def _some(paths: list[str], n: int = 8) -> str:
+    more = f", ... ({len(paths) - n} more)" if len(paths) > n else ""
+    return ", ".join(paths[:n]) + more if paths else "none"
+
+
+def match_kernels(params: Mapping, targets: str | Iterable[str]) -> list[str]:
+    """Sorted '/'-joined paths of the kernels (``.../kernel``, ndim >= 2) that any regex in
+    ``targets`` finds (``re.search``). A regex that selects no kernel is a ``ValueError``
+    naming it and listing some kernel paths."""
+    flat = {path_str(p): v for p, v in flatten(params).items()}
+    kernels = sorted(p for p, v in flat.items() if _is_kernel(p, v))
+    chosen: set[str] = set()
+    for pat in _compile(targets):
+        hits = [p for p in kernels if pat.search(p)]
+        if not hits:
+            other = [p for p in flat if pat.search(p)]
+            why = f"it only matches non-kernel leaves ({_some(other, 4)})" if other else "it matches no param"
+            raise ValueError(f"LoRA target {pat.pattern!r} selects no kernel: {why}; "
+                             f"kernel paths look like: {_some(kernels)}")
+        chosen.update(hits)
+    return sorted(chosen)
+
+
+def trainable_mask(params: Mapping, targets: str | Iterable[str]) -> Any:
+    """Bool tree shaped like ``params``: True for every leaf (any kind) whose path a regex
+    in ``targets`` finds. For partial full fine-tuning with ``optax.masked``; LoRA
+    training does not need it (optax sees only the LoRA dict)."""
+    pats = _compile(targets)
+    flat = {path_str(p) for p in flatten(params)}
+    for pat in pats:
+        if not any(pat.search(p) for p in flat):
+            raise ValueError(f"trainable target {pat.pattern!r} matches no param; paths look like: "
+                             f"{_some(sorted(flat))}")
+
+    def mark(tree, prefix):
+        return {k: mark(v, prefix + (k,)) if isinstance(v, Mapping)
+                else any(p.search(path_str(prefix + (k,))) for p in pats) for k, v in tree.items()}
+
+    return mark(params, ())
+
+
+# ----------------------------------------------------------------------------- init / merge
+
+def init(params: Mapping, targets: str | Iterable[str], rank: int, alpha: float, rng: jax.Array,
+         *, init_scale: float = 1.0) -> Lora:
+    """New LoRA for the kernels selected by ``targets`` (see :func:`match_kernels`).
+
+    Per kernel ``W (*K, out)``: ``a ~ U(-bound, bound)`` of shape ``(prod(K), rank)`` with
+    ``bound = init_scale / sqrt(prod(K))`` -- PEFT's ``kaiming_uniform_(a=sqrt(5))`` for
+    ``lora_A`` when ``init_scale = 1`` -- and ``b = 0`` of shape ``(rank, out)``, both
+    float32, so the merged model starts exactly at the base model. ``alpha`` is only
+    checked here (it does not change the initial values, as in PEFT); pass it again
+    to :func:`merge` and :func:`save`. Each kernel draws from ``fold_in(rng, i)``
+    with ``i`` its index in sorted path order.
+    """
+    if not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    if not alpha > 0:
+        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+    flat = {path_str(p): v for p, v in flatten(params).items()}
+    out: Lora = {}
+    for i, path in enumerate(match_kernels(params, targets)):
+        shape = tuple(jnp.shape(flat[path]))
+        fan_in = math.prod(shape[:-1])
+        bound = init_scale / math.sqrt(fan_in)
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (fan_in, int(rank)), jnp.float32, -bound, bound)
+        out[path] = {"a": a, "b": jnp.zeros((int(rank), shape[-1]), jnp.float32)}
+    return out
+
+
+def rank_of(entry: Mapping) -> int:
+    """``r`` of one LoRA entry ``{'a': (fan_in, r), 'b': (r, out)}``."""
+    return int(jnp.shape(entry["a"])[-1])
+
+
+def delta(entry: Mapping, shape: tuple[int, ...], alpha: float) -> jax.Array:
+    """``(alpha / r) * (a @ b).reshape(shape)`` in float32 (or wider if a / b are)."""
+    a, b = entry["a"], entry["b"]
+    r = rank_of(entry)
+    dt = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+    return ((alpha / r) * (a.astype(dt) @ b.astype(dt))).reshape(shape)
+
+
+def _check_entry(path: str, entry, shape: tuple[int, ...]) -> None:
+    if not isinstance(entry, Mapping) or set(entry) != {"a", "b"}:
+        raise ValueError(f"LoRA entry {path!r} must be a dict with exactly 'a' and 'b'")
+    sa, sb = jnp.shape(entry["a"]), jnp.shape(entry["b"])
+    fan_in = math.prod(shape[:-1])
+    if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or sa[0] != fan_in or sb[1] != shape[-1]:
+        raise ValueError(f"LoRA entry {path!r} has a{tuple(sa)}, b{tuple(sb)}; kernel {tuple(shape)} "
+                         f"needs a({fan_in}, r), b(r, {shape[-1]})")
+
+
+def merge(params: Mapping, lora: Mapping[str, Mapping], alpha: float) -> Any:
+    """``params`` with each kernel in ``lora`` replaced by ``W + (alpha/r) (a @ b).reshape(W.shape)``.
+
+    The sum is taken in float32 (or wider) and cast back to ``W.dtype``; every other
+    leaf and every untouched subtree is passed through as the same object. Pure:
+    jittable and differentiable w.r.t. ``lora`` (and ``params``). A LoRA path that is
+    not a kernel of ``params`` is a ``ValueError`` naming it.
+    """
+    flat = {path_str(p): v for p, v in flatten(params).items()}
+    unknown = sorted(p for p in lora if p not in flat)
+    if unknown:
+        raise ValueError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
+                         "another model (or another param prefix)?")
+    new: dict[str, Any] = {}
+    for path, entry in lora.items():
+        w = flat[path]
+        _check_entry(path, entry, tuple(jnp.shape(w)))
+        d = delta(entry, w.shape, alpha)
+        new[path] = (w.astype(jnp.promote_types(w.dtype, d.dtype)) + d).astype(w.dtype)
+    return _replace(params, new)
+
+
+def _replace(tree: Mapping, new: Mapping[str, Any]) -> Any:
+    """Copy-on-write: rebuild only the dicts on the paths of ``new``."""
+    by_head: dict[str, dict[str, Any]] = {}
+    for path, v in new.items():
+        head, _, rest = path.partition("/")
+        by_head.setdefault(head, {})[rest] = v
+    out = dict(tree)
+    for head, sub in by_head.items():
+        out[head] = sub[""] if "" in sub else _replace(tree[head], sub)
+    return type(tree)(out) if not isinstance(tree, dict) else out
+
+
+def num_params(lora: Mapping[str, Mapping]) -> int:
+    """Total number of LoRA values (``sum a.size + b.size``)."""
+    return int(sum(np.prod(jnp.shape(e["a"])) + np.prod(jnp.shape(e["b"])) for e in lora.values()))
+
+
+# ----------------------------------------------------------------------------- files
+
+def save(path: str | os.PathLike, lora: Mapping[str, Mapping], *, alpha: float, **meta) -> None:
+    """Write ``lora`` to a safetensors file atomically (temp file + rename).
+
+    Keys ``'<kernel path>/a'`` and ``'<kernel path>/b'`` (arrays as they are);
+    metadata ``format = fairjax.lora``, ``format_version``, ``alpha``, ``rank`` (an int,
+    or a JSON ``{path: r}`` when ranks differ) and every ``meta`` item JSON-encoded
+    (e.g. ``targets=[...]``, ``base_model='...'``).
+    """
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot save LoRA to {path}: folder {parent} does not exist; create it first")
+    clash = sorted(set(meta) & set(_RESERVED_META))
+    if clash:
+        raise ValueError(f"metadata keys {clash} are reserved by the LoRA file format; rename them")
+    if not lora:
+        raise ValueError("refusing to save an empty LoRA (no entries)")
+    items = []
+    for p in sorted(lora):
+        entry = lora[p]
+        if not isinstance(entry, Mapping) or set(entry) != {"a", "b"}:
+            raise ValueError(f"LoRA entry {p!r} must be a dict with exactly 'a' and 'b'")
+        items += [(f"{p}/a", np.asarray(entry["a"])), (f"{p}/b", np.asarray(entry["b"]))]
+    ranks = {p: rank_of(e) for p, e in lora.items()}
+    rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else ranks
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "alpha": json.dumps(float(alpha)), "rank": json.dumps(rank)}
+    metadata.update({k: json.dumps(v) for k, v in meta.items()})
+    write_safetensors(path, items, metadata)
+
+
+def load(path: str | os.PathLike) -> tuple[Lora, dict[str, Any]]:
+    """Read a file written by :func:`save`: ``(lora, meta)`` with ``meta['alpha']``,
+    ``meta['rank']`` and the extra metadata decoded. A file that is not a fairjax LoRA
+    is a one-line :class:`CheckpointError`."""
+    path = os.fspath(path)
+    with SafetensorsReader(path) as rd:
+        md = dict(rd.metadata)
+        if md.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not a fairjax LoRA file (metadata format={md.get('format')!r}, "
+                                  f"expected {FORMAT!r}); write it with fairjax.lora.save")
+        if md.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{path}: fairjax LoRA format version {md.get('format_version')!r} "
+                                  f"is not supported (this fairjax reads {FORMAT_VERSION!r})")
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for key in rd.keys():
+            base, _, leaf = key.rpartition("/")
+            if leaf not in ("a", "b") or not base:
+                raise CheckpointError(f"{path}: unexpected key {key!r} in a fairjax LoRA file")
+            groups.setdefault(base, {})[leaf] = np.array(rd[key])
+    lora: Lora = {}
+    for base, g in sorted(groups.items()):
+        if set(g) != {"a", "b"} or g["a"].ndim != 2 or g["b"].ndim != 2 or g["a"].shape[1] != g["b"].shape[0]:
+            shapes = {k: v.shape for k, v in g.items()}
+            raise CheckpointError(f"{path}: LoRA entry {base!r} is incomplete or inconsistent ({shapes})")
+        lora[base] = {"a": jnp.asarray(g["a"]), "b": jnp.asarray(g["b"])}
+    try:
+        meta = {k: json.loads(v) for k, v in md.items() if k not in ("format", "format_version")}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt LoRA metadata ({e})") from None
+    return lora, meta
