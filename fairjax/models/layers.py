@@ -1,0 +1,362 @@
+"""Shared 2-D building blocks of the diffusers UNet / VAE family, in Flax linen.
+
+Every module here mirrors a diffusers PyTorch module of the same name, with the
+same submodule names (``norm1``, ``conv1``, ``time_emb_proj``, ``to_q``,
+``to_out_0``, ``ff/net_0/proj`` ...), so that the generic key rules of
+:mod:`fairjax.convert.core` map the PyTorch state dict onto these params with no
+per-model table. Activations are NHWC (channels last) inside; the models
+transpose once at their boundary.
+
+Numerics follow diffusers exactly (float32 parity ~1e-6): GroupNorm / LayerNorm
+use the two-pass variance (``use_fast_variance=False``), GELU is the exact erf
+form, nearest upsampling reproduces ``F.interpolate(mode="nearest")``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+_ACTIVATIONS: dict[str, Callable] = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+}
+
+
+def get_activation(name: str) -> Callable:
+    """diffusers' ``get_activation``: ``silu``/``swish``, ``mish``, ``gelu`` (exact), ``relu``."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported (use one of {', '.join(_ACTIVATIONS)})") from None
+
+
+def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
+    """``torch.nn.GroupNorm(num_groups, C, eps, affine=True)`` over the last (channel) axis."""
+    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, use_fast_variance=False,
+                        dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """``torch.nn.LayerNorm(C, eps, elementwise_affine=True)``."""
+    return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def conv2d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, *, stride: int = 1,
+           padding: int | None = None, use_bias: bool = True) -> nn.Conv:
+    """``torch.nn.Conv2d(..., kernel, stride, padding)``; padding defaults to ``(kernel - 1) // 2``."""
+    p = (kernel - 1) // 2 if padding is None else padding
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+# ----------------------------------------------------------------------------- time embedding
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: int = 10000) -> jax.Array:
+    """diffusers' ``get_timestep_embedding`` (DDPM sinusoids), float32.
+
+    ``freq_k = exp(-log(max_period) * k / (dim/2 - shift))`` for ``k < dim/2``;
+    ``emb = [sin(scale * t * freq), cos(scale * t * freq)]`` (``[cos, sin]`` when
+    ``flip_sin_to_cos``), zero-padded by one column when ``dim`` is odd.
+    ``timesteps`` is 1-D, possibly fractional.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    emb = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = scale * emb
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2 == 1:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """``linear_2(act(linear_1(x)))``, diffusers' ``TimestepEmbedding`` (no cond_proj)."""
+
+    time_embed_dim: int
+    act_fn: str = "silu"
+    out_dim: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+        x = get_activation(self.act_fn)(x)
+        return nn.Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="linear_2")(x)
+
+
+# ----------------------------------------------------------------------------- resnet / resampling
+
+class ResnetBlock2D(nn.Module):
+    """diffusers' ``ResnetBlock2D`` (``time_embedding_norm="default"``), NHWC.
+
+    ``h = conv1(act(norm1(x)))``; with ``temb``: ``h += time_emb_proj(act(temb))``
+    (no ``act`` when ``skip_time_act``); ``h = conv2(dropout(act(norm2(h))))``;
+    ``out = (shortcut(x) + h) / output_scale_factor`` where ``shortcut`` is the 1x1
+    ``conv_shortcut`` when the channel count changes (or ``use_in_shortcut``).
+
+    ``time_emb_proj`` exists only when the block is called with ``temb`` (the VAE
+    calls it without, like diffusers' ``temb_channels=None``). diffusers'
+    ``conv_shortcut=True`` flag has no effect in its ``ResnetBlock2D`` (the
+    shortcut is always 1x1) so it is not carried here.
+    """
+
+    out_channels: int | None = None
+    groups: int = 32
+    groups_out: int | None = None
+    eps: float = 1e-6
+    non_linearity: str = "swish"
+    output_scale_factor: float = 1.0
+    skip_time_act: bool = False
+    use_in_shortcut: bool | None = None
+    conv_shortcut_bias: bool = True
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb=None, deterministic: bool = True):
+        act = get_activation(self.non_linearity)
+        in_ch = x.shape[-1]
+        out_ch = self.out_channels or in_ch
+        h = act(group_norm(self.groups, self.eps, self.dtype, self.param_dtype, "norm1")(x))
+        h = conv2d(out_ch, 3, self.dtype, self.param_dtype, "conv1")(h)
+        if temb is not None:
+            t = temb if self.skip_time_act else act(temb)
+            t = nn.Dense(out_ch, dtype=self.dtype, param_dtype=self.param_dtype, name="time_emb_proj")(t)
+            h = h + t[:, None, None, :]
+        h = act(group_norm(self.groups_out or self.groups, self.eps, self.dtype, self.param_dtype, "norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+        h = conv2d(out_ch, 3, self.dtype, self.param_dtype, "conv2")(h)
+        shortcut = (in_ch != out_ch) if self.use_in_shortcut is None else self.use_in_shortcut
+        if shortcut:
+            x = conv2d(out_ch, 1, self.dtype, self.param_dtype, "conv_shortcut", use_bias=self.conv_shortcut_bias)(x)
+        out = x + h
+        if self.output_scale_factor != 1.0:
+            out = out / self.output_scale_factor
+        return out
+
+
+class Downsample2D(nn.Module):
+    """diffusers' ``Downsample2D``: stride-2 3x3 ``conv`` (or 2x2 average pool), NHWC.
+
+    With ``padding=0`` the input is first padded by one row/column at the bottom
+    and right (``F.pad(x, (0, 1, 0, 1))``), as the VAE encoder does.
+    """
+
+    out_channels: int | None = None
+    use_conv: bool = True
+    padding: int = 1
+    kernel_size: int = 3
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if not self.use_conv:
+            return nn.avg_pool(x, (2, 2), strides=(2, 2))
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv2d(self.out_channels or x.shape[-1], self.kernel_size, self.dtype, self.param_dtype, "conv",
+                      stride=2, padding=self.padding)(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+    """``F.interpolate(x, size or 2x, mode="nearest")`` on NHWC.
+
+    Output pixel ``i`` takes input pixel ``min(floor(i * in / out), in - 1)``
+    (PyTorch's legacy ``nearest``); exact 2x is a plain repeat.
+    """
+    h, w = x.shape[1:3]
+    oh, ow = size if size is not None else (2 * h, 2 * w)
+    if (oh, ow) == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    ih = np.minimum(np.floor(np.arange(oh) * np.float32(h / oh)).astype(np.int64), h - 1)
+    iw = np.minimum(np.floor(np.arange(ow) * np.float32(w / ow)).astype(np.int64), w - 1)
+    return x[:, ih][:, :, iw]
+
+
+class Upsample2D(nn.Module):
+    """diffusers' ``Upsample2D``: nearest upsample (2x, or to ``output_size``) then 3x3 ``conv``."""
+
+    out_channels: int | None = None
+    use_conv: bool = True
+    kernel_size: int = 3
+    padding: int = 1
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, output_size: tuple[int, int] | None = None):
+        x = upsample_nearest(x, output_size)
+        if self.use_conv:
+            x = conv2d(self.out_channels or x.shape[-1], self.kernel_size, self.dtype, self.param_dtype, "conv",
+                       padding=self.padding)(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(q, k, v, heads: int, *, implementation: str | None = None, upcast: bool = False):
+    """Multi-head ``softmax(q k^T / sqrt(d)) v`` on ``(B, T, heads*d)`` inputs.
+
+    Runs through ``jax.nn.dot_product_attention`` (``implementation`` None / 'xla'
+    / 'cudnn'); ``upcast`` computes it in float32 (diffusers' ``upcast_attention``).
+    """
+    b, t, inner = q.shape
+    d = inner // heads
+    dtype = q.dtype
+    if upcast:
+        q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    q = q.reshape(b, t, heads, d)
+    k = k.reshape(b, k.shape[1], heads, d)
+    v = v.reshape(b, v.shape[1], heads, d)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return out.reshape(b, t, inner).astype(dtype)
+
+
+class Attention(nn.Module):
+    """diffusers' ``Attention`` as used by transformer blocks: ``to_q/k/v``, ``to_out_0``.
+
+    Self-attention when ``context`` is None, else cross-attention on ``context``.
+    """
+
+    heads: int
+    dim_head: int
+    out_dim: int | None = None
+    bias: bool = False
+    out_bias: bool = True
+    upcast_attention: bool = False
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None):
+        inner = self.heads * self.dim_head
+        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                                               name=name)
+        context = x if context is None else context
+        q = dense(inner, "to_q", self.bias)(x)
+        k = dense(inner, "to_k", self.bias)(context)
+        v = dense(inner, "to_v", self.bias)(context)
+        h = attention(q, k, v, self.heads, implementation=self.implementation, upcast=self.upcast_attention)
+        return dense(self.out_dim or x.shape[-1], "to_out_0", self.out_bias)(h)
+
+
+class GEGLU(nn.Module):
+    """``a, g = split(proj(x)); a * gelu(g)`` (exact GELU)."""
+
+    dim_out: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        a, g = jnp.split(h, 2, axis=-1)
+        return a * nn.gelu(g, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers' ``FeedForward`` with GEGLU: ``net_2(net_0(x))``, inner width ``mult * dim``."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        h = GEGLU(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
+        return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers' ``BasicTransformerBlock`` (``norm_type="layer_norm"``, GEGLU), pre-norm residuals.
+
+    ``x += attn1(norm1(x))`` (self-attention, or cross-attention to ``context``
+    when ``only_cross_attention``); ``x += attn2(norm2(x), context)``;
+    ``x += ff(norm3(x))``.
+    """
+
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    norm_eps: float = 1e-5
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name: Attention(self.heads, self.dim_head, upcast_attention=self.upcast_attention,
+                                      implementation=self.implementation, name=name, **kw)
+        h = layer_norm(self.norm_eps, name="norm1", **kw)(x)
+        x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+        h = layer_norm(self.norm_eps, name="norm2", **kw)(x)
+        x = x + attn("attn2")(h, context)
+        h = layer_norm(self.norm_eps, name="norm3", **kw)(x)
+        return x + FeedForward(name="ff", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' ``Transformer2DModel`` on continuous (image) input, NHWC.
+
+    ``h = proj_in(norm(x))`` (1x1 conv, or a Dense on the flattened tokens when
+    ``use_linear_projection``), ``num_layers`` :class:`BasicTransformerBlock` over the
+    ``H*W`` tokens (row-major, as diffusers flattens), ``out = proj_out(h) + x``.
+    ``remat`` wraps each block in ``nn.remat`` (activation checkpointing).
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    implementation: str | None = None
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, hgt, wid, c = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        h = group_norm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
+        if self.use_linear_projection:
+            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+        else:
+            h = conv2d(inner, 1, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
+        block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        for i in range(self.num_layers):
+            h = block_cls(self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
+                          upcast_attention=self.upcast_attention, implementation=self.implementation,
+                          name=f"transformer_blocks_{i}", **kw)(h, context)
+        if self.use_linear_projection:
+            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
+        else:
+            h = conv2d(c, 1, name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
+        return h + residual

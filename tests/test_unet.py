@@ -1,0 +1,257 @@
+"""Flax UNet2DConditionModel: parity with diffusers on random tiny UNets, full-size shapes, config checks.
+
+Every number compared here comes from diffusers' PyTorch UNet run on the same
+random weights (float32).
+"""
+
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from fairjax.convert import unet as unet_convert  # noqa: E402
+from fairjax.convert.core import convert_checkpoint, shapes_of  # noqa: E402
+from fairjax.models import unet as unet_mod  # noqa: E402
+from fairjax.models.unet import ConfigError, UNet2DConditionModel, UNetConfig  # noqa: E402
+
+# The real SDXL base 1.0 unet/config.json.
+SDXL_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
+    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
+    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 2048, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
+    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
+    "use_linear_projection": True,
+}
+SDXL_PARAMS, SDXL_ARRAYS = 2_567_463_684, 1_680
+
+
+def tiny_sdxl_config(**kw):
+    """SDXL-shaped: 3 blocks, transformer layers (1, 2, 3), per-block heads, text_time, linear projection."""
+    cfg = {
+        "_class_name": "UNet2DConditionModel", "block_out_channels": [16, 32, 64],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 3], "attention_head_dim": [1, 2, 4], "layers_per_block": 2,
+        "cross_attention_dim": 24, "norm_num_groups": 8, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 20 + 6 * 8, "sample_size": 16,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def tiny_sd15_config(**kw):
+    """SD1.5-shaped: 4 blocks, conv proj_in/proj_out, one int attention_head_dim, no added embedding."""
+    cfg = {
+        "_class_name": "UNet2DConditionModel", "block_out_channels": [16, 32, 32, 32],
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "attention_head_dim": 4, "layers_per_block": 1, "cross_attention_dim": 20, "norm_num_groups": 8,
+        "sample_size": 16,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+def randomize_(model, seed):
+    """Every parameter random (diffusers zero-inits conv_out etc.), so no wrong op or mapping can pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim == 1 and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * r)
+            elif p.ndim == 1:
+                p.copy_(0.2 * r)
+            else:
+                p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
+    return model.eval()
+
+
+def torch_unet(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    return randomize_(model, seed)
+
+
+class DictReader:
+    """A torch state dict as the reader interface ``convert_checkpoint`` streams from."""
+
+    def __init__(self, state):
+        self.state = {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+    def keys(self):
+        return list(self.state)
+
+    def shape(self, k):
+        return tuple(self.state[k].shape)
+
+    def dtype(self, k):
+        return self.state[k].dtype
+
+    def __getitem__(self, k):
+        return self.state[k]
+
+
+def flax_unet(cfg, torch_model, **kw):
+    unet = UNet2DConditionModel.from_config(cfg, **kw)
+    params = convert_checkpoint(DictReader(torch_model.state_dict()), shapes_of(unet_mod.param_shapes(unet)),
+                                ignore=unet_convert.IGNORE)
+    return unet, params
+
+
+def inputs(cfg, batch, hw, seq=7, seed=0):
+    rng = np.random.default_rng(seed)
+    c = UNetConfig.from_dict(cfg)
+    sample = rng.standard_normal((batch, c["in_channels"], *hw)).astype(np.float32)
+    context = rng.standard_normal((batch, seq, c.cross_attention_dim)).astype(np.float32)
+    added = None
+    if c["addition_embed_type"] == "text_time":
+        n_text = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+        added = {"text_embeds": rng.standard_normal((batch, n_text)).astype(np.float32),
+                 "time_ids": np.tile(np.array([[hw[0] * 8, hw[1] * 8, 0, 0, hw[0] * 8, hw[1] * 8]], np.float32),
+                                     (batch, 1)) + rng.integers(0, 64, (batch, 6)).astype(np.float32)}
+    return sample, context, added
+
+
+def torch_forward(model, sample, t, context, added):
+    with torch.no_grad():
+        kw = {}
+        if added is not None:
+            kw["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in added.items()}
+        tt = torch.tensor(t) if np.ndim(t) else t
+        return model(torch.from_numpy(sample), tt, torch.from_numpy(context), **kw).sample.numpy()
+
+
+def check_parity(cfg, rel, hw, timesteps, seed=0, tol=1e-5, **module_kw):
+    model = torch_unet(cfg, seed)
+    unet, params = flax_unet(cfg, model, **module_kw)
+    apply = jax.jit(unet.apply)
+    for i, t in enumerate(timesteps):
+        sample, context, added = inputs(cfg, 2, hw, seed=seed + i)
+        want = torch_forward(model, sample, t, context, added)
+        got = np.asarray(apply({"params": params}, sample, np.asarray(t, np.float32), context, added))
+        assert got.shape == want.shape
+        assert rel(got, want) <= tol, (t, rel(got, want))
+
+
+def test_sdxl_shaped_parity(rel):
+    check_parity(tiny_sdxl_config(), rel, (16, 24), [np.array([0.0, 999.0]), np.array([251.0, 637.5])])
+
+
+def test_sd15_shaped_parity(rel):
+    """Also: a scalar timestep (broadcast to the batch) and the explicit 'xla' attention path."""
+    check_parity(tiny_sd15_config(), rel, (16, 24), [77, 999], attention_implementation="xla")
+
+
+def test_sd_odd_latent_size_parity(rel):
+    """Latents not a multiple of 2**num_upsamplers: diffusers forwards the skip sizes to the upsamplers.
+    Also upcast_attention and only_cross_attention."""
+    cfg = tiny_sd15_config(upcast_attention=True, only_cross_attention=[True, False, False, False])
+    check_parity(cfg, rel, (13, 22), [np.array([3.0, 801.0])], seed=3)
+
+
+def test_input_gradient_matches_torch_with_remat(rel):
+    """d sum(out * w) / d sample: Flax (jax.grad through nn.remat blocks) vs PyTorch autograd."""
+    cfg = tiny_sdxl_config(layers_per_block=1)
+    model = torch_unet(cfg, 2)
+    unet, params = flax_unet(cfg, model, remat=True)
+    sample, context, added = inputs(cfg, 2, (8, 8), seed=9)
+    t = np.array([400.0, 20.0], np.float32)
+    w = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    x = torch.from_numpy(sample).requires_grad_(True)
+    out = model(x, torch.from_numpy(t), torch.from_numpy(context),
+                added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample
+    (out * torch.from_numpy(w)).sum().backward()
+    fwd = lambda s: jnp.sum(unet.apply({"params": params}, s, t, context, added) * w)
+    got = jax.jit(jax.grad(fwd))(sample)
+    assert rel(got, x.grad.numpy()) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_defaults_are_diffusers_defaults():
+    sig = inspect.signature(diffusers.UNet2DConditionModel.__init__)
+    theirs = {k: p.default for k, p in sig.parameters.items() if k != "self"}
+    assert set(theirs) == set(unet_mod.DEFAULTS)
+    for k, v in theirs.items():
+        assert unet_mod._tuple(v) == unet_mod.DEFAULTS[k], k
+
+
+@pytest.mark.parametrize("key,value", [
+    ("class_embed_type", "timestep"),
+    ("addition_embed_type", "text"),
+    ("resnet_time_scale_shift", "scale_shift"),
+    ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn"),
+    ("down_block_types", ["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"]),
+    ("time_cond_proj_dim", 256),
+    ("encoder_hid_dim", 512),
+    ("num_attention_heads", 8),
+    ("dropout", 0.1),
+])
+def test_unsupported_config_values_are_named(key, value):
+    with pytest.raises(ConfigError, match=key):
+        UNet2DConditionModel.from_config(tiny_sdxl_config(**{key: value}))
+
+
+def test_unknown_key_and_wrong_class_are_refused():
+    with pytest.raises(ConfigError, match="latent_channels"):
+        UNetConfig.from_dict(tiny_sdxl_config(latent_channels=4))
+    with pytest.raises(ConfigError, match="AutoencoderKL"):
+        UNetConfig.from_dict({"_class_name": "AutoencoderKL"})
+
+
+def test_text_time_needs_added_cond_kwargs():
+    cfg = tiny_sdxl_config()
+    unet = UNet2DConditionModel.from_config(cfg)
+    sample, context, _ = inputs(cfg, 1, (8, 8))
+    with pytest.raises(ValueError, match="time_ids"):
+        unet.init(jax.random.key(0), sample, 1.0, context, {"text_embeds": np.zeros((1, 20), np.float32)})
+
+
+# ----------------------------------------------------------------------------- full size, no weights
+
+def torch_meta_shapes(cfg):
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_full_size_sdxl_shapes():
+    """SDXL on torch's meta device vs jax.eval_shape: every key maps, both ways, 2,567,463,684 params."""
+    torch_shapes = torch_meta_shapes(SDXL_CONFIG)
+    flax_shapes = unet_convert.target_shapes(SDXL_CONFIG)
+    mapping = unet_convert.plan(torch_shapes, flax_shapes)  # raises on any missing/unexpected/mismatched key
+    assert len(mapping) == len(flax_shapes) == len(torch_shapes) == SDXL_ARRAYS
+    assert sum(math.prod(s) for s in flax_shapes.values()) == SDXL_PARAMS
+    assert sum(math.prod(s) for s in torch_shapes.values()) == SDXL_PARAMS
+    # export names invert the import mapping exactly (add_embedding.linear_1 stays linear_1)
+    assert {unet_convert.torch_key(p) for p in flax_shapes} == set(torch_shapes)
+    assert "add_embedding.linear_1.weight" in torch_shapes
+
+
+def test_full_size_sd15_shapes():
+    cfg = {"_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "cross_attention_dim": 768,
+           "block_out_channels": [320, 640, 1280, 1280], "sample_size": 64}
+    torch_shapes = torch_meta_shapes(cfg)
+    flax_shapes = unet_convert.target_shapes(cfg)
+    unet_convert.plan(torch_shapes, flax_shapes)
+    assert {unet_convert.torch_key(p) for p in flax_shapes} == set(torch_shapes)
+    assert sum(math.prod(s) for s in flax_shapes.values()) == 859_520_964  # SD 1.5 UNet
