@@ -1,0 +1,182 @@
+"""Checkpoints: sharded save/restore, keep-K, corrupt and partial step directories,
+preemption signals, and SIGKILL-then-resume of a real training run (subprocess)."""
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from fairjax import parallel
+from fairjax.checkpoint import CheckpointError, Checkpointer, PreemptionGuard, abstract_like
+from fairjax.errors import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def _tree():
+    return {"w": np.arange(64, dtype=np.float32).reshape(8, 8), "b": np.linspace(0, 1, 6).astype(np.float32),
+            "step": np.int32(7)}
+
+
+def _saved(tmp_path, steps=(1, 2, 3), keep=5):
+    mesh = parallel.make_mesh({"data": 8})
+    tree = _tree()
+    x = parallel.put_global(tree, parallel.param_shardings(tree, mesh, [(".*", ())]))
+    c = Checkpointer(str(tmp_path), keep=keep)
+    for s in steps:
+        c.save(s, jax.tree.map(lambda a: a + s if a.dtype != np.int32 else a, x))
+    c.wait()
+    return c, tree
+
+
+def _target(tree, spec_mesh=None):
+    mesh = spec_mesh or parallel.make_mesh({"data": 2, "fsdp": 4})
+    sh = parallel.param_shardings(tree, mesh)
+    return abstract_like(tree, sh)
+
+
+def test_restore_reshards_onto_a_new_mesh(tmp_path):
+    c, tree = _saved(tmp_path)
+    step, got = c.restore(_target(tree))
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"] + 3)
+    np.testing.assert_array_equal(np.asarray(got["b"]), tree["b"] + 3)
+    assert int(got["step"]) == 7
+    assert got["w"].sharding.spec == P(None, "fsdp")  # the target's sharding, not the saved one
+    step, got = c.restore(_target(tree), step=1)
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"] + 1)
+    c.close()
+
+
+def test_keeps_last_k(tmp_path):
+    c, _ = _saved(tmp_path, steps=(1, 2, 3, 4, 5), keep=2)
+    assert c.all_steps() == [4, 5]
+    assert sorted(os.listdir(tmp_path)) == ["4", "5"]
+    c.close()
+
+
+def test_empty_directory_restores_nothing(tmp_path):
+    c = Checkpointer(str(tmp_path / "none"))
+    assert c.restore(_target(_tree())) is None and c.latest_step() is None
+    c.close()
+
+
+def _corrupt(step_dir):
+    """Truncate every data file of a step to a few bytes (a disk that filled up, a bad copy)."""
+    n = 0
+    for root, _, files in os.walk(step_dir):
+        for f in files:
+            if "commit_success" in f:
+                continue
+            path = os.path.join(root, f)
+            with open(path, "r+b") as fh:
+                fh.truncate(3)
+            n += 1
+    assert n
+
+
+def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
+    c, tree = _saved(tmp_path)
+    c.close()
+    _corrupt(tmp_path / "3")
+    c = Checkpointer(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="fairjax.checkpoint"):
+        step, got = c.restore(_target(tree))
+    assert step == 2
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"] + 2)
+    assert any("3 unreadable" in r.getMessage() for r in caplog.records)
+    c.close()
+
+
+def test_all_corrupt_is_one_line_error(tmp_path):
+    c, tree = _saved(tmp_path, steps=(1, 2))
+    c.close()
+    _corrupt(tmp_path / "1")
+    _corrupt(tmp_path / "2")
+    c = Checkpointer(str(tmp_path))
+    with pytest.raises(CheckpointError) as e:
+        c.restore(_target(tree))
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in msg
+    assert f"no readable checkpoint in {tmp_path}" in msg and "tried steps 2" in msg and "1 (" in msg
+
+
+def test_partial_save_is_ignored_and_cleaned(tmp_path):
+    c, tree = _saved(tmp_path, steps=(1,))
+    c.close()
+    partial = tmp_path / "2.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "junk").write_bytes(b"\0" * 10)
+    c = Checkpointer(str(tmp_path))
+    assert c.all_steps() == [1]
+    assert not partial.exists()
+    step, _ = c.restore(_target(tree))
+    assert step == 1
+    c.close()
+
+
+def test_preemption_guard_turns_sigterm_into_a_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as g:
+        assert not g.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert g.requested and g.should_stop() and g.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ----------------------------------------------------------------------------- SIGKILL + resume
+
+
+def _worker(workdir, out, *extra, devices=8):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, os.path.join(HERE, "_multihost_worker.py"), "--workdir", str(workdir), "--out", str(out),
+           "--mesh", "2,4,1", "--batch", "16", *extra]
+    return cmd, env
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_exact(tmp_path):
+    steps = 10
+    # uninterrupted reference
+    cmd, env = _worker(tmp_path / "ref", tmp_path / "ref", "--steps", str(steps), "--every", "0")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    ref = dict(np.load(tmp_path / "ref" / "final_params.npz"))
+
+    # killed at a random step (after checkpoint `kill_after` appeared, mid-way through the next steps)
+    kill_after = random.Random().randint(2, 6)
+    work = tmp_path / "run"
+    cmd, env = _worker(work, work, "--steps", str(steps), "--every", "1", "--sleep", "0.25", "--async-ckpt")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    ckdir = work / "checkpoints"
+    while time.time() < deadline and proc.poll() is None:
+        if ckdir.is_dir() and str(kill_after) in os.listdir(ckdir):
+            time.sleep(random.Random().uniform(0.0, 0.3))
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"worker ended before step {kill_after}: {proc.stdout.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (work / "final_params.npz").exists()
+
+    cmd, env = _worker(work, work, "--steps", str(steps), "--every", "1")
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=300)
+    resumed_from = [line for line in out.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed_from and int(resumed_from[0].rsplit("/", 1)[1]) >= kill_after, out.stdout[-2000:]
+    summary = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("SUMMARY"))[8:])
+    assert summary["step"] == steps
+    got = dict(np.load(work / "final_params.npz"))
+    assert got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} (killed after checkpoint {kill_after})")
