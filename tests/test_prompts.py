@@ -109,3 +109,13 @@ def test_prompt_file_and_keywords_config(tmp_path):
     assert P.keywords_from({"races": ["asian", "black"]}) == P.IdentityKeywords(races=("asian", "black"))
     with pytest.raises(UserError, match="unknown keys"):
         P.keywords_from({"ages": ["old"]})
+
+
+def test_warn_not_neutral_lists_offenders():
+    with pytest.warns(UserWarning, match=r"2 prompt\(s\).*'a boy reading' \(boy\); 'his desk' \(his\)"):
+        bad = P.warn_not_neutral(["a chef", "a boy reading", "his desk"])
+    assert [p for p, _ in bad] == ["a boy reading", "his desk"]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert P.warn_not_neutral(P.training_prompts()[:20]) == []

@@ -31,6 +31,7 @@ import importlib.resources
 import itertools
 import re
 import string
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 from fairjax.errors import UserError
@@ -126,6 +127,18 @@ def check_neutral(prompts: Iterable[str], keywords: IdentityKeywords = IdentityK
         hits = find_phrases(prompt, words)
         if hits:
             bad.append((prompt, sorted(hits)))
+    return bad
+
+
+def warn_not_neutral(prompts: Iterable[str], keywords: IdentityKeywords = IdentityKeywords(),
+                     extra_words: Iterable[str] = (), show: int = 10) -> list[tuple[str, list[str]]]:
+    """:func:`check_neutral`, plus one ``UserWarning`` listing the first ``show`` offenders."""
+    bad = check_neutral(prompts, keywords, extra_words)
+    if bad:
+        listed = "; ".join(f"{p!r} ({', '.join(w)})" for p, w in bad[:show])
+        more = f" and {len(bad) - show} more" if len(bad) > show else ""
+        warnings.warn(f"{len(bad)} prompt(s) name a gender or race and are not identity-neutral: {listed}{more}",
+                      UserWarning, stacklevel=2)
     return bad
 
 

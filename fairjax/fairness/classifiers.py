@@ -305,7 +305,10 @@ class DeepFaceClassifier(AttributeClassifier):
             with self._env():
                 from deepface.commons import backend_utils
 
-                engine = backend_utils.get_backend_engine()
+                try:
+                    engine = backend_utils.get_backend_engine()
+                except ValueError as e:  # the engine's package is not installed
+                    raise UserError(f"deepface cannot run on {self.backend}: {e}") from None
                 if engine != self.backend:
                     raise UserError(f"deepface already runs on {engine} in this process, not {self.backend}; "
                                     f"set DEEPFACE_BACKEND_ENGINE={self.backend} before anything imports deepface")
