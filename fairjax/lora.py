@@ -36,6 +36,7 @@ import numpy as np
 
 from fairjax.convert.core import flatten, path_str
 from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from fairjax.errors import UserError
 
 Lora = dict[str, dict[str, jax.Array]]
 
@@ -52,7 +53,7 @@ __all__ = ["init", "merge", "delta", "match_kernels", "trainable_mask", "rank_of
 def _compile(targets: str | Iterable[str]) -> list[re.Pattern]:
     pats = [targets] if isinstance(targets, str) else list(targets)
     if not pats:
-        raise ValueError("no LoRA target regex given; pass e.g. r'attn[12]/to_(q|k|v|out_0)/kernel$'")
+        raise UserError("no LoRA target regex given; pass e.g. r'attn[12]/to_(q|k|v|out_0)/kernel$'")
     return [re.compile(p) for p in pats]
 
 
@@ -67,7 +68,7 @@ def _some(paths: list[str], n: int = 8) -> str:
 
 def match_kernels(params: Mapping, targets: str | Iterable[str]) -> list[str]:
     """Sorted '/'-joined paths of the kernels (``.../kernel``, ndim >= 2) that any regex in
-    ``targets`` finds (``re.search``). A regex that selects no kernel is a ``ValueError``
+    ``targets`` finds (``re.search``). A regex that selects no kernel is a ``UserError``
     naming it and listing some kernel paths."""
     flat = {path_str(p): v for p, v in flatten(params).items()}
     kernels = sorted(p for p, v in flat.items() if _is_kernel(p, v))
@@ -77,7 +78,7 @@ def match_kernels(params: Mapping, targets: str | Iterable[str]) -> list[str]:
         if not hits:
             other = [p for p in flat if pat.search(p)]
             why = f"it only matches non-kernel leaves ({_some(other, 4)})" if other else "it matches no param"
-            raise ValueError(f"LoRA target {pat.pattern!r} selects no kernel: {why}; "
+            raise UserError(f"LoRA target {pat.pattern!r} selects no kernel: {why}; "
                              f"kernel paths look like: {_some(kernels)}")
         chosen.update(hits)
     return sorted(chosen)
@@ -91,7 +92,7 @@ def trainable_mask(params: Mapping, targets: str | Iterable[str]) -> Any:
     flat = {path_str(p) for p in flatten(params)}
     for pat in pats:
         if not any(pat.search(p) for p in flat):
-            raise ValueError(f"trainable target {pat.pattern!r} matches no param; paths look like: "
+            raise UserError(f"trainable target {pat.pattern!r} matches no param; paths look like: "
                              f"{_some(sorted(flat))}")
 
     def mark(tree, prefix):
@@ -116,9 +117,9 @@ def init(params: Mapping, targets: str | Iterable[str], rank: int, alpha: float,
     with ``i`` its index in sorted path order.
     """
     if not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+        raise UserError(f"LoRA rank must be a positive int, got {rank!r}")
     if not alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got {alpha!r}")
+        raise UserError(f"LoRA alpha must be > 0, got {alpha!r}")
     flat = {path_str(p): v for p, v in flatten(params).items()}
     out: Lora = {}
     for i, path in enumerate(match_kernels(params, targets)):
@@ -145,11 +146,11 @@ def delta(entry: Mapping, shape: tuple[int, ...], alpha: float) -> jax.Array:
 
 def _check_entry(path: str, entry, shape: tuple[int, ...]) -> None:
     if not isinstance(entry, Mapping) or set(entry) != {"a", "b"}:
-        raise ValueError(f"LoRA entry {path!r} must be a dict with exactly 'a' and 'b'")
+        raise UserError(f"LoRA entry {path!r} must be a dict with exactly 'a' and 'b'")
     sa, sb = jnp.shape(entry["a"]), jnp.shape(entry["b"])
     fan_in = math.prod(shape[:-1])
     if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0] or sa[0] != fan_in or sb[1] != shape[-1]:
-        raise ValueError(f"LoRA entry {path!r} has a{tuple(sa)}, b{tuple(sb)}; kernel {tuple(shape)} "
+        raise UserError(f"LoRA entry {path!r} has a{tuple(sa)}, b{tuple(sb)}; kernel {tuple(shape)} "
                          f"needs a({fan_in}, r), b(r, {shape[-1]})")
 
 
@@ -159,12 +160,12 @@ def merge(params: Mapping, lora: Mapping[str, Mapping], alpha: float) -> Any:
     The sum is taken in float32 (or wider) and cast back to ``W.dtype``; every other
     leaf and every untouched subtree is passed through as the same object. Pure:
     jittable and differentiable w.r.t. ``lora`` (and ``params``). A LoRA path that is
-    not a kernel of ``params`` is a ``ValueError`` naming it.
+    not a kernel of ``params`` is a ``UserError`` naming it.
     """
     flat = {path_str(p): v for p, v in flatten(params).items()}
     unknown = sorted(p for p in lora if p not in flat)
     if unknown:
-        raise ValueError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
+        raise UserError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
                          "another model (or another param prefix)?")
     new: dict[str, Any] = {}
     for path, entry in lora.items():
@@ -205,17 +206,17 @@ def save(path: str | os.PathLike, lora: Mapping[str, Mapping], *, alpha: float, 
     path = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise FileNotFoundError(f"cannot save LoRA to {path}: folder {parent} does not exist; create it first")
+        raise UserError(f"cannot save LoRA to {path}: folder {parent} does not exist; create it first")
     clash = sorted(set(meta) & set(_RESERVED_META))
     if clash:
-        raise ValueError(f"metadata keys {clash} are reserved by the LoRA file format; rename them")
+        raise UserError(f"metadata keys {clash} are reserved by the LoRA file format; rename them")
     if not lora:
-        raise ValueError("refusing to save an empty LoRA (no entries)")
+        raise UserError("refusing to save an empty LoRA (no entries)")
     items = []
     for p in sorted(lora):
         entry = lora[p]
         if not isinstance(entry, Mapping) or set(entry) != {"a", "b"}:
-            raise ValueError(f"LoRA entry {p!r} must be a dict with exactly 'a' and 'b'")
+            raise UserError(f"LoRA entry {p!r} must be a dict with exactly 'a' and 'b'")
         items += [(f"{p}/a", np.asarray(entry["a"])), (f"{p}/b", np.asarray(entry["b"]))]
     ranks = {p: rank_of(e) for p, e in lora.items()}
     rank = next(iter(ranks.values())) if len(set(ranks.values())) == 1 else ranks

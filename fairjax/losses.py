@@ -13,7 +13,8 @@ Every function is pure, jittable, differentiable in its array arguments, and
 returns ``(loss, metrics)`` with ``loss`` a float32 scalar and ``metrics`` a
 dict of float32 scalars (already free of gradient: they are meant for logging).
 Inputs are 1-D per-sample vectors of one length ``B`` (paired losses) unless a
-docstring says otherwise; mismatched shapes are a ``ValueError`` at trace time.
+docstring says otherwise; mismatched shapes are a ``ValueError`` at trace time (a bug in the adapter,
+not user input); a bad option (e.g. an unknown BPO variant) is a ``UserError``.
 
 Notation: ``ls = log_sigmoid``, ``sg = stop_gradient``, ``mean`` over the batch.
 """
@@ -228,7 +229,7 @@ def bpo(lp_a, lp_b, beta=1.0, variant="v1", eps=1e-6) -> tuple[jax.Array, Metric
     (mean lo_a / lo_b), ``margin`` (mean lo_a - lo_b).
     """
     if variant not in _BPO_VARIANTS:
-        raise ValueError(f"unknown BPO variant {variant!r}; use one of {', '.join(_BPO_VARIANTS)}")
+        raise UserError(f"unknown BPO variant {variant!r}; use one of {', '.join(_BPO_VARIANTS)}")
     lp_a, lp_b = _f32(lp_a), _f32(lp_b)
     _same_shape(("lp_a", "lp_b"), lp_a, lp_b)
     lo_a, lo_b = log_odds(lp_a, eps), log_odds(lp_b, eps)

@@ -17,6 +17,7 @@ import pytest
 from fairjax import lora as L
 from fairjax.convert.core import flatten
 from fairjax.convert.safetensors_io import CheckpointError, write_safetensors
+from fairjax.errors import UserError
 
 ALPHA = 6.0
 RANK = 4
@@ -89,10 +90,10 @@ def test_init_selects_kernels_with_peft_init(setup):
 def test_target_errors(setup):
     _, params = setup
     msg = r"'attn2/to_q/kernel\$' selects no kernel: it matches no param.*conv_in/kernel"
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UserError, match=msg):
         L.init(params, r"attn2/to_q/kernel$", RANK, ALPHA, jax.random.PRNGKey(0))
     msg = r"'to_q/bias' selects no kernel: it only matches non-kernel leaves \(attn1/to_q/bias\)"
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UserError, match=msg):
         L.init(params, [r"to_q/kernel", r"to_q/bias"], RANK, ALPHA, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="rank"):
         L.init(params, TARGETS, 0, ALPHA, jax.random.PRNGKey(0))
@@ -220,7 +221,7 @@ def test_merge_errors(setup):
         L.merge(params, bad, ALPHA)
     wrong = dict(lora, **{"proj/kernel": lora["attn1/to_q/kernel"]})
     msg = r"'proj/kernel' has a\(7, 4\), b\(4, 6\); kernel \(1, 1, 5, 7\) needs a\(5, r\), b\(r, 7\)"
-    with pytest.raises(ValueError, match=msg):
+    with pytest.raises(UserError, match=msg):
         L.merge(params, wrong, ALPHA)
 
 
@@ -312,7 +313,7 @@ def test_load_and_save_errors(setup, tmp_path):
         L.load(other)
     assert "\n" not in str(e.value)
     lora = L.init(params, TARGETS, RANK, ALPHA, jax.random.PRNGKey(2))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         L.save(tmp_path / "missing" / "x.safetensors", lora, alpha=ALPHA)
     with pytest.raises(ValueError, match="reserved"):
         L.save(tmp_path / "x.safetensors", lora, alpha=ALPHA, rank=3)

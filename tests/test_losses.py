@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fairjax import losses
+from fairjax.errors import UserError
 
 B = 8
 
@@ -295,7 +296,7 @@ def test_log1mexp_accuracy(rel):
 # ----------------------------------------------------------------------------- bad input
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="unknown BPO variant 'v9'"):
+    with pytest.raises(UserError, match="unknown BPO variant 'v9'"):
         losses.bpo(jnp.zeros(2) - 1, jnp.zeros(2) - 1, variant="v9")
     with pytest.raises(ValueError, match=r"g_w\(3,\), g_l\(4,\)"):
         losses.diffusion_dpo(jnp.zeros(3), jnp.zeros(4), 1.0)
