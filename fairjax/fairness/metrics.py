@@ -292,8 +292,8 @@ def recall_metrics(records: Sequence[Record], classes: Mapping[str, Sequence[str
 
 def evaluate(records: Sequence[Record], classes: Mapping[str, Sequence[str]] = DEFAULT_CLASSES,
              n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> dict:
-    """All metrics for one model: records without ``identity`` (and whose prompt names no
-    identity) are neutral; records with ``identity`` feed recall.
+    """All metrics for one model: records without ``identity`` are neutral (discrepancy, bias);
+    records with ``identity`` feed recall (use :func:`identity_of` to fill it from the prompt).
 
     Returns ``{"discrepancy", "bias", "recall", "intervals", ..., "tables": {"per_prompt", "recall"}}``;
     a metric with no records is None.
