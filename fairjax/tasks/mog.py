@@ -59,7 +59,7 @@ def make_dataset(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     ref_w /= ref_w.sum()
     n_win = c.n_samples // 2
     n_lose = c.n_samples - n_win
-    win_c = comps[rng.integers(0, len(comps), n_win)]
+    win_c = rng.permutation(comps[np.arange(n_win) % len(comps)])  # exactly balanced
     lose_p = ref_w[comps] / ref_w[comps].sum()
     lose_c = comps[rng.choice(len(comps), n_lose, p=lose_p)]
     comp = np.concatenate([win_c, lose_c])
