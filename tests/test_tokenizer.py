@@ -14,7 +14,7 @@ from fairjax.models.tokenizer import CLIPTokenizer, load_sdxl_tokenizers  # noqa
 
 def bytes_to_unicode():
     """GPT-2 / CLIP byte -> printable unicode table (the base alphabet of CLIP's vocab)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -176,7 +176,7 @@ class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -187,7 +187,8 @@ class CLIPAttention(nn.Module):
         q = dense("q_proj")(x).reshape(b, t, heads, d // heads)
         k = dense("k_proj")(x).reshape(b, t, heads, d // heads)
         v = dense("v_proj")(x).reshape(b, t, heads, d // heads)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.attention_impl)
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                         implementation=self.attention_implementation)
         return dense("out_proj")(o.reshape(b, t, d))
 
 
@@ -215,13 +216,14 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, h, mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         a = _layer_norm(self.config, name="layer_norm1", **kw)(h)
-        h = h + CLIPAttention(self.config, attention_impl=self.attention_impl, name="self_attn", **kw)(a, mask)
+        h = h + CLIPAttention(self.config, attention_implementation=self.attention_implementation,
+                              name="self_attn", **kw)(a, mask)
         m = _layer_norm(self.config, name="layer_norm2", **kw)(h)
         return h + CLIPMLP(self.config, name="mlp", **kw)(m)
 
@@ -232,7 +234,7 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
     remat: bool = False
 
     @nn.compact
@@ -241,7 +243,7 @@ class CLIPEncoder(nn.Module):
         states = [h]
         for i in range(self.config.num_hidden_layers):
             h = layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                          attention_impl=self.attention_impl, name=f"layers_{i}")(h, mask)
+                          attention_implementation=self.attention_implementation, name=f"layers_{i}")(h, mask)
             states.append(h)
         return tuple(states)
 
@@ -252,7 +254,7 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
     remat: bool = False
 
     @nn.compact
@@ -262,7 +264,7 @@ class CLIPTextTransformer(nn.Module):
         mask = None
         if attention_mask is not None:  # padding mask on keys, combined with the causal mask
             mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-        states = CLIPEncoder(self.config, attention_impl=self.attention_impl, remat=self.remat,
+        states = CLIPEncoder(self.config, attention_implementation=self.attention_implementation, remat=self.remat,
                              name="encoder", **kw)(h, mask)
         last = _layer_norm(self.config, name="final_layer_norm", **kw)(states[-1])
         idx = eos_positions(input_ids, self.config.eos_token_id)
@@ -280,14 +282,15 @@ class CLIPTextModel(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
     remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):
         last, pooled, states = CLIPTextTransformer(
-            self.config, dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-            remat=self.remat, name="text_model")(input_ids, attention_mask, position_ids)
+            self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+            attention_implementation=self.attention_implementation, remat=self.remat,
+            name="text_model")(input_ids, attention_mask, position_ids)
         text_embeds = None
         if self.config.with_projection:
             text_embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
@@ -304,10 +307,10 @@ def CLIPTextModelWithProjection(config: CLIPTextConfig, **kw) -> CLIPTextModel:
 # ----------------------------------------------------------------------------- build / load
 
 def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                attention_impl: str | None = None, remat: bool = False) -> CLIPTextModel:
+                attention_implementation: str | None = None, remat: bool = False) -> CLIPTextModel:
     """Module for a transformers text-encoder ``config.json`` dict (class chosen by ``architectures``)."""
     return CLIPTextModel(CLIPTextConfig.from_dict(cfg), dtype=dtype, param_dtype=param_dtype,
-                         attention_impl=attention_impl, remat=remat)
+                         attention_implementation=attention_implementation, remat=remat)
 
 
 def param_shapes(model: CLIPTextModel) -> dict:
@@ -319,19 +322,21 @@ def param_shapes(model: CLIPTextModel) -> dict:
     return shapes_of(tree)
 
 
-def load(model_dir: str, component: str = "text_encoder", *, dtype: Dtype = jnp.float32,
-         param_dtype: Dtype = jnp.float32, attention_impl: str | None = None, remat: bool = False):
-    """Load a converted text encoder from a fairjax model directory -> ``(module, params)``.
+def load(model_dir: str, component: str = "text_encoder", dtype: Dtype = jnp.float32,
+         param_dtype: Dtype | None = None, *, attention_implementation: str | None = None, remat: bool = False):
+    """Load ``(encoder, params)`` from a fairjax model dir (or the component folder itself).
 
-    ``component`` is ``"text_encoder"`` (CLIP-L) or ``"text_encoder_2"`` (bigG);
-    params are cast to ``param_dtype``.
+    ``component`` is ``"text_encoder"`` (CLIP-L) or ``"text_encoder_2"`` (bigG +
+    projection). Params are returned as stored, cast to ``param_dtype`` when
+    given; every key and shape is checked against the config first.
     """
     import os
 
     from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
 
     folder = component_dir(model_dir, component)
-    model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype, param_dtype=param_dtype,
-                        attention_impl=attention_impl, remat=remat)
+    model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype,
+                        param_dtype=param_dtype or jnp.float32, attention_implementation=attention_implementation,
+                        remat=remat)
     params = load_params(os.path.join(folder, PARAMS_FILE), param_shapes(model), dtype=param_dtype)
     return model, params

@@ -34,17 +34,9 @@ import jax
 import jax.numpy as jnp
 
 from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, get_activation, group_norm
 
 Dtype = Any
-
-# diffusers' get_activation (ACT2CLS): swish/silu, mish, gelu (exact), relu.
-ACTIVATIONS = {
-    "silu": nn.silu,
-    "swish": nn.silu,
-    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "relu": nn.relu,
-}
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussianDistribution clamps logvar to this range
 
 
@@ -101,9 +93,10 @@ class VAEConfig:
                 raise CheckpointError(f"vae config: {key} contains {bad[0]!r}; only {want!r} is supported")
             if len(types) != n:
                 raise CheckpointError(f"vae config: {key} has {len(types)} entries but block_out_channels has {n}")
-        if self.act_fn not in ACTIVATIONS:
-            raise CheckpointError(f"vae config: act_fn {self.act_fn!r} is not supported; use one of "
-                                  f"{sorted(ACTIVATIONS)}")
+        try:
+            get_activation(self.act_fn)
+        except ValueError as e:
+            raise CheckpointError(f"vae config: act_fn: {e}") from None
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise CheckpointError(f"vae config: block_out_channels {bad[0]} is not divisible by "
@@ -146,72 +139,8 @@ def unscale_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- blocks (NHWC)
-
-def _group_norm(groups: int, dtype, param_dtype, name: str, eps: float = 1e-6) -> nn.GroupNorm:
-    """``torch.nn.GroupNorm(groups, C, eps)`` with the two-pass variance torch uses."""
-    return nn.GroupNorm(num_groups=groups, epsilon=eps, use_fast_variance=False, dtype=dtype,
-                        param_dtype=param_dtype, name=name)
-
-
-def _conv(features: int, kernel: int, dtype, param_dtype, name: str, stride: int = 1, pad: int | None = None):
-    p = kernel // 2 if pad is None else pad
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                   dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-class ResnetBlock2D(nn.Module):
-    """diffusers ``ResnetBlock2D`` without time embedding (``temb_channels=None``)::
-
-        h = conv2(act(norm2(conv1(act(norm1(x))))));  out = shortcut(x) + h
-
-    ``shortcut`` is the 1x1 ``conv_shortcut`` when the channel count changes.
-    """
-
-    out_channels: int
-    groups: int = 32
-    eps: float = 1e-6
-    non_linearity: str = "silu"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        act = ACTIVATIONS[self.non_linearity]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _conv(self.out_channels, 3, name="conv1", **kw)(act(_group_norm(self.groups, name="norm1",
-                                                                            eps=self.eps, **kw)(x)))
-        h = _conv(self.out_channels, 3, name="conv2", **kw)(act(_group_norm(self.groups, name="norm2",
-                                                                            eps=self.eps, **kw)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
-        return x + h
-
-
-class Downsample2D(nn.Module):
-    """diffusers ``Downsample2D(use_conv=True, padding=0)``: pad bottom/right by one, 3x3 conv, stride 2."""
-
-    out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv", stride=2, pad=0)(x)
-
-
-class Upsample2D(nn.Module):
-    """diffusers ``Upsample2D(use_conv=True)``: nearest 2x (pixel repeat) then 3x3 conv."""
-
-    out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.out_channels, 3, self.dtype, self.param_dtype, "conv")(x)
-
+# ResnetBlock2D (called without temb), Downsample2D (padding=0) and Upsample2D are
+# the shared diffusers blocks of fairjax.models.layers; the VAE-only pieces follow.
 
 class AttentionBlock(nn.Module):
     """The VAE mid-block ``Attention`` (diffusers ``_from_deprecated_attn_block``): one head of width C::
@@ -226,15 +155,15 @@ class AttentionBlock(nn.Module):
     eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x):
         b, hgt, wid, c = x.shape
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _group_norm(self.groups, name="group_norm", eps=self.eps, **kw)(x).reshape(b, hgt * wid, 1, c)
+        h = group_norm(self.groups, self.eps, name="group_norm", **kw)(x).reshape(b, hgt * wid, 1, c)
         q, k, v = (nn.Dense(c, name=n, **kw)(h) for n in ("to_q", "to_k", "to_v"))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_implementation)
         o = nn.Dense(c, name="to_out_0", **kw)(o.reshape(b, hgt * wid, c))
         return x + o.reshape(b, hgt, wid, c)
 
@@ -247,15 +176,15 @@ class UNetMidBlock2D(nn.Module):
     add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(groups=self.groups, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(groups=self.groups, eps=1e-6, dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
         x = ResnetBlock2D(c, non_linearity=self.non_linearity, name="resnets_0", **kw)(x)
         if self.add_attention:
-            x = AttentionBlock(attention_impl=self.attention_impl, name="attentions_0", **kw)(x)
+            x = AttentionBlock(attention_implementation=self.attention_implementation, name="attentions_0", **kw)(x)
         return ResnetBlock2D(c, non_linearity=self.non_linearity, name="resnets_1", **kw)(x)
 
 
@@ -272,10 +201,10 @@ class DownEncoderBlock2D(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, non_linearity=self.non_linearity,
+            x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=1e-6, non_linearity=self.non_linearity,
                               name=f"resnets_{i}", **kw)(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, name="downsamplers_0", **kw)(x)
+            x = Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)(x)
         return x
 
 
@@ -292,7 +221,7 @@ class UpDecoderBlock2D(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, non_linearity=self.non_linearity,
+            x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=1e-6, non_linearity=self.non_linearity,
                               name=f"resnets_{i}", **kw)(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
@@ -305,21 +234,21 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans = c.block_out_channels
-        x = _conv(chans[0], 3, name="conv_in", **kw)(x)
+        x = conv2d(chans[0], 3, name="conv_in", **kw)(x)
         for i, ch in enumerate(chans):
             x = DownEncoderBlock2D(ch, c.layers_per_block, i < len(chans) - 1, c.norm_num_groups, c.act_fn,
                                    name=f"down_blocks_{i}", **kw)(x)
         x = UNetMidBlock2D(c.norm_num_groups, c.act_fn, c.mid_block_add_attention,
-                           attention_impl=self.attention_impl, name="mid_block", **kw)(x)
-        x = ACTIVATIONS[c.act_fn](_group_norm(c.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(2 * c.latent_channels, 3, name="conv_out", **kw)(x)
+                           attention_implementation=self.attention_implementation, name="mid_block", **kw)(x)
+        x = get_activation(c.act_fn)(group_norm(c.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
+        return conv2d(2 * c.latent_channels, 3, name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -328,21 +257,21 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, z):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans = tuple(reversed(c.block_out_channels))
-        x = _conv(chans[0], 3, name="conv_in", **kw)(z)
+        x = conv2d(chans[0], 3, name="conv_in", **kw)(z)
         x = UNetMidBlock2D(c.norm_num_groups, c.act_fn, c.mid_block_add_attention,
-                           attention_impl=self.attention_impl, name="mid_block", **kw)(x)
+                           attention_implementation=self.attention_implementation, name="mid_block", **kw)(x)
         for i, ch in enumerate(chans):
             x = UpDecoderBlock2D(ch, c.layers_per_block + 1, i < len(chans) - 1, c.norm_num_groups, c.act_fn,
                                  name=f"up_blocks_{i}", **kw)(x)
-        x = ACTIVATIONS[c.act_fn](_group_norm(c.norm_num_groups, name="conv_norm_out", **kw)(x))
-        return _conv(c.out_channels, 3, name="conv_out", **kw)(x)
+        x = get_activation(c.act_fn)(group_norm(c.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
+        return conv2d(c.out_channels, 3, name="conv_out", **kw)(x)
 
 
 def _nhwc(x):
@@ -367,17 +296,17 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_implementation: str | None = None
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.encoder = Encoder(c, attention_impl=self.attention_impl, **kw)
-        self.decoder = Decoder(c, attention_impl=self.attention_impl, **kw)
+        self.encoder = Encoder(c, attention_implementation=self.attention_implementation, **kw)
+        self.decoder = Decoder(c, attention_implementation=self.attention_implementation, **kw)
         if c.use_quant_conv:
-            self.quant_conv = _conv(2 * c.latent_channels, 1, name=None, **kw)
+            self.quant_conv = conv2d(2 * c.latent_channels, 1, name=None, **kw)
         if c.use_post_quant_conv:
-            self.post_quant_conv = _conv(c.latent_channels, 1, name=None, **kw)
+            self.post_quant_conv = conv2d(c.latent_channels, 1, name=None, **kw)
 
     def encode(self, x):
         """Images (B, C, H, W) -> ``(mean, logvar)``, each (B, latent_channels, H/f, W/f)."""
@@ -404,10 +333,10 @@ class AutoencoderKL(nn.Module):
 # ----------------------------------------------------------------------------- build / load
 
 def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                attention_impl: str | None = None) -> AutoencoderKL:
+                attention_implementation: str | None = None) -> AutoencoderKL:
     """Module for a diffusers ``vae/config.json`` dict (``VAEConfig.from_dict`` validates it)."""
     return AutoencoderKL(VAEConfig.from_dict(cfg), dtype=dtype, param_dtype=param_dtype,
-                         attention_impl=attention_impl)
+                         attention_implementation=attention_implementation)
 
 
 def param_shapes(model: AutoencoderKL) -> dict:
@@ -424,14 +353,19 @@ def downsample_factor(config: VAEConfig) -> int:
     return 2 ** (len(config.block_out_channels) - 1)
 
 
-def load(model_dir: str, component: str = "vae", *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-         attention_impl: str | None = None):
-    """Load a converted VAE from a fairjax model directory -> ``(module, params)``."""
+def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, *,
+         component: str = "vae", attention_implementation: str | None = None):
+    """Load ``(vae, params)`` from a fairjax model dir (or its ``vae/`` folder).
+
+    Compute ``dtype`` defaults to float32 (the SDXL VAE is fp16-unstable). Params
+    are returned as stored, cast to ``param_dtype`` when given; every key and
+    shape is checked against the config first.
+    """
     from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
 
     folder = component_dir(model_dir, component)
-    model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype, param_dtype=param_dtype,
-                        attention_impl=attention_impl)
+    model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype,
+                        param_dtype=param_dtype or jnp.float32, attention_implementation=attention_implementation)
     params = load_params(os.path.join(folder, PARAMS_FILE), param_shapes(model), dtype=param_dtype)
     return model, params
 
