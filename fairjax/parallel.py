@@ -46,17 +46,20 @@ def initialize_distributed(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     cpu_collectives: str = "gloo",
+    required: bool = True,
 ) -> bool:
-    """Start the JAX multi-controller runtime when this run spans several processes.
+    """Start the JAX multi-controller runtime (``jax.distributed.initialize``) before devices are used.
 
     Arguments left ``None`` come from the environment: ``FAIRJAX_COORDINATOR``
-    (``host:port``), ``FAIRJAX_NUM_PROCESSES``, ``FAIRJAX_PROCESS_ID``; if none of these
-    is set either, ``jax.distributed.initialize()`` is still called when a cluster it
-    auto-detects is present (TPU pod, SLURM with ``SLURM_NTASKS > 1``, Open MPI), and not
-    at all for a plain single process.  On the CPU backend the cross-process collectives
-    go through ``cpu_collectives`` (gloo), set before initialisation.
+    (``host:port`` of process 0), ``FAIRJAX_NUM_PROCESSES``, ``FAIRJAX_PROCESS_ID``
+    (the launch scripts in ``launch/`` set them).  With none of them,
+    ``jax.distributed.initialize()`` auto-detects the cluster (Cloud TPU pod, SLURM,
+    Open MPI, ...); when ``required`` is False that is only attempted if such a launcher's
+    variables are present, so a plain single process stays single.  On the CPU backend
+    cross-process collectives use ``cpu_collectives`` (gloo), set before initialisation.
 
-    Returns True when the distributed runtime was initialised (now or before).
+    Returns True when the distributed runtime is initialised (now or before), False for
+    a single process.  A failed start-up is a one-line :class:`ShardingError`.
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("FAIRJAX_COORDINATOR") or None
@@ -67,9 +70,9 @@ def initialize_distributed(
     if is_distributed_initialized():
         return True
     explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if not explicit and not _cluster_detected(env):
-        return False
     if num_processes == 1 and not coordinator_address:
+        return False
+    if not explicit and not required and not _cluster_detected(env):
         return False
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -82,7 +85,15 @@ def initialize_distributed(
         kwargs["process_id"] = process_id
     if local_device_ids is not None:
         kwargs["local_device_ids"] = list(local_device_ids)
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # noqa: BLE001 - turn any start-up failure into one actionable line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ShardingError(
+            f"jax.distributed.initialize({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) failed: {first}; "
+            "on a cluster launch with launch/*.sh, or set FAIRJAX_COORDINATOR=host:port, FAIRJAX_NUM_PROCESSES "
+            "and FAIRJAX_PROCESS_ID"
+        ) from None
     return True
 
 

@@ -34,7 +34,7 @@ def main():
 
     from fairjax import parallel
 
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(required=False)
     import jax
 
     from _toy_task import ToyTask, toy_config
