@@ -195,6 +195,8 @@ class ShardedReader:
         stem = f"{prefix}.{variant}" if variant else prefix
         single = os.path.join(folder, f"{stem}.safetensors")
         index = os.path.join(folder, f"{stem}.safetensors.index.json")
+        if variant and not os.path.isfile(index):  # diffusers/transformers name variant indexes this way
+            index = os.path.join(folder, f"{prefix}.safetensors.index.{variant}.json")
         self._readers: dict[str, SafetensorsReader] = {}
         self._where: dict[str, str] = {}
         if os.path.isfile(index):

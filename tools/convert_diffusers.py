@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Convert a diffusers checkpoint folder into a fairjax model directory (no torch needed).
+
+    python tools/convert_diffusers.py SRC OUT [--dtype float32|bfloat16|float16] [--variant fp16] [--overwrite]
+
+SRC is either one component folder (e.g. a diffusers ``unet/`` with
+``config.json`` + ``diffusion_pytorch_model*.safetensors``, single or sharded,
+fp32/fp16/bf16, plain or ``.fp16`` variant) or a whole pipeline folder with
+``model_index.json``; then every component with a registered converter is
+converted and the others are listed as not yet supported. OUT becomes a fairjax
+model dir (``OUT/<component>/{config.json, params.safetensors}`` +
+``OUT/fairjax.json``), written to a temp dir and renamed at the end: after a
+failure OUT does not exist (or is untouched).
+
+To add a component (vae, text_encoder, ...), register a function
+``convert(src_folder, out_folder, *, dtype, variant) -> dict`` in ``CONVERTERS``
+under its pipeline subfolder name and its diffusers/transformers class name in
+``CLASS_TO_COMPONENT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import ml_dtypes
+import numpy as np
+
+from fairjax.convert import unet as unet_convert
+from fairjax.convert.model_dir import atomic_output_dir, read_json, write_index
+from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import UserError
+
+#: pipeline subfolder name -> converter(src, out, *, dtype, variant) -> summary dict
+CONVERTERS: dict[str, Callable[..., dict]] = {
+    "unet": unet_convert.convert_component,
+}
+#: ``_class_name`` in a component's config.json -> pipeline subfolder name
+CLASS_TO_COMPONENT: dict[str, str] = {
+    "UNet2DConditionModel": "unet",
+}
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def pipeline_components(src: str) -> list[str]:
+    """Component subfolders named in a diffusers ``model_index.json`` (entries like ``["diffusers", "X"]``)."""
+    index = read_json(os.path.join(src, "model_index.json"))
+    return sorted(k for k, v in index.items()
+                  if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None)
+
+
+def plan_sources(src: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """``([(component, its source folder)], [unsupported components])`` for SRC."""
+    if not os.path.isdir(src):
+        raise UserError(f"{src}: not a folder; pass a diffusers pipeline folder or its unet/ folder")
+    if os.path.isfile(os.path.join(src, "model_index.json")):
+        names = pipeline_components(src)
+        todo = [(n, os.path.join(src, n)) for n in names if n in CONVERTERS]
+        skipped = [n for n in names if n not in CONVERTERS]
+        if not todo:
+            raise UserError(f"{src}: none of its components ({', '.join(names) or 'none'}) can be converted yet "
+                            f"(supported: {', '.join(CONVERTERS)})")
+        return todo, skipped
+    cfg = os.path.join(src, "config.json")
+    if not os.path.isfile(cfg):
+        raise UserError(f"{src}: neither model_index.json nor config.json; pass a diffusers pipeline folder or "
+                        f"a component folder such as unet/")
+    cls = read_json(cfg).get("_class_name")
+    name = CLASS_TO_COMPONENT.get(cls)
+    if name is None:
+        supported = ", ".join(f"{c} ({n}/)" for c, n in CLASS_TO_COMPONENT.items())
+        raise UserError(f"{src}: config.json is for {cls or 'an unnamed class'}, which has no converter "
+                        f"(supported: {supported})")
+    return [(name, src)], []
+
+
+def convert(src: str, out: str, *, dtype: str | None = "float32", variant: str | None = None,
+            overwrite: bool = False, log=print) -> dict:
+    """Convert SRC into the fairjax model dir OUT (atomic). Returns ``{component: summary}``."""
+    todo, skipped = plan_sources(src)
+    np_dtype = DTYPES[dtype] if dtype else None
+    done = {}
+    with atomic_output_dir(out, overwrite) as tmp:
+        for name, folder in todo:
+            t0 = time.time()
+            done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant)
+            log(f"{name}: {done[name]} in {time.time() - t0:.1f}s")
+        write_index(tmp, [n for n, _ in todo], source=os.path.abspath(src), dtype=dtype or "as stored",
+                    not_converted=skipped)
+    if skipped:
+        log(f"not yet supported, skipped: {', '.join(skipped)}")
+    log(f"wrote {out}")
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="diffusers pipeline folder (model_index.json) or a component folder (unet/)")
+    p.add_argument("out", help="fairjax model directory to create")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="param dtype to store (default float32 masters)")
+    p.add_argument("--variant", default=None, help="weight file variant, e.g. fp16 (default: plain, else fp16, else bf16)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    args = p.parse_args(argv)
+    try:
+        convert(args.src, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
+    except (UserError, CheckpointError, FileExistsError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
