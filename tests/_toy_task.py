@@ -7,7 +7,8 @@ losers, and with ``centre=True``
     k = stop_gradient(0.5 * mean(g[s=+1]) + 0.5 * mean(g[s=-1]))     (over the global batch)
     loss = mean(-log_sigmoid(s * beta * (g - k)))
 
-``signal_at_step`` sends SIGTERM to this process while drawing that batch (preemption).
+``init_in_jit=False`` makes init eager (host numpy), ``with_ref=False`` leaves ``frozen = {}``
+(then ``g = f_policy``).  ``signal_at_step`` sends SIGTERM to this process while drawing that batch (preemption).
 With ``centre=False`` the loss is a plain per-example mean (k = 0).  ``noise`` adds
 ``noise * normal(rng)`` to the inputs so the step randomness is exercised.
 Data: global batch ``step`` is drawn from ``np.random.default_rng([seed, step])``;
@@ -39,11 +40,13 @@ class MLP(nn.Module):
 
 class ToyTask:
     def __init__(self, config=None, dim=8, hidden=16, beta=2.0, centre=True, noise=0.01, data_seed=1,
-                 nan_at_step=None, sleep=0.0, out_dir=None, signal_at_step=None):
+                 nan_at_step=None, sleep=0.0, out_dir=None, signal_at_step=None,
+                 init_in_jit=True, with_ref=True):
         self.config = config if config is not None else ml_collections.ConfigDict()
         self.dim, self.beta, self.centre, self.noise = dim, beta, centre, noise
         self.data_seed, self.nan_at_step, self.sleep = data_seed, nan_at_step, sleep
         self.signal_at_step = signal_at_step
+        self.init_in_jit, self.with_ref = init_in_jit, with_ref
         self.batches_drawn = []
         self.model = MLP(hidden)
         self.out_dir = out_dir
@@ -51,7 +54,9 @@ class ToyTask:
 
     def init(self, rng):
         p = self.model.init(rng, jnp.zeros((1, self.dim), jnp.float32))["params"]
-        return p, {"ref": p}
+        if not self.init_in_jit:  # eager init, as a task reading weights from disk would: host numpy
+            p = jax.tree.map(np.asarray, p)
+        return p, ({"ref": p} if self.with_ref else {})
 
     def global_batch(self, step, batch_size):
         r = np.random.default_rng([self.data_seed, step])
@@ -78,7 +83,7 @@ class ToyTask:
     def loss(self, trainable, frozen, batch, rng):
         x = batch["x"] + self.noise * jax.random.normal(rng, batch["x"].shape, jnp.float32)
         f = self.model.apply({"params": trainable}, x)
-        f_ref = self.model.apply({"params": frozen["ref"]}, x)
+        f_ref = self.model.apply({"params": frozen["ref"]}, x) if self.with_ref else 0.0
         g = f - f_ref
         s = batch["s"]
         if self.centre:

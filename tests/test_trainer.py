@@ -50,21 +50,22 @@ def max_rel(a, b, rel):
 
 
 @pytest.mark.parametrize(
-    "mesh, rules",
+    "mesh, rules, kw",
     [
-        (dict(data=8, fsdp=1, tensor=1), []),
-        (dict(data=2, fsdp=4, tensor=1), []),
-        (dict(data=2, fsdp=2, tensor=2), [(r"linear_1/kernel", (None, "tensor")), (r"linear_2/kernel", ("tensor", None))]),
+        (dict(data=8, fsdp=1, tensor=1), [], {}),
+        (dict(data=2, fsdp=4, tensor=1), [], {}),
+        (dict(data=2, fsdp=2, tensor=2), [(r"linear_1/kernel", (None, "tensor")), (r"linear_2/kernel", ("tensor", None))], {}),
+        (dict(data=1, fsdp=8, tensor=1), [], dict(init_in_jit=False, with_ref=False)),
     ],
-    ids=["data8", "data2xfsdp4", "data2xfsdp2xtensor2"],
+    ids=["data8", "data2xfsdp4", "data2xfsdp2xtensor2", "fsdp8-eager-init-no-frozen"],
 )
-def test_sharded_step_equals_single_device(tmp_path, rel, mesh, rules):
+def test_sharded_step_equals_single_device(tmp_path, rel, mesh, rules, kw):
     cfg = toy_config(total_steps=2, batch_size=16)
     cfg.mesh = mesh
     cfg.sharding_rules = rules
-    task = ToyTask(cfg)
+    task = ToyTask(cfg, **kw)
     summary = trainer.train(cfg, task, str(tmp_path))
-    ref_loss, ref_params = reference_run(ToyTask(cfg), cfg, steps=2)
+    ref_loss, ref_params = reference_run(ToyTask(cfg, **kw), cfg, steps=2)
     assert rel(summary["loss"], ref_loss) <= 1e-5
     assert max_rel(task.final, ref_params, rel) <= 1e-5
     assert summary["step"] == 2 and summary["finished"]
