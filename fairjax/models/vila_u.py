@@ -394,13 +394,14 @@ def filtered_probs(logits: jax.Array, temperature: float = 1.0, top_k: int | Non
                    top_p: float | None = None) -> jax.Array:
     """vila-u ``sample_from_logits`` up to the draw: the probabilities it samples from (float32).
 
-    ``l = logits / T``; top-k keeps ``l >= k-th largest`` (ties kept); ``p = softmax(l)``;
+    ``l = logits / T``; top-k keeps ``l >= k-th largest`` (ties kept; k above the vocabulary
+    keeps all); ``p = softmax(l)``;
     top-p sorts ``p`` descending and drops every entry whose preceding cumulative
     sum already reached ``top_p`` (the first is always kept); renormalise.
     """
     lg = logits.astype(jnp.float32) / temperature
     if top_k is not None:
-        kth = jax.lax.top_k(lg, top_k)[0][..., -1:]
+        kth = jax.lax.top_k(lg, min(top_k, lg.shape[-1]))[0][..., -1:]
         lg = jnp.where(lg < kth, -jnp.inf, lg)
     lg = jnp.where(jnp.isnan(lg), -jnp.inf, lg)
     p = jax.nn.softmax(lg, axis=-1)
