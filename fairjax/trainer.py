@@ -41,8 +41,9 @@ Step semantics (one jitted function, state donated):
   ``schedule(s)`` = linear warm-up ``lr * s / warmup_steps`` then constant or cosine
   decay to 0 at ``total_steps``.  Logged ``grad_norm`` is the norm before clipping,
   ``lr`` the rate the update of that step used.
-* a non-finite loss or gradient leaves the state unchanged and the loop stops with
-  :class:`NonFiniteLossError` (the last periodic checkpoint is kept).
+* a non-finite loss or gradient stops the loop with :class:`NonFiniteLossError`; every
+  step's ``finite`` flag is checked before a checkpoint is written, so no checkpoint ever
+  holds the bad state (the last periodic one is kept).
 
 Checkpoints: ``<workdir>/checkpoints`` (orbax, see :mod:`fairjax.checkpoint`); every
 ``checkpoint.every_steps``, at the end, and on SIGTERM/SIGINT (save, then return with
@@ -223,8 +224,9 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # No select on `ok` here (it would cost a temporary copy of the state): the loop checks
+        # `finite` before any checkpoint and stops, so a poisoned state is never saved.
         new = {"step": step + 1, "trainable": trainable, "opt_state": opt_state, "rng": state["rng"]}
-        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
         out = {k_: jnp.asarray(v, jnp.float32) for k_, v in dict(metrics).items()}
         out.update(loss=jnp.asarray(loss, jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
                    lr=jnp.asarray(schedule(step), jnp.float32), finite=ok)
