@@ -47,7 +47,8 @@ Step semantics (one jitted function, state donated):
 
 Checkpoints: ``<workdir>/checkpoints`` (orbax, see :mod:`fairjax.checkpoint`); every
 ``checkpoint.every_steps``, at the end, and on SIGTERM/SIGINT (save, then return with
-``summary['preempted'] = True``).  Running again with the same workdir resumes.
+``summary['preempted'] = True``).  Running again with the same workdir resumes.  With several processes the workdir must be
+one directory they all see (shared filesystem): each writes its own shards there.
 Metrics: TensorBoard events in ``<workdir>/tb`` and one JSON line per logged step in
 ``<workdir>/metrics.jsonl`` (process 0).
 """
@@ -336,6 +337,26 @@ def _summary_writer(logdir: str):
     return SummaryWriter(logdir)
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+    """On resume from checkpoint ``step``, forget logged rows of later steps (they are redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    if len(keep) != len(lines):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 class _Logger:
     """TensorBoard + metrics.jsonl + tqdm, process 0 only."""
 
@@ -345,7 +366,9 @@ class _Logger:
         if not self.main:
             return
         self.tb = _summary_writer(os.path.join(workdir, "tb"))
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        path = os.path.join(workdir, "metrics.jsonl")
+        _drop_rows_after(path, start)
+        self.jsonl = open(path, "a")
         if progress_bar:
             from tqdm.auto import tqdm
 

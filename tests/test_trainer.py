@@ -141,12 +141,15 @@ def test_sigterm_saves_then_resume_matches_uninterrupted(tmp_path):
     cfg.mesh = dict(data=2, fsdp=4)
     task = ToyTask(cfg, signal_at_step=2)
     s1 = trainer.train(cfg, task, str(tmp_path))
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # rows past the checkpoint, as a kill would leave
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     assert s1["preempted"] and s1["step"] == 3 and "SIGTERM at step 3" in s1["message"]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"] and task.final is None
     resumed = ToyTask(cfg)
     s2 = trainer.train(cfg, resumed, str(tmp_path))
     assert s2["step"] == 6 and not s2["preempted"]
     assert resumed.batches_drawn == [3, 4, 5]  # data position = step
+    assert [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
     fresh = ToyTask(cfg)
     trainer.train(cfg, fresh, str(tmp_path / "fresh"))
     for a, b in zip(jax.tree.leaves(resumed.final), jax.tree.leaves(fresh.final)):
