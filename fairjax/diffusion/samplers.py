@@ -235,7 +235,8 @@ def sample(denoise_fn: DenoiseFn, noise: jax.Array, schedule: Schedule) -> jax.A
     """Run the whole reverse process from unit Gaussian `noise` (scaled here by init_noise_sigma,
     as the diffusers pipelines do in `prepare_latents`) and return the final sample.
 
-    One `lax.scan` over the steps; `denoise_fn(x_model_input, t)` is called once per step.
+    One `lax.scan` over the steps; `denoise_fn(x_model_input, t)` is called once per step and its
+    output is cast to the sample's dtype (keep `noise` float32 when the model computes in bf16).
     Jit the caller (or this function with `denoise_fn` closed over) to compile it once.
     """
     x = noise * schedule.init_noise_sigma.astype(noise.dtype)
@@ -244,7 +245,7 @@ def sample(denoise_fn: DenoiseFn, noise: jax.Array, schedule: Schedule) -> jax.A
 
         def body(x, step):
             t, sigma, sigma_next = step
-            out = denoise_fn(euler_scale_model_input(x, sigma), t)
+            out = denoise_fn(euler_scale_model_input(x, sigma), t).astype(x.dtype)
             return euler_step(out, x, sigma, sigma_next, pred), None
 
         steps = (schedule.timesteps, schedule.sigmas[:-1], schedule.sigmas[1:])
@@ -253,7 +254,7 @@ def sample(denoise_fn: DenoiseFn, noise: jax.Array, schedule: Schedule) -> jax.A
 
         def body(x, step):
             t, abar_t, abar_prev = step
-            out = denoise_fn(x, t)
+            out = denoise_fn(x, t).astype(x.dtype)
             return ddim_step(out, x, abar_t, abar_prev, pred, clip), None
 
         steps = (schedule.timesteps, schedule.alphas_cumprod_t, schedule.alphas_cumprod_prev)
