@@ -1,0 +1,185 @@
+"""PyTorch references for the VILA-U vision side, written in the tests from the public vila-u source
+(``vila_u/model/multimodal_encoder/rqvaesigliptransformer/rqvaesiglip/{modules,quantizations}.py``),
+and a synthetic ``vision_tower`` state dict under vila-u's real key names.
+
+The decoder below is vila-u's taming ``Decoder`` (``ResnetBlock``, ``AttnBlock``,
+``Upsample``) with one change: vila-u's ``Upsample`` casts its output to bfloat16
+(the released model runs in bf16); here it stays float32 so the parity is exact.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def normalize(c):
+    return nn.GroupNorm(num_groups=32, num_channels=c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.norm1 = normalize(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2 = normalize(cout)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        if cin != cout:
+            self.nin_shortcut = nn.Conv2d(cin, cout, 1, 1, 0)
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if self.in_channels != self.out_channels:
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.norm = normalize(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1, 1, 0) for _ in range(4))
+
+    def forward(self, x):
+        h_ = self.norm(x)
+        q, k, v = self.q(h_), self.k(h_), self.v(h_)
+        b, c, h, w = q.shape
+        q = q.reshape(b, c, h * w).permute(0, 2, 1)
+        k = k.reshape(b, c, h * w)
+        w_ = torch.bmm(q, k) * (int(c) ** (-0.5))
+        w_ = F.softmax(w_, dim=2)
+        v = v.reshape(b, c, h * w)
+        h_ = torch.bmm(v, w_.permute(0, 2, 1)).reshape(b, c, h, w)
+        return x + self.proj_out(h_)
+
+
+class Upsample(nn.Module):
+    def __init__(self, c, with_conv):
+        super().__init__()
+        self.with_conv = with_conv
+        if with_conv:
+            self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.with_conv else x
+
+
+class Decoder(nn.Module):
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
+                 resamp_with_conv=True, **ignore):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.num_res_blocks = num_res_blocks
+        block_in = ch * ch_mult[-1]
+        curr_res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(block_in, block_in)
+        self.mid.attn_1 = AttnBlock(block_in)
+        self.mid.block_2 = ResnetBlock(block_in, block_in)
+        self.up = nn.ModuleList()
+        for i_level in reversed(range(self.num_resolutions)):
+            block, attn = nn.ModuleList(), nn.ModuleList()
+            block_out = ch * ch_mult[i_level]
+            for _ in range(num_res_blocks + 1):
+                block.append(ResnetBlock(block_in, block_out))
+                block_in = block_out
+                if curr_res in attn_resolutions:
+                    attn.append(AttnBlock(block_in))
+            up = nn.Module()
+            up.block, up.attn = block, attn
+            if i_level != 0:
+                up.upsample = Upsample(block_in, resamp_with_conv)
+                curr_res *= 2
+            self.up.insert(0, up)
+        self.norm_out = normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for i_level in reversed(range(self.num_resolutions)):
+            for i_block in range(self.num_res_blocks + 1):
+                h = self.up[i_level].block[i_block](h)
+                if len(self.up[i_level].attn) > 0:
+                    h = self.up[i_level].attn[i_block](h)
+            if i_level != 0:
+                h = self.up[i_level].upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def randomize_(model, seed):
+    """Every parameter random (norm scales around 1), so a wrong mapping or op cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * r)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * r)
+            else:
+                p.copy_(r / np.sqrt(max(np.prod(p.shape[1:]), 1)))
+    return model.eval()
+
+
+def np_residual_quantize(x, tables):
+    """float64 reference of ``RQBottleneck.quantize`` (eval): at each depth the nearest (squared L2) of the
+    table's first n_embed rows to the residual; returns codes (..., D) and the sum of the chosen rows."""
+    r = np.asarray(x, np.float64).copy()
+    agg = np.zeros_like(r)
+    codes = []
+    for t in tables:
+        t = np.asarray(t, np.float64)
+        d = ((r[..., None, :] - t[None, :-1]) ** 2).sum(-1)
+        c = d.argmin(-1)
+        r -= t[c]
+        agg += t[c]
+        codes.append(c)
+    return np.stack(codes, -1), agg
+
+
+def np_to_code_shape(x, rh, rw):
+    """``RQBottleneck.to_code_shape`` in numpy."""
+    b, h, w, d = x.shape
+    return x.reshape(b, h // rh, rh, w // rw, rw, d).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // rh, w // rw, -1)
+
+
+def siglip_model(vision_cfg, text_cfg, seed):
+    """A transformers ``SiglipModel`` (same state-dict names as vila-u's copy: ``vision_model.*``,
+    ``text_model.*``, ``logit_scale``, ``logit_bias``), random weights."""
+    import transformers
+
+    cfg = transformers.SiglipConfig(text_config=text_cfg, vision_config=vision_cfg)
+    cfg._attn_implementation = "eager"
+    cfg.vision_config._attn_implementation = "eager"
+    return randomize_(transformers.SiglipModel(cfg), seed)
+
+
+def vision_tower_state(sig, decoder, codebook, *, embed_dim, z_channels, depth, shared=True, seed=0,
+                       rqtransformer=()):
+    """A vila-u ``vision_tower`` state dict (numpy), keys as ``RQVAESIGLIPTransformer.state_dict()`` names them.
+
+    ``rqvaesiglip.siglip_model.*`` (whole SigLIP incl. text model), ``rqvaesiglip.logit_scale/bias``,
+    ``rqvaesiglip.quantizer.codebooks.N.{weight, cluster_size_ema, embed_ema}`` (the shared table under
+    every depth index), ``rqvaesiglip.post_quant_conv.*``, ``rqvaesiglip.decoder.*``, plus the
+    ``(key, array)`` pairs in ``rqtransformer``.
+    """
+    rng = np.random.default_rng(seed)
+    sd = {f"rqvaesiglip.siglip_model.{k}": v.detach().numpy() for k, v in sig.state_dict().items()}
+    sd["rqvaesiglip.logit_scale"] = sd["rqvaesiglip.siglip_model.logit_scale"]
+    sd["rqvaesiglip.logit_bias"] = sd["rqvaesiglip.siglip_model.logit_bias"]
+    tables = [codebook] * depth if shared else codebook
+    for i, t in enumerate(tables):
+        sd[f"rqvaesiglip.quantizer.codebooks.{i}.weight"] = np.asarray(t, np.float32)
+        sd[f"rqvaesiglip.quantizer.codebooks.{i}.cluster_size_ema"] = np.ones(t.shape[0] - 1, np.float32)
+        sd[f"rqvaesiglip.quantizer.codebooks.{i}.embed_ema"] = np.asarray(t[:-1], np.float32)
+    sd["rqvaesiglip.post_quant_conv.weight"] = (rng.normal(size=(z_channels, embed_dim, 1, 1))
+                                                / np.sqrt(embed_dim)).astype(np.float32)
+    sd["rqvaesiglip.post_quant_conv.bias"] = (0.1 * rng.normal(size=(z_channels,))).astype(np.float32)
+    sd.update({f"rqvaesiglip.decoder.{k}": v.detach().numpy() for k, v in decoder.state_dict().items()})
+    sd.update({k: np.asarray(v) for k, v in rqtransformer})
+    return {k: np.ascontiguousarray(v) for k, v in sd.items()}
