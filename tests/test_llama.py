@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from fairjax.convert.core import convert_checkpoint, plan_conversion  # noqa: E402
+from fairjax.convert.core import convert_checkpoint, export_state, plan_conversion  # noqa: E402
 from fairjax.convert.llama import export_hf_llama, load_hf_llama  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors  # noqa: E402
 from fairjax.models import llama  # noqa: E402
@@ -96,6 +96,38 @@ def test_logits_match_transformers(name, rel):
     ref = hf_logits(hf, ids)
     out = module.apply({"params": params}, jnp.asarray(ids))
     assert rel(out.logits, ref) < TOL
+
+
+def test_gradients_match_torch_with_remat(rel):
+    """d/dtheta sum(logits * r) over real tokens, every parameter, remat on (the training path)."""
+    hf = tiny_hf(rope_scaling={"rope_type": "linear", "factor": 2.0})
+    module, params = to_flax(hf, remat=True)
+    ids, mask = padded_batch(b=3, s=8)
+    r = np.random.RandomState(5).randn(3, 8, 96).astype(np.float32) * mask[..., None]
+    hf.zero_grad()
+    out = hf(torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
+             position_ids=torch.tensor(generate_positions(mask))).logits
+    (out * torch.tensor(r)).sum().backward()
+
+    def loss(p):
+        lg = module.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits
+        return (lg * r).sum()
+
+    grads = dict(export_state(jax.jit(jax.grad(loss))(params)))
+    ref = {k: v.grad.numpy() for k, v in hf.named_parameters()}
+    assert set(grads) == set(ref)
+    for k in ref:
+        assert rel(grads[k], ref[k]) < TOL, k
+
+
+def test_bf16_compute_close_to_float32_reference(rel):
+    hf = tiny_hf()
+    module, params = to_flax(hf, dtype=jnp.bfloat16)
+    ids, mask = padded_batch()
+    ref = hf_logits(hf, ids, mask, generate_positions(mask))
+    out = module.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    assert out.logits.dtype == jnp.float32 and out.hidden_states.dtype == jnp.bfloat16
+    assert rel(np.asarray(out.logits)[mask], ref[mask]) < 5e-2
 
 
 def test_dynamic_rope_beyond_max_positions(rel):
