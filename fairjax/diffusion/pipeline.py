@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.diffusion import samplers
+from fairjax.errors import UserError
 
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 MODEL_INDEX = "model_index.json"
@@ -277,13 +278,13 @@ class Text2Image:
         self.mesh = mesh or local_mesh()
         n_dev = self.mesh.devices.size
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+            raise UserError(f"batch_size={batch_size} must be >= 1")
         self.batch_size = -(-batch_size // n_dev) * n_dev
         height = options.height or pipe.default_size
         width = options.width or pipe.default_size
         f = pipe.vae_scale_factor
         if height % f or width % f:
-            raise ValueError(f"height {height} and width {width} must be multiples of {f} (the VAE factor)")
+            raise UserError(f"height {height} and width {width} must be multiples of {f} (the VAE's downsampling)")
         self.height, self.width = height, width
         self.latent_shape = (pipe.latent_channels, height // f, width // f)
         self.schedule = samplers.make_schedule(options.sampler, pipe.scheduler_config, options.steps)
@@ -324,11 +325,17 @@ class Text2Image:
 
 def generate(pipe: SDXLPipeline, prompts: Sequence[str], *, num_per_prompt: int = 1, seed: int = 0,
              options: SampleOptions = SampleOptions(), batch_size: int = 1, mesh: Mesh | None = None):
-    """Yield (jobs, images, latents) per batch; jobs are (prompt_index, image_index) pairs in the
-    order prompt 0 images 0..N-1, prompt 1 ..., as StableDiffusionXLPipeline orders a batch."""
+    """An iterator of (jobs, images, latents) per batch; jobs are (prompt_index, image_index) pairs in
+    the order prompt 0 images 0..N-1, prompt 1 ..., as StableDiffusionXLPipeline orders a batch.
+    Options are checked (UserError) here, before the first batch runs."""
     t2i = Text2Image(pipe, options, batch_size=batch_size, mesh=mesh)
     jobs = [(p, i) for p in range(len(prompts)) for i in range(num_per_prompt)]
-    for start in range(0, len(jobs), t2i.batch_size):
-        chunk = jobs[start:start + t2i.batch_size]
-        images, latents = t2i([prompts[p] for p, _ in chunk], [p for p, _ in chunk], [i for _, i in chunk], seed)
-        yield chunk, images, latents
+
+    def batches():
+        for start in range(0, len(jobs), t2i.batch_size):
+            chunk = jobs[start:start + t2i.batch_size]
+            images, latents = t2i([prompts[p] for p, _ in chunk], [p for p, _ in chunk], [i for _, i in chunk],
+                                  seed)
+            yield chunk, images, latents
+
+    return batches()

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fairjax.errors import UserError
 from fairjax.diffusion.schedules import (
     ScheduleConfigError,
     alphas_cumprod_from_betas,
@@ -47,7 +48,7 @@ def _unsupported(key: str, value: Any, allowed) -> ScheduleConfigError:
 def _check_steps(num_inference_steps: int, num_train_timesteps: int) -> int:
     n = int(num_inference_steps)
     if not 1 <= n <= num_train_timesteps:
-        raise ValueError(f"num_inference_steps={num_inference_steps} must be in [1, {num_train_timesteps}]")
+        raise UserError(f"num_inference_steps={num_inference_steps} must be in [1, {num_train_timesteps}]")
     return n
 
 
@@ -178,7 +179,7 @@ def ddim_schedule(config: Mapping[str, Any], num_inference_steps: int) -> DDIMSc
     n = _check_steps(num_inference_steps, T)
     timesteps = spaced_timesteps(config, n, "leading").round().astype(np.int64)
     if timesteps.max() >= T:
-        raise ValueError(
+        raise UserError(
             f"DDIM with {n} steps reaches timestep {timesteps.max()} >= num_train_timesteps={T} "
             f"(steps_offset={config_value(config, 'steps_offset', 0)}); use fewer steps"
         )
@@ -228,7 +229,7 @@ def make_schedule(kind: str, config: Mapping[str, Any], num_inference_steps: int
         return euler_schedule(config, num_inference_steps)
     if kind == "ddim":
         return ddim_schedule(config, num_inference_steps)
-    raise ValueError(f"sampler {kind!r} is not supported; use one of {', '.join(SAMPLERS)}")
+    raise UserError(f"sampler {kind!r} is not supported; use one of {', '.join(SAMPLERS)}")
 
 
 def sample(denoise_fn: DenoiseFn, noise: jax.Array, schedule: Schedule) -> jax.Array:

@@ -29,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from fairjax.errors import UserError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class ScheduleConfigError(ValueError):
+class ScheduleConfigError(UserError):
     """A scheduler config value this package does not implement (the message names the key)."""
 
 

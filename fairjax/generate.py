@@ -1,0 +1,137 @@
+"""Generate images for a prompt list with a converted SDXL model.
+
+    python -m fairjax.generate --model MODEL_DIR --prompts prompts.txt --out OUT \\
+        --num-per-prompt 10 --steps 50 --cfg 5.0 --seed 0 [--lora lora.safetensors] \\
+        [--sampler euler|ddim] [--save-latents] [--batch-size 8] [--height H --width W] \\
+        [--negative-prompt TEXT] [--dtype float32|bfloat16] [--overwrite]
+
+OUT gets ``{p:05d}_{i:04d}.png`` for prompt p (0-based line of the prompt file, blank and ``#``
+lines skipped) and image i, ``images.jsonl`` with one row per image ({"prompt", "prompt_index",
+"seed", "index", "file"[, "latents"]}), ``generate.json`` with the settings, and with
+``--save-latents`` ``latents/{p:05d}_{i:04d}.safetensors`` (key "latents": the final (C, h, w)
+float32 latents before VAE decoding, NCHW as diffusers). Image (p, i) is a function of
+(model, prompt, seed, p, i, settings) only: the same with any batch size or device count.
+OUT is written to a temporary folder and renamed at the end; an existing OUT is refused unless
+``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from fairjax.errors import UserError
+
+DTYPES = ("float32", "bfloat16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fairjax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="fairjax model directory (tools/convert_diffusers.py output)")
+    p.add_argument("--prompts", required=True, help="text file, one prompt per line")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale; <= 1 disables (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; image (p, i) uses key fold_in(seed, p, i)")
+    p.add_argument("--lora", default=None, help="fairjax LoRA file merged into the UNet")
+    p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
+    p.add_argument("--save-latents", action="store_true", help="also save the final latents per image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per device batch (rounded up to the devices)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's (SDXL 1024)")
+    p.add_argument("--width", type=int, default=None, help="default: the model's (SDXL 1024)")
+    p.add_argument("--negative-prompt", default=None, help="default: none (zeroed negative conditioning for SDXL)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet / text encoder compute dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for name in ("num_per_prompt", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
+    if os.path.exists(args.out) and not args.overwrite:
+        raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    if args.lora is not None and not os.path.isfile(args.lora):
+        raise UserError(f"{args.lora}: LoRA file not found")
+
+
+def image_stem(prompt_index: int, image_index: int) -> str:
+    return f"{prompt_index:05d}_{image_index:04d}"
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.asarray(image, np.uint8)).save(path)
+
+
+def run(argv=None) -> dict:
+    """Parse ``argv``, generate, return a summary (raises UserError on bad input)."""
+    args = parse_args(argv)
+    check_args(args)
+    from fairjax.data.prompts import read_prompt_file
+
+    prompts = read_prompt_file(args.prompts)
+
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from fairjax.convert.model_dir import atomic_output_dir
+    from fairjax.convert.safetensors_io import write_safetensors
+    from fairjax.diffusion import pipeline as pl
+
+    pipe = pl.load_pipeline(args.model, dtype=getattr(jnp, args.dtype), lora=args.lora)
+    options = pl.SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,
+                               guidance_rescale=args.guidance_rescale, height=args.height, width=args.width,
+                               negative_prompt=args.negative_prompt)
+    total = len(prompts) * args.num_per_prompt
+    settings = {k: getattr(args, k) for k in ("model", "prompts", "num_per_prompt", "steps", "cfg", "seed", "lora",
+                                              "sampler", "negative_prompt", "guidance_rescale", "dtype")}
+    with atomic_output_dir(args.out, overwrite=args.overwrite) as tmp:
+        if args.save_latents:
+            os.makedirs(os.path.join(tmp, "latents"))
+        rows = []
+        batches = pl.generate(pipe, prompts, num_per_prompt=args.num_per_prompt, seed=args.seed, options=options,
+                              batch_size=args.batch_size)
+        with tqdm(total=total, unit="img", desc="generate") as bar:
+            for jobs, images, latents in batches:
+                for (p, i), image, lat in zip(jobs, images, latents):
+                    stem = image_stem(p, i)
+                    write_png(os.path.join(tmp, stem + ".png"), image)
+                    row = {"prompt": prompts[p], "prompt_index": p, "seed": args.seed, "index": i,
+                           "file": stem + ".png"}
+                    if args.save_latents:
+                        row["latents"] = os.path.join("latents", stem + ".safetensors")
+                        write_safetensors(os.path.join(tmp, row["latents"]), [("latents", np.asarray(lat))],
+                                          {"prompt": prompts[p], "seed": str(args.seed), "index": str(i)})
+                    rows.append(row)
+                bar.update(len(jobs))
+        height, width = images.shape[1:3]
+        with open(os.path.join(tmp, "images.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        settings.update(height=int(height), width=int(width), images=len(rows))
+        with open(os.path.join(tmp, "generate.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+    return {"out": os.path.abspath(args.out), **settings}
+
+
+def main(argv=None) -> int:
+    try:
+        summary = run(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
