@@ -285,6 +285,11 @@ def test_converter_names_unexpected_and_missing_keys(tmp_path):
     _, src = _save_tiny(tmp_path)
     with SafetensorsReader(src / "model.safetensors") as r:
         items = {k: np.array(r[k]) for k in r.keys()}
+    for i in range(2):  # old checkpoints carry the rotary buffers: ignored
+        items[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = np.ones(8, np.float32)
+    write_safetensors(src / "model.safetensors", items)
+    _, params = load_hf_llama(str(src))
+    assert "rotary_emb" not in params["model"]["layers_0"]["self_attn"]
     items["model.layers.0.self_attn.extra_proj.weight"] = np.zeros((2, 2), np.float32)
     del items["model.layers.1.mlp.gate_proj.weight"]
     write_safetensors(src / "model.safetensors", items)
