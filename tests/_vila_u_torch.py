@@ -183,3 +183,23 @@ def vision_tower_state(sig, decoder, codebook, *, embed_dim, z_channels, depth, 
     sd.update({f"rqvaesiglip.decoder.{k}": v.detach().numpy() for k, v in decoder.state_dict().items()})
     sd.update({k: np.asarray(v) for k, v in rqtransformer})
     return {k: np.ascontiguousarray(v) for k, v in sd.items()}
+
+
+def rqtransformer_shapes(cfg):
+    """``rqtransformer.*`` state-dict names and shapes of vila-u's ``RQTransformer`` for a config dict
+    (``in_mlp_1/2``, ``pos_emb_d``, ``head_transformer.blocks.N.{ln1, ln2, attn.{query,key,value,proj},
+    mlp.0, mlp.2}``, ``classifier_mlp.{layer_norm, linear}``)."""
+    e, v, d = cfg["embed_dim"], cfg["vocab_size"], cfg["block_size"][2]
+    s = {"in_mlp_1.weight": (e, cfg["input_embed_dim_1"]), "in_mlp_1.bias": (e,),
+         "in_mlp_2.weight": (e, cfg["input_embed_dim_2"]), "in_mlp_2.bias": (e,), "pos_emb_d": (1, d, e)}
+    for i in range(cfg["head"]["n_layer"]):
+        p = f"head_transformer.blocks.{i}."
+        for n in ("ln1", "ln2"):
+            s.update({f"{p}{n}.weight": (e,), f"{p}{n}.bias": (e,)})
+        for n in ("query", "key", "value", "proj"):
+            s.update({f"{p}attn.{n}.weight": (e, e), f"{p}attn.{n}.bias": (e,)})
+        s.update({f"{p}mlp.0.weight": (4 * e, e), f"{p}mlp.0.bias": (4 * e,), f"{p}mlp.2.weight": (e, 4 * e),
+                  f"{p}mlp.2.bias": (e,)})
+    s.update({"classifier_mlp.layer_norm.weight": (e,), "classifier_mlp.layer_norm.bias": (e,),
+              "classifier_mlp.linear.weight": (v, e), "classifier_mlp.linear.bias": (v,)})
+    return {f"rqtransformer.{k}": v for k, v in s.items()}
