@@ -51,7 +51,7 @@ def run(argv=None) -> dict:
 
     cfg = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(cfg, overrides)
-    task = tasks.build(cfg)
+    task = tasks.build(cfg, workdir=args.workdir)
     if jax.process_index() == 0:
         changed = config_lib.check_or_save(cfg, args.workdir, args.allow_config_change)
         if changed:

@@ -13,12 +13,20 @@ from fairjax.errors import UserError
 
 TASKS = {
     "mog": "fairjax.tasks.mog:MogTask",
+    "diffusion_pref": "fairjax.tasks.diffusion_pref:DiffusionPrefTask",
 }
 
 
-def build(config):
+def build(config, workdir=None):
+    """The task ``config.task`` names; ``workdir`` goes to tasks whose constructor takes one
+    (e.g. to build or cache files there before training)."""
+    import inspect
+
     name = config.get("task")
     if name not in TASKS:
         raise UserError(f"unknown task {name!r} in config.task; known tasks: {', '.join(sorted(TASKS))}")
     module, _, cls = TASKS[name].partition(":")
-    return getattr(importlib.import_module(module), cls)(config)
+    task_cls = getattr(importlib.import_module(module), cls)
+    if workdir is not None and "workdir" in inspect.signature(task_cls).parameters:
+        return task_cls(config, workdir=workdir)
+    return task_cls(config)

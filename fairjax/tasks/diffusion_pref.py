@@ -1,0 +1,487 @@
+"""PopAlign / Diffusion-DPO / SFT fine-tuning of an SDXL (or SD 1.x / 2.x) UNet.
+
+The model adapter of the one loss interface (DESIGN.md): a batch of latents
+becomes per-sample denoising errors, and :mod:`fairjax.losses` turns them into
+the loss.  For row ``i`` (a winner or a loser image's latents ``x0_i``)::
+
+    eps_i, t_i   shared by the two rows of a pair: eps ~ N(0, I), t ~ U{0..T-1}
+    x_t          = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                 (add_noise)
+    mse_i        = mean_{C,H,W} (unet_policy(x_t, t, c_i) - eps)^2        float32
+    r_i          = the same with the frozen reference UNet (the initial weights)
+    g_i          = r_i - mse_i                                            (implicit reward)
+
+* ``popalign``: ``losses.popalign(g, is_winner, beta, alpha)`` over the whole global batch
+  ``[winners; losers]`` (the centring term ``k`` is a global mean under ``jit``);
+* ``diffusion_dpo``: ``losses.diffusion_dpo(g_w, g_l, beta)`` over the pairs;
+* ``sft``: ``losses.sft(mse)`` on winners only, no reference.
+
+Conditioning ``c_i``: the pair's caption (the winner's), dropped to ``""`` with probability
+``data.caption_dropout`` (both rows of a pair together), as precomputed per caption by
+:mod:`fairjax.text_embeds`; SDXL's ``time_ids`` come from ``config.time_ids``.
+
+Parameters: full fine-tuning (``lora.rank = 0``) trains the whole UNet, the reference is a
+frozen copy sharded like it; LoRA trains only ``{path: {a, b}}`` and the reference is the base
+tree itself (``policy = lora.merge(base, lora)``), so only the LoRA has optimizer state.
+
+Batch layout (one process's rows; the global batch is the processes' rows in order): for
+``n`` pairs, ``n`` winners then their ``n`` losers, ``slot`` = the pair's position in the
+global batch (divided by ``grad_accum_steps``, so that within each micro-batch of the
+trainer's strided split the slots are ``0..pairs-1``: noise is keyed by slot and the pairs
+are matched by slot).  Data order: epoch-wise permutation of the pairs (SFT: of the winner
+records), a pure function of ``(seed, step)``, as :class:`fairjax.data.prefs.PreferenceBatches`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fairjax import losses
+from fairjax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("popalign", "diffusion_dpo", "sft")
+DEFAULT_LORA_TARGETS = r"transformer_blocks_\d+/attn[12]/to_(q|k|v|out_0)/kernel$"
+PRESETS = ("full", "lora", "tiny", "tiny_lora")
+
+
+class TaskError(UserError):
+    """A config, model or dataset the SDXL preference task cannot train on (one-line message)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of ``configs/{popalign,dpo,sft}_sdxl.py``: REFERENCE.md's PopAlign recipe.
+
+    Presets: ``full`` (default: full UNet), ``lora`` (rank 32 on the attention projections),
+    ``tiny`` / ``tiny_lora`` (a tiny random SDXL-shaped model and dataset built in the workdir;
+    runs on a CPU in seconds per step).
+    """
+    from fairjax.trainer import default_train_config
+
+    if arg not in (None,) + PRESETS:
+        raise ValueError(f"unknown preset {arg!r}; choose one of {PRESETS}")
+    c = default_train_config()
+    c.task = "diffusion_pref"
+    c.loss = loss
+    c.beta = 5000.0
+    c.alpha = 0.5  # PopAlign's normaliser weight (paper's alpha); popalign only
+    c.model_dir = ""  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
+    c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
+    c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
+    c.text_embeds = ml_collections.ConfigDict(dict(path="", batch_size=16))  # "" = <workdir>/text_embeds.safetensors
+    c.time_ids = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)  # SDXL micro-conditioning at 1024 px
+    c.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
+    c.remat = True
+    c.attention_implementation = ""  # "" (XLA default) | "xla" | "cudnn"
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=DEFAULT_LORA_TARGETS))
+
+    c.total_steps = 750
+    c.batch_size = 16  # images per global step: 8 winner/loser pairs (SFT: 16 winners)
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 5e-7
+    c.optimizer.warmup_steps = 200
+    c.optimizer.schedule = "constant"
+    c.optimizer.b1, c.optimizer.b2 = 0.9, 0.999
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.grad_clip = 1.0
+    c.checkpoint.every_steps = 250
+    c.log_every_steps = 10
+
+    if arg in ("lora", "tiny_lora"):
+        c.lora.rank = 32
+        c.lora.alpha = 32.0
+        c.optimizer.lr = 1e-4  # the usual LoRA rate (BPO's); full fine-tuning keeps 5e-7
+    if arg in ("tiny", "tiny_lora"):
+        c.tiny = "tiny"
+        c.time_ids = (128.0, 128.0, 0.0, 0.0, 128.0, 128.0)
+        c.total_steps = 12
+        c.optimizer.lr = 1e-4 if c.lora.rank == 0 else 1e-3
+        c.optimizer.warmup_steps = 2
+        c.checkpoint.every_steps = 6
+        c.log_every_steps = 2
+        c.remat = False
+    return c
+
+
+def _compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    try:
+        return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    except KeyError:
+        raise TaskError(f"config.dtype={name!r} is not one of auto, float32, bfloat16, float16") from None
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class PairSource(Protocol):
+    """What the task reads: preference records with winner/loser pairs (:class:`ArrayPrefs`, or
+    :class:`fairjax.data.prefs.PreferenceData` whose ``info['latent_shape']`` gives the shape)."""
+
+    is_winner: np.ndarray
+
+    def pairs(self) -> np.ndarray: ...  # (P, 2) record indices [winner, loser]
+
+    def read(self, idx: Sequence[int]) -> dict[str, np.ndarray]: ...  # latents (n, ...), caption (n,)
+
+
+class ArrayPrefs:
+    """In-memory preference records (tests, small experiments), with the same pairing rule as
+    :class:`fairjax.data.prefs.PreferenceData`: within a ``set_id`` the k-th winner is paired with
+    the k-th loser."""
+
+    def __init__(self, latents, captions, is_winner, set_id):
+        self.latents = np.asarray(latents)
+        self.captions = [str(c) for c in captions]
+        self.is_winner = np.asarray(is_winner, bool)
+        self.set_id = np.asarray(set_id, np.int64)
+        n = len(self.latents)
+        if not n:
+            raise TaskError("the preference dataset is empty; it needs winner and loser records")
+        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == n:
+            raise TaskError(f"ArrayPrefs: {n} latents but {len(self.captions)} captions, "
+                            f"{len(self.is_winner)} is_winner, {len(self.set_id)} set_id")
+        self.latent_shape = tuple(self.latents.shape[1:])
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> "ArrayPrefs":
+        if not records:
+            raise TaskError("the preference dataset is empty; it needs winner and loser records")
+        return cls(np.stack([r["latents"] for r in records]), [r["caption"] for r in records],
+                   [r["is_winner"] for r in records], [r["set_id"] for r in records])
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def pairs(self) -> np.ndarray:
+        out = []
+        for sid in np.unique(self.set_id):
+            rows = np.flatnonzero(self.set_id == sid)
+            w, l = rows[self.is_winner[rows]], rows[~self.is_winner[rows]]
+            k = min(len(w), len(l))
+            out.append(np.stack([w[:k], l[:k]], axis=1))
+        return np.concatenate(out, 0) if out else np.zeros((0, 2), np.int64)
+
+    def read(self, idx) -> dict[str, np.ndarray]:
+        idx = np.asarray(idx, np.int64)
+        return {"latents": self.latents[idx], "caption": np.asarray([self.captions[i] for i in idx], dtype=object)}
+
+    def all_captions(self) -> list[str]:
+        return sorted(set(self.captions))
+
+
+def open_source(path: str, split: str = "train") -> PairSource:
+    """A :class:`fairjax.data.prefs.PreferenceData` (TFDS array_record) at ``path``."""
+    from fairjax.data import prefs
+
+    if not path:
+        raise TaskError("config.data.path is empty; point it at a preference dataset "
+                        "(fairjax.data.prefs.write_preference_dataset) or use the :tiny preset")
+    return prefs.PreferenceData(path, split)
+
+
+def latent_shape(source) -> tuple[int, ...]:
+    """Per-record latent shape: ``source.latent_shape``, or the prefs dataset's index entry."""
+    if hasattr(source, "latent_shape"):
+        return tuple(source.latent_shape)
+    return tuple(source.info["latent_shape"])
+
+
+def all_captions(source, chunk: int = 256) -> list[str]:
+    """Every distinct caption of a source (its ``all_captions()`` when it has one, else one pass of reads)."""
+    if hasattr(source, "all_captions"):
+        return list(source.all_captions())
+    caps: set[str] = set()
+    n = len(source.is_winner)
+    for start in range(0, n, chunk):
+        caps.update(str(c) for c in source.read(np.arange(start, min(n, start + chunk)))["caption"])
+    return sorted(caps)
+
+
+def epoch_order(num_units: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """``default_rng([seed, epoch]).permutation(num_units)`` (``arange`` without shuffling)."""
+    return np.random.default_rng([seed, int(epoch)]).permutation(num_units) if shuffle else np.arange(num_units)
+
+
+def step_units(num_units: int, per_step: int, seed: int, step: int, shuffle: bool = True) -> np.ndarray:
+    """Unit indices of global batch ``step``: block ``step % (U // B)`` of epoch ``step // (U // B)``'s order."""
+    per_epoch = num_units // per_step
+    epoch, i = divmod(int(step), per_epoch)
+    return epoch_order(num_units, seed, epoch, shuffle)[i * per_step:(i + 1) * per_step]
+
+
+def caption_dropout(seed: int, step: int, n: int, p: float) -> np.ndarray:
+    """Bool (n,): which of global batch ``step``'s ``n`` units get the empty caption (``u < p``)."""
+    return np.random.default_rng([seed, 1, int(step)]).random(n) < p
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], num_train_timesteps: int):
+    """``(eps (B, *shape) float32, t (B,) int32)``; row ``i`` draws from ``fold_in(rng, slot_i)``,
+    so rows with the same slot (the two images of a pair) get the same noise and timestep,
+    independently of how the batch is sharded."""
+
+    def one(s):
+        k_eps, k_t = jax.random.split(jax.random.fold_in(rng, s))
+        return (jax.random.normal(k_eps, tuple(shape), jnp.float32),
+                jax.random.randint(k_t, (), 0, num_train_timesteps, jnp.int32))
+
+    return jax.vmap(one)(slot)
+
+
+def per_sample_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """``mean_{C,H,W} (pred - target)^2`` per row, in float32."""
+    d = pred.astype(jnp.float32) - target.astype(jnp.float32)
+    return jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
+
+
+def by_slot(g: jax.Array, is_winner: jax.Array, slot: jax.Array, num_pairs: int) -> tuple[jax.Array, jax.Array]:
+    """``(g_w, g_l)`` of shape (num_pairs,): the winner's and the loser's value of each slot."""
+    win = is_winner.astype(bool)
+    g_w = jax.ops.segment_sum(jnp.where(win, g, 0.0), slot, num_pairs)
+    g_l = jax.ops.segment_sum(jnp.where(win, 0.0, g), slot, num_pairs)
+    return g_w, g_l
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise TaskError(msg)
+
+
+class DiffusionPrefTask:
+    """Task for :func:`fairjax.trainer.train` (contract in its docstring); see the module docstring.
+
+    ``source`` (a :class:`PairSource`) and ``table`` (a :class:`fairjax.text_embeds.TextTable`)
+    may be given directly (tests); otherwise they come from ``config.data.path`` and the
+    model dir's text encoders.
+    """
+
+    init_in_jit = False  # params are read from the model dir
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
+                 source: PairSource | None = None, table=None):
+        from fairjax.convert.model_dir import CONFIG_FILE, component_dir, read_json
+        from fairjax.diffusion import schedules
+        from fairjax.models import unet as unet_mod
+
+        self.config = c = config
+        self.workdir = workdir
+        _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
+        self.model_dir, data_path = str(c.model_dir), str(c.data.path)
+        if c.get("tiny"):
+            from fairjax.tasks import tiny_sdxl
+
+            _check(workdir is not None, "config.tiny builds its model in the workdir; pass --workdir")
+            tiny_model, tiny_data = tiny_sdxl.ensure(os.path.join(workdir, f"tiny_{c.tiny}"), c.tiny, seed=0)
+            self.model_dir = self.model_dir or tiny_model
+            data_path = data_path or tiny_data
+        _check(bool(self.model_dir), "config.model_dir is empty; point it at a fairjax model dir "
+                                     "(tools/convert_diffusers.py) or use the :tiny preset")
+        try:
+            self.unet_dir = component_dir(self.model_dir, "unet")
+            self.unet_config = read_json(os.path.join(self.unet_dir, CONFIG_FILE))
+            sched = read_json(os.path.join(self.model_dir, "scheduler", "scheduler_config.json"))
+        except UserError as e:
+            raise TaskError(str(e)) from None
+        self.schedule = schedules.ddpm_schedule(sched)
+        self.dtype = _compute_dtype(str(c.dtype))
+        self.unet = unet_mod.UNet2DConditionModel.from_config(
+            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.remat),
+            attention_implementation=str(c.attention_implementation) or None)
+        self.rank = int(c.lora.rank)
+        _check(self.rank >= 0, f"config.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
+        self.lora_alpha = float(c.lora.alpha)
+
+        self.source = source if source is not None else open_source(data_path, str(c.data.split))
+        self.k = int(c.get("grad_accum_steps", 1) or 1)
+        self._set_up_units()
+        self._check_latents()
+        if table is None:
+            from fairjax import text_embeds
+
+            cache = str(c.text_embeds.path) or (os.path.join(workdir, "text_embeds.safetensors") if workdir else None)
+            table = text_embeds.cached_table(self.model_dir, all_captions(self.source), cache,
+                                             batch_size=int(c.text_embeds.batch_size))
+        self.table = table
+        self._check_conditioning()
+
+    # -- set-up checks ----------------------------------------------------------------
+
+    def _set_up_units(self) -> None:
+        c = self.config
+        rows = int(c.batch_size)
+        n_proc = jax.process_count()
+        if c.loss == "sft":
+            self.units = np.flatnonzero(np.asarray(self.source.is_winner, bool))
+            self.per_step = rows
+            what = "winner records"
+        else:
+            _check(rows % 2 == 0, f"batch_size={rows} must be even: it counts the images of winner/loser pairs")
+            self.units = self.source.pairs()
+            self.per_step = rows // 2
+            what = "winner/loser pairs"
+            per_proc = self.per_step // n_proc if self.per_step % n_proc == 0 else None
+            _check(per_proc is not None and per_proc % self.k == 0,
+                   f"{self.per_step} pairs per step must split into {n_proc} process(es) x grad_accum_steps={self.k} "
+                   "equal parts (so both images of a pair stay in one micro-batch); change batch_size")
+        _check(len(self.units) > 0, f"the preference dataset has no {what} (it needs records with is_winner "
+                                    "True and False under the same set_id)")
+        _check(len(self.units) >= self.per_step,
+               f"the preference dataset has {len(self.units)} {what}, fewer than the {self.per_step} per step; "
+               "lower batch_size or add data")
+
+    def _check_latents(self) -> None:
+        cfg = self.unet.config
+        shape = latent_shape(self.source)
+        factor = 2 ** (cfg.num_blocks - 1)
+        _check(len(shape) == 3 and shape[0] == cfg["in_channels"] and shape[1] % factor == 0 and shape[2] % factor == 0,
+               f"dataset latents have shape {shape} but the UNet takes ({cfg['in_channels']}, H, W) with H and W "
+               f"multiples of {factor}; the dataset was made with another model")
+
+    def _check_conditioning(self) -> None:
+        cfg = self.unet.config
+        d = self.table.context_shape[-1]
+        _check(d == cfg.cross_attention_dim,
+               f"text embeddings are {d} wide but the UNet's cross_attention_dim is {cfg.cross_attention_dim}; "
+               "the text encoders do not belong to this UNet")
+        self.time_ids = None
+        if cfg["addition_embed_type"] == "text_time":
+            _check(self.table.pooled_dim is not None, "this UNet needs pooled text_embeds (SDXL): the model dir "
+                                                      "needs text_encoder_2/ (CLIPTextModelWithProjection)")
+            want = cfg["projection_class_embeddings_input_dim"]
+            got = self.table.pooled_dim + len(self.config.time_ids) * cfg["addition_time_embed_dim"]
+            _check(got == want, f"text_embeds ({self.table.pooled_dim}) + {len(self.config.time_ids)} time_ids x "
+                                f"{cfg['addition_time_embed_dim']} = {got}, but the UNet's "
+                                f"projection_class_embeddings_input_dim is {want}; fix config.time_ids")
+            self.time_ids = np.asarray(self.config.time_ids, np.float32)
+
+    # -- the contract -----------------------------------------------------------------
+
+    def init(self, rng):
+        """``(trainable, frozen)``: full: (params, reference copy) or (params, {}) for SFT; LoRA: (lora, base)."""
+        from fairjax.models import unet as unet_mod
+
+        try:
+            _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32)
+        except UserError as e:
+            raise TaskError(str(e)) from None
+        if self.rank == 0:
+            return params, ({} if self.config.loss == "sft" else params)
+        from fairjax import lora
+
+        return lora.init(params, str(self.config.lora.targets), self.rank, self.lora_alpha, rng), params
+
+    def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
+        c = self.config
+        per = self.per_step // process_count
+        units = step_units(len(self.units), self.per_step, int(c.seed), step, bool(c.data.shuffle))
+        pos = process_index * per + np.arange(per)
+        units = units[pos]
+        drop = caption_dropout(int(c.seed), step, self.per_step, float(c.data.caption_dropout))[pos]
+        slot = (pos // self.k).astype(np.int32)
+        if c.loss == "sft":
+            rec = self.source.read(self.units[units])
+            latents, caps, is_w = rec["latents"], rec["caption"], np.ones(per, bool)
+        else:
+            w = self.source.read(self.units[units, 0])
+            l = self.source.read(self.units[units, 1])
+            latents = np.concatenate([w["latents"], l["latents"]])
+            caps = np.concatenate([w["caption"], w["caption"]])  # a pair is conditioned on its winner's caption
+            is_w = np.arange(2 * per) < per
+            drop, slot = np.tile(drop, 2), np.tile(slot, 2)
+        ids = np.where(drop, 0, self.table.ids(caps))
+        return {"latents": np.asarray(latents, np.float32), "is_winner": is_w, "slot": slot,
+                **self.table.gather(ids)}
+
+    def policy_params(self, trainable, frozen):
+        if self.rank == 0:
+            return trainable
+        from fairjax import lora
+
+        return lora.merge(frozen, trainable, self.lora_alpha)
+
+    def denoise_mse(self, params, batch, noise, t) -> jax.Array:
+        """Per-row float32 mse of the UNet with ``params`` against the training target."""
+        from fairjax.diffusion import schedules
+
+        x0 = batch["latents"].astype(jnp.float32)
+        xt = schedules.add_noise(self.schedule, x0, noise, t)
+        target = schedules.training_target(self.schedule, x0, noise, t)
+        added = None
+        if self.time_ids is not None:
+            rows = x0.shape[0]
+            added = {"text_embeds": batch["text_embeds"],
+                     "time_ids": jnp.broadcast_to(jnp.asarray(self.time_ids), (rows, self.time_ids.shape[0]))}
+        pred = self.unet.apply({"params": params}, xt, t, batch["encoder_hidden_states"], added)
+        return per_sample_mse(pred, target)
+
+    def rewards(self, trainable, frozen, batch, rng) -> tuple[jax.Array, jax.Array | None]:
+        """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT)."""
+        noise, t = shared_noise(rng, batch["slot"], batch["latents"].shape[1:], self.schedule.num_train_timesteps)
+        mse = self.denoise_mse(self.policy_params(trainable, frozen), batch, noise, t)
+        if self.config.loss == "sft":
+            return mse, None
+        ref = self.denoise_mse(jax.lax.stop_gradient(frozen), batch, noise, t)
+        return mse, ref
+
+    def loss(self, trainable, frozen, batch, rng):
+        c = self.config
+        mse, ref = self.rewards(trainable, frozen, batch, rng)
+        if c.loss == "sft":
+            return losses.sft(mse)
+        g = ref - mse
+        g_w, g_l = by_slot(g, batch["is_winner"], batch["slot"], g.shape[0] // 2)
+        if c.loss == "popalign":
+            loss, m = losses.popalign(g, batch["is_winner"], float(c.beta), alpha=float(c.alpha))
+            m["pair_accuracy"] = jax.lax.stop_gradient(jnp.mean(g_w > g_l).astype(jnp.float32))
+        else:
+            loss, m = losses.diffusion_dpo(g_w, g_l, float(c.beta))
+        m["mse_policy"] = jax.lax.stop_gradient(jnp.mean(mse))
+        m["mse_ref"] = jax.lax.stop_gradient(jnp.mean(ref))
+        return loss, m
+
+    def finish(self, trainable, frozen, workdir: str) -> dict:
+        """Write the trained UNet (full: ``<workdir>/model/unet/``, a fairjax model dir; LoRA:
+        ``<workdir>/unet_lora.safetensors``) on process 0 and say where."""
+        from fairjax.trainer import params_on_host
+
+        host = params_on_host(trainable)
+        if self.rank:
+            out = os.path.join(workdir, "unet_lora.safetensors")
+        else:
+            out = os.path.join(workdir, "model")
+        if jax.process_index() == 0:
+            if self.rank:
+                from fairjax import lora
+
+                lora.save(out, host, alpha=self.lora_alpha, targets=str(self.config.lora.targets),
+                          base_model=os.path.abspath(self.model_dir), loss=str(self.config.loss))
+                how = f"export with: python tools/export_diffusers.py {self.model_dir} OUT --lora {out} [--merge]"
+            else:
+                from fairjax.convert.model_dir import atomic_output_dir, save_component, write_index
+
+                with atomic_output_dir(out, overwrite=True) as tmp:
+                    save_component(os.path.join(tmp, "unet"), self.unet_config, host)
+                    write_index(tmp, ["unet"], base_model=os.path.abspath(self.model_dir),
+                                loss=str(self.config.loss))
+                how = (f"the other components are those of {self.model_dir}; "
+                       f"export with: python tools/export_diffusers.py {out} OUT")
+            print(f"trained UNet written to {out} ({how})", flush=True)
+        return {"output": out, "lora": bool(self.rank)}
