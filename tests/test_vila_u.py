@@ -191,7 +191,7 @@ def test_attention_block_matches_gpt2_block(rel):
     with torch.no_grad():
         ref = blk(torch.tensor(x), attention_mask=causal)
     ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
-    block = vila_u.AttentionBlock(vila_u.RQTransformerConfig(embed_dim=e, n_head=4, n_layer=1))
+    block = vila_u.AttentionBlock(vila_u.RQTransformerConfig.from_dict(RQ))  # embed_dim 32, 4 heads
     assert rel(block.apply({"params": params}, jnp.asarray(x)), ref) < TOL
 
 
@@ -270,7 +270,10 @@ def test_generate_image_codes_matches_reference_loop(checkpoint):
 
 
 def test_full_size_depth_transformer_shapes_match_reference():
-    c = vila_u.RQTransformerConfig()  # 2560 wide, 40 heads, 6 layers, depth 4, vocab 16384 (vila-u defaults)
+    # the vila-u source's AttentionBlockConfig / AttentionStackConfig defaults (2560 wide, 40 heads, 6 layers),
+    # 16 x 16 x 4 codes of a 16384-entry, 1024-wide codebook, LLaMA-2-7B hidden size
+    c = vila_u.RQTransformerConfig(block_size=(16, 16, 4), input_embed_dim_1=1024, input_embed_dim_2=4096,
+                                   embed_dim=2560, vocab_size=16384, n_head=40, n_layer=6)
     with torch.device("meta"):
         ref = RefRQTransformer(c.input_embed_dim_1, c.input_embed_dim_2, c.embed_dim, c.n_head, c.n_layer,
                                c.depth, c.vocab_size)

@@ -59,14 +59,14 @@ def _gelu(x):
 class RQTransformerConfig:
     """vila-u ``RQTransformerConfig`` (the ``rqtransformer`` dict of ``vision_tower/config.json``)."""
 
-    block_size: tuple[int, int, int] = (16, 16, 4)
-    input_embed_dim_1: int = 1024
-    input_embed_dim_2: int = 4096
-    embed_dim: int = 2560
-    vocab_size: int = 16384
-    n_head: int = 40
-    n_layer: int = 6
-    layer_norm_eps: float = 1e-5
+    block_size: tuple[int, int, int]  # (h, w, depth)
+    input_embed_dim_1: int  # codebook dim C
+    input_embed_dim_2: int  # LLM hidden size
+    embed_dim: int
+    vocab_size: int
+    n_head: int
+    n_layer: int
+    layer_norm_eps: float = 1e-5  # torch nn.LayerNorm default (not in the config)
 
     @property
     def depth(self) -> int:
@@ -105,10 +105,10 @@ class CodebookConfig:
     each codebook has ``n_embed + 1`` rows (the last is ``padding_idx``).
     """
 
-    n_embed: int = 16384
-    embed_dim: int = 1024
-    depth: int = 4
-    shared_codebook: bool = True
+    n_embed: int
+    embed_dim: int
+    depth: int
+    shared_codebook: bool = False  # vila-u's RQBottleneck default
 
     @property
     def num_codebooks(self) -> int:
@@ -139,9 +139,9 @@ class CodebookConfig:
 class ProjectorConfig:
     """vila-u ``MultimodalProjector``: ``mm_projector_type`` with ``mm_hidden_size -> hidden_size``."""
 
+    mm_hidden_size: int
+    hidden_size: int
     mm_projector_type: str = "mlp2x_gelu"
-    mm_hidden_size: int = 1024
-    hidden_size: int = 4096
 
     @property
     def mlp_depth(self) -> int:
@@ -159,7 +159,8 @@ class ProjectorConfig:
     @classmethod
     def from_dict(cls, cfg: Mapping[str, Any], *, mm_hidden_size: int, hidden_size: int) -> "ProjectorConfig":
         """``cfg`` is ``mm_projector/config.json``; the sizes come from the codebook dim and the LLM config."""
-        out = cls(cfg.get("mm_projector_type") or "mlp2x_gelu", int(mm_hidden_size), int(hidden_size))
+        out = cls(mm_hidden_size=int(mm_hidden_size), hidden_size=int(hidden_size),
+                  mm_projector_type=cfg.get("mm_projector_type") or "mlp2x_gelu")
         out.mlp_depth  # validates the type
         return out
 
