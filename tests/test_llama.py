@@ -164,6 +164,8 @@ def test_kv_cache_matches_full_recompute_and_transformers(rel):
         assert rel(lg_e, ref[:, t]) < TOL
     assert int(cache.index) == ids.shape[1]
     np.testing.assert_array_equal(np.asarray(cache.positions), mask.sum(-1))
+    lg, _, _ = step(module, params, cache, jnp.asarray(ids[:, 0]))  # no free slot left: loud, not wrong
+    assert np.isnan(np.asarray(lg)).all()
 
 
 def test_greedy_generate_matches_transformers_generate():

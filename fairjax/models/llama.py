@@ -378,7 +378,8 @@ class LlamaModel(nn.Module):
         for layer in self.layers:
             h, kv = layer(h, cos, sin, mask, kv, index)
         h = self.norm(h)
-        if cache is not None:
+        if cache is not None:  # a write past the last slot would be clamped by dynamic_update_slice: poison it
+            h = jnp.where(index + s <= cache.max_len, h, jnp.nan)
             cache = KVCache(k=kv[0], v=kv[1], mask=slot_mask, index=index + s,
                             positions=cache.positions + am.sum(-1).astype(jnp.int32))
         return h, cache
@@ -464,7 +465,8 @@ def decode_step(model: LlamaForCausalLM, params, cache: KVCache, tokens=None, *,
                 logits: bool = True):
     """One token per row: ``tokens`` (B,) ids or ``inputs_embeds`` (B, H).
 
-    Returns ``(logits (B, V) or None, hidden (B, H), cache)``.
+    Returns ``(logits (B, V) or None, hidden (B, H), cache)``. The cache must
+    have a free slot (``index < max_len``); past the end the outputs are NaN.
     """
     ids = None if tokens is None else jnp.asarray(tokens)[:, None]
     emb = None if inputs_embeds is None else inputs_embeds[:, None, :]
