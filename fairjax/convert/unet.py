@@ -142,7 +142,10 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
     _check_config(config, src)
     shapes = target_shapes(config)
     with open_weights(src, variant) as reader:
-        items = lazy_flax_items(reader, shapes, dtype)
+        try:
+            items = lazy_flax_items(reader, shapes, dtype)
+        except CheckpointError as e:
+            raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
         os.makedirs(out, exist_ok=True)
         write_safetensors(os.path.join(out, PARAMS_FILE), items, {"format": "fairjax", "source": os.path.abspath(src)})
     write_json(os.path.join(out, CONFIG_FILE), config)
