@@ -13,6 +13,7 @@ from fairjax.errors import UserError
 
 TASKS = {
     "mog": "fairjax.tasks.mog:MogTask",
+    "vila_u_pref": "fairjax.tasks.vila_u_pref:VilaUPrefTask",
     "diffusion_pref": "fairjax.tasks.diffusion_pref:DiffusionPrefTask",
 }
 
