@@ -80,11 +80,11 @@ TINY_VAE = dict(
 )
 
 
-def _clip_config(vocab_size, ids, **kw):
+def _clip_config(vocab_size, ids, hidden=32, layers=3):
     return transformers.CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-        max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"], pad_token_id=ids["pad"], **kw)
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden + 5, num_hidden_layers=layers,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu", projection_dim=hidden,
+        bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"])
 
 
 def _jitter(module, seed, scale=0.05):
@@ -96,8 +96,13 @@ def _jitter(module, seed, scale=0.05):
     return module
 
 
-def build_tiny_sdxl(folder: str, *, unet=None, vae=None, force_zeros: bool = True, seed: int = 0):
-    """Save a tiny random StableDiffusionXLPipeline (diffusers format) to `folder`; returns the pipeline."""
+def build_tiny_sdxl(folder: str, *, unet=None, vae=None, text_hidden: int = 32, text_layers: int = 3,
+                    force_zeros: bool = True, seed: int = 0):
+    """Save a tiny random StableDiffusionXLPipeline (diffusers format) to `folder`; returns the pipeline.
+
+    Both text encoders are `text_hidden` wide (projection too), so the UNet needs
+    cross_attention_dim = 2 * text_hidden and projection_class_embeddings_input_dim =
+    6 * addition_time_embed_dim + text_hidden."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -106,8 +111,8 @@ def build_tiny_sdxl(folder: str, *, unet=None, vae=None, force_zeros: bool = Tru
     tok_2 = CLIPTokenizer(vocab_file, merges_file, pad_token="!", model_max_length=77)
     ids = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id}
     torch.manual_seed(seed)
-    te = _jitter(CLIPTextModel(_clip_config(len(tok), ids)), seed + 1)
-    te2 = _jitter(CLIPTextModelWithProjection(_clip_config(len(tok), ids)), seed + 2)
+    te = _jitter(CLIPTextModel(_clip_config(len(tok), ids, text_hidden, text_layers)), seed + 1)
+    te2 = _jitter(CLIPTextModelWithProjection(_clip_config(len(tok), ids, text_hidden, text_layers)), seed + 2)
     un = _jitter(UNet2DConditionModel(**(unet or TINY_UNET)), seed + 3, 0.02)
     va = _jitter(AutoencoderKL(**(vae or TINY_VAE)), seed + 4, 0.02)
     pipe = StableDiffusionXLPipeline(
