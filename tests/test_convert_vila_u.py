@@ -113,8 +113,8 @@ def test_converts_with_no_missing_or_unexpected_keys_and_loads_back(src, tmp_pat
                                   vt["rqvaesiglip.quantizer.codebooks.0.weight"])
     np.testing.assert_array_equal(vis["decoder"]["up_0"]["block_0"]["conv_shortcut"]["kernel"],
                                   vt["rqvaesiglip.decoder.up.0.block.0.nin_shortcut.weight"].transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(vis["vision_model"]["encoder"][f"layers_{last - 1}"]["mlp"]["fc1"]["kernel"],
-                                  vt[f"rqvaesiglip.siglip_model.vision_model.encoder.layers.{last - 1}.mlp.fc1.weight"].T)
+    fc1 = vt[f"rqvaesiglip.siglip_model.vision_model.encoder.layers.{last - 1}.mlp.fc1.weight"]
+    np.testing.assert_array_equal(vis["vision_model"]["encoder"][f"layers_{last - 1}"]["mlp"]["fc1"]["kernel"], fc1.T)
     assert f"layers_{last}" not in vis["vision_model"]["encoder"]
     np.testing.assert_array_equal(params["rqtransformer"]["head_transformer"]["blocks_0"]["attn"]["query"]["kernel"],
                                   vt["rqtransformer.head_transformer.blocks.0.attn.query.weight"].T)

@@ -90,7 +90,8 @@ def test_vila_u_encoder_is_hidden_state_of_layer_l_minus_2(rel):
     assert "post_layernorm" not in params and set(params["encoder"]) == {"layers_0", "layers_1", "layers_2"}
     x = np.random.default_rng(3).uniform(-1, 1, size=(3, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
-        ref = tm(pixel_values=torch.from_numpy(x), output_hidden_states=True).hidden_states[TINY["num_hidden_layers"] - 1]
+        states = tm(pixel_values=torch.from_numpy(x), output_hidden_states=True).hidden_states
+    ref = states[TINY["num_hidden_layers"] - 1]
     out = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, x)
     assert rel(out, ref.numpy()) < 1e-5
 

@@ -174,6 +174,12 @@ def _llm_ignore(model: llama.LlamaForCausalLM) -> list[str]:
     return ignore
 
 
+def _plan_tower(reader, tower: rqvae.RQVAESiglip, depth: vila_u.RQTransformer) -> dict:
+    ignore, rename = vision_tower_rules(reader.keys(), tower)
+    return plan_conversion({k: reader.shape(k) for k in reader.keys()}, _tower_targets(tower, depth),
+                           ignore=ignore, rename=rename)
+
+
 def check_vila_u(src: str, *, siglip_config: Mapping[str, Any] | None = None):
     """Validate a vila-u folder from configs and safetensors headers only (no tensor is read).
 
@@ -189,10 +195,7 @@ def check_vila_u(src: str, *, siglip_config: Mapping[str, Any] | None = None):
     checks = {
         "llm": lambda r: plan_conversion({k: r.shape(k) for k in r.keys()}, llama.param_shapes(vu.llm),
                                          ignore=_llm_ignore(vu.llm)),
-        "vision_tower": lambda r: plan_conversion({k: r.shape(k) for k in r.keys()},
-                                                  _tower_targets(tower, vu.rqtransformer),
-                                                  ignore=vision_tower_rules(r.keys(), tower)[0],
-                                                  rename=vision_tower_rules(r.keys(), tower)[1]),
+        "vision_tower": lambda r: _plan_tower(r, tower, vu.rqtransformer),
         "mm_projector": lambda r: plan_conversion({k: r.shape(k) for k in r.keys()},
                                                   llama_convert.projector_shapes(vu.mm_projector)),
     }

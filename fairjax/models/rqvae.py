@@ -8,7 +8,7 @@ A port of the public vila-u code,
 ``Decoder``). Submodules carry the vila-u attribute names (minus ``siglip_model.``,
 see :mod:`fairjax.convert.vila_u`)::
 
-    rqvaesiglip.siglip_model.vision_model.encoder.layers.3.mlp.fc1.weight -> vision_model/encoder/layers_3/mlp/fc1/kernel
+    rqvaesiglip.siglip_model.vision_model.encoder.layers.3.mlp.fc1.weight -> vision_model/encoder/layers_3/mlp/fc1/...
     rqvaesiglip.quantizer.codebooks.0.weight                              -> quantizer/codebooks_0/embedding
     rqvaesiglip.decoder.up.4.block.0.nin_shortcut.weight                  -> decoder/up_4/block_0/conv_shortcut/kernel
     rqvaesiglip.decoder.mid.attn_1.q.weight                               -> decoder/mid/attn_1/q/kernel
