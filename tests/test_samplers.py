@@ -184,6 +184,25 @@ def test_interleave_pairs_roundtrip():
     np.testing.assert_array_equal(np.asarray(back[1]), np.asarray(c))
 
 
+@pytest.mark.parametrize("kind", ["euler", "ddim"])
+def test_low_precision_model_keeps_float32_latents(kind, rel):
+    # A bf16 model inside the loop: the carry stays float32, each model output is rounded to bf16.
+    cfg = SDXL_SCHEDULER
+    noise = np.random.default_rng(2).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    codes = jnp.asarray(COND)
+    denoise = lambda x, t: fake_model(jnp, x, t, codes).astype(jnp.bfloat16)  # noqa: E731
+    got = jax.jit(lambda z, s: M.sample(denoise, z, s))(jnp.asarray(noise), M.make_schedule(kind, cfg, 4))
+    assert got.dtype == jnp.float32
+    sched = reference(kind, cfg, 4)
+    x = torch.from_numpy(noise) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        out = fake_model(np, inp.numpy(), np.float32(t.item()), COND).astype(np.float32)
+        out = torch.from_numpy(out).to(torch.bfloat16).to(torch.float32)
+        x = sched.step(out, t, x).prev_sample
+    assert rel(got, x.numpy()) <= 1e-5  # the same bf16 rounding of the model output on both sides
+
+
 def test_same_step_count_does_not_recompile():
     denoise = lambda x, t: fake_model(jnp, x, t, jnp.ones(x.shape[0]))  # noqa: E731
     run = jax.jit(lambda z, sched: M.sample(denoise, z, sched))

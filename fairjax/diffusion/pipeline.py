@@ -245,7 +245,7 @@ def generate_batch(modules: SDXLModules, params, batch: Mapping[str, jax.Array],
     if do_cfg:
         context = samplers.interleave_pairs(neg_context, context)
         text_embeds = samplers.interleave_pairs(neg_embeds, text_embeds)
-    tids = jnp.broadcast_to(jnp.asarray(time_ids, context.dtype), (context.shape[0], time_ids.shape[-1]))
+    tids = jnp.broadcast_to(jnp.asarray(time_ids, jnp.float32), (context.shape[0], time_ids.shape[-1]))
     model_fn = unet_model_fn(modules.unet, params["unet"], context, text_embeds, tids)
     denoise = samplers.classifier_free_guidance(model_fn, guidance_scale, guidance_rescale) if do_cfg else model_fn
     noise = initial_noise(seed, batch["prompt_index"], batch["image_index"], latent_shape)
