@@ -63,6 +63,15 @@ def max_rel(a, b, rel):
 # ----------------------------------------------------------------------------- sharding
 
 
+class PerturbedPolicy(dp.DiffusionPrefTask):
+    """The task with the policy moved off the reference at step 0 (else g is pure rounding noise)."""
+
+    def init(self, rng):
+        params, frozen = super().init(rng)
+        r = np.random.default_rng(5)
+        return jax.tree.map(lambda w: (w * (1 + 0.05 * r.standard_normal(w.shape))).astype(w.dtype), params), frozen
+
+
 def reference_step(task, cfg):
     """One SGD step (clip + lr) on the default device, by the trainer's documented key schedule."""
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))
@@ -75,24 +84,26 @@ def reference_step(task, cfg):
     return float(loss), jax.device_get(params), jax.device_get(new)
 
 
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=2, fsdp=4)], ids=["data8", "data2xfsdp4"])
+@pytest.mark.parametrize("mesh", [dict(data=8), pytest.param(dict(data=2, fsdp=4), marks=pytest.mark.slow)],
+                         ids=["data8", "data2xfsdp4"])
 def test_sharded_step_equals_single_device(tiny, tmp_path, rel, mesh):
     """PopAlign, full UNet: loss and update of one step on 8 devices == the 1-device step.
 
-    SGD (lr 1, clip 1) makes the update the clipped gradient itself, so the comparison of
-    the updates checks the sharded gradient to ~1e-5 (Adam's first step is ~lr*sign(g))."""
-    cfg = config(tiny, **{"optimizer.name": "sgd", "optimizer.lr": 1.0, "optimizer.warmup_steps": 0})
+    SGD (lr 1, clip 1) makes the update the clipped gradient itself, so comparing the updates
+    checks the sharded gradient (Adam's first step is ~lr*sign(g): rounding-level gradients
+    would flip whole updates).  beta 20: with beta 5000, float32 rounding of the two ~1.0 mse
+    terms (~1e-7) moves the logits by ~5e-4 whatever the sharding."""
+    cfg = config(tiny, beta=20.0, **{"optimizer.name": "sgd", "optimizer.lr": 1.0, "optimizer.warmup_steps": 0})
     cfg.mesh = mesh
-    summary = trainer.train(cfg, dp.DiffusionPrefTask(cfg, str(tmp_path)), str(tmp_path))
-    ref_loss, before, ref_new = reference_step(dp.DiffusionPrefTask(cfg, str(tmp_path)), cfg)
+    summary = trainer.train(cfg, PerturbedPolicy(cfg, str(tmp_path)), str(tmp_path))
+    ref_loss, before, ref_new = reference_step(PerturbedPolicy(cfg, str(tmp_path)), cfg)
     out = str(tmp_path / "model" / "unet" / "params.safetensors")
     got = load_params(out, shapes_of(before))
     assert rel(summary["loss"], ref_loss) <= 1e-5
     assert max_rel(got, ref_new, rel) <= 1e-5
-    delta = jax.tree.map(lambda a, b: a - b, got, before)
-    ref_delta = jax.tree.map(lambda a, b: a - b, ref_new, before)
-    assert rel(np.concatenate([x.ravel() for x in jax.tree.leaves(delta)]),
-               np.concatenate([x.ravel() for x in jax.tree.leaves(ref_delta)])) <= 1e-5
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert rel(flat(got) - flat(before), flat(ref_new) - flat(before)) <= 1e-5
+    assert abs(summary["loss"] - np.log(2)) > 1e-2  # the policy really differs from the reference
     assert {"loss", "accuracy", "pair_accuracy", "g_w", "g_l", "grad_norm", "lr", "mse_policy"} <= set(summary)
 
 
@@ -212,7 +223,7 @@ def test_batches_follow_the_dataset(tiny):
                                   np.r_[0:4, 0:4, 4:8, 4:8])
 
 
-def test_text_embeddings_match_transformers(tiny, rel):
+def test_text_embeddings_match_transformers(tiny, tmp_path, rel):
     """The cached SDXL conditioning == transformers' CLIP encoders (penultimate states, pooled
     projection) on the same weights and token ids; a changed encoder file invalidates the cache."""
     torch = pytest.importorskip("torch")
@@ -229,13 +240,11 @@ def test_text_embeddings_match_transformers(tiny, rel):
     for i, name in enumerate(("text_encoder", "text_encoder_2")):
         folder = os.path.join(model_dir, name)
         cfg = read_json(os.path.join(folder, "config.json"))
-        cls = getattr(transformers, cfg["architectures"][0])
-        model = cls(transformers.CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"}))
-        state = {k: torch.from_numpy(np.array(v)) for k, v in
-                 clip_convert.export_clip_text_state(load_params(os.path.join(folder, "params.safetensors")))}
-        model.load_state_dict(state, strict=False)
+        exported = str(tmp_path / name)  # transformers' own loader reads the exported folder
+        clip_convert.export_clip_text(exported, cfg, load_params(os.path.join(folder, "params.safetensors")))
+        model = getattr(transformers, cfg["architectures"][0]).from_pretrained(exported).eval()
         with torch.no_grad():
-            outs.append(model.eval()(torch.from_numpy(ids[i].astype(np.int64)), output_hidden_states=True))
+            outs.append(model(torch.from_numpy(ids[i].astype(np.int64)), output_hidden_states=True))
     want = torch.cat([outs[0].hidden_states[-2], outs[1].hidden_states[-2]], -1).numpy()
     assert rel(table.encoder_hidden_states, want) <= 1e-5
     assert rel(table.text_embeds, outs[1].text_embeds.numpy()) <= 1e-5
@@ -307,7 +316,10 @@ def test_lora_keeps_base_bit_identical_and_optimizer_state_lora_only(lora_run):
     meta_tree = ocp.StandardCheckpointer().metadata(os.path.join(workdir, "checkpoints", "2", "state"))
     tree = getattr(meta_tree, "item_metadata", meta_tree)
     tree = getattr(tree, "tree", tree)
-    leaves = {path_str(p): tuple(v.shape) for p, v in flatten(dict(tree)).items() if hasattr(v, "shape")}
+    from fairjax.parallel import path_str as key_path
+
+    leaves = {key_path(p): tuple(v.shape) for p, v in
+              jax.tree_util.tree_leaves_with_path(dict(tree), is_leaf=lambda x: hasattr(x, "shape"))}
     lora_shapes = sorted(tuple(np.shape(x)) for x in jax.tree.leaves(lora))
     trainable = sorted(s for p, s in leaves.items() if p.startswith("trainable/"))
     opt = [s for p, s in leaves.items() if p.startswith("opt_state/") and len(s) > 0]
