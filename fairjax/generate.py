@@ -11,6 +11,9 @@ lines skipped) and image i, ``images.jsonl`` with one row per image ({"prompt", 
 ``--save-latents`` ``latents/{p:05d}_{i:04d}.safetensors`` (key "latents": the final (C, h, w)
 float32 latents before VAE decoding, NCHW as diffusers). Image (p, i) is a function of
 (model, prompt, seed, p, i, settings) only: the same with any batch size or device count.
+A VILA-U model dir (``tools/convert_vila_u.py``, ``model_type: vila_u``) goes to
+:mod:`fairjax.vila_u_generate` (``--steps``/``--sampler`` ignored: it draws the model's 16x16x4
+codes; ``--save-latents`` saves those codes).
 OUT is written to a temporary folder and renamed at the end; an existing OUT is refused unless
 ``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2.
 """
@@ -31,7 +34,8 @@ DTYPES = ("float32", "bfloat16")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fairjax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="fairjax model directory (tools/convert_diffusers.py output)")
+    p.add_argument("--model", required=True,
+                   help="fairjax model directory (tools/convert_diffusers.py or convert_vila_u.py output)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
@@ -41,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora", default=None, help="fairjax LoRA file merged into the UNet")
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
     p.add_argument("--save-latents", action="store_true", help="also save the final latents per image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per device batch (rounded up to the devices)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per batch over all local devices (rounded up to a multiple of the device count)")
     p.add_argument("--height", type=int, default=None, help="default: the model's (SDXL 1024)")
     p.add_argument("--width", type=int, default=None, help="default: the model's (SDXL 1024)")
     p.add_argument("--negative-prompt", default=None, help="default: none (zeroed negative conditioning for SDXL)")
@@ -80,6 +84,11 @@ def run(argv=None) -> dict:
     from fairjax.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)
+
+    from fairjax import vila_u_generate
+
+    if vila_u_generate.is_vila_u(args.model):  # VILA-U: see fairjax/vila_u_generate.py for the flag differences
+        return vila_u_generate.run(args, prompts)
 
     import jax.numpy as jnp
     from tqdm import tqdm

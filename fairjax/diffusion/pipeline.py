@@ -307,8 +307,9 @@ class Text2Image:
             out["neg_ids_2"] = np.repeat(self._neg[1], len(prompts), axis=0)
         return out
 
-    def __call__(self, prompts: Sequence[str], prompt_index: Sequence[int], image_index: Sequence[int],
-                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+    def submit(self, prompts: Sequence[str], prompt_index: Sequence[int], image_index: Sequence[int],
+               seed: int) -> tuple[jax.Array, jax.Array, int]:
+        """Dispatch one batch without waiting: (images, latents) device arrays (padded) and the row count."""
         n = len(prompts)
         if not 0 < n <= self.batch_size or len(prompt_index) != n or len(image_index) != n:
             raise ValueError(f"pass 1..{self.batch_size} prompts with one prompt_index and image_index each")
@@ -320,6 +321,12 @@ class Text2Image:
         images, latents = generate_batch(self._modules, self.params, batch, jnp.uint32(seed),
                                          jnp.float32(self.options.guidance_scale), self.schedule, self.time_ids,
                                          **self._static)
+        return images, latents, n
+
+    def __call__(self, prompts: Sequence[str], prompt_index: Sequence[int], image_index: Sequence[int],
+                 seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """One batch: (uint8 images (n, H, W, 3), float32 latents (n, C, h, w)) as numpy arrays."""
+        images, latents, n = self.submit(prompts, prompt_index, image_index, seed)
         return np.asarray(images)[:n], np.asarray(latents)[:n]
 
 
@@ -327,15 +334,21 @@ def generate(pipe: SDXLPipeline, prompts: Sequence[str], *, num_per_prompt: int 
              options: SampleOptions = SampleOptions(), batch_size: int = 1, mesh: Mesh | None = None):
     """An iterator of (jobs, images, latents) per batch; jobs are (prompt_index, image_index) pairs in
     the order prompt 0 images 0..N-1, prompt 1 ..., as StableDiffusionXLPipeline orders a batch.
-    Options are checked (UserError) here, before the first batch runs."""
+    Options are checked (UserError) here, before the first batch runs. The next batch is
+    dispatched before a batch is handed out, so the device keeps working while the caller
+    writes files."""
     t2i = Text2Image(pipe, options, batch_size=batch_size, mesh=mesh)
     jobs = [(p, i) for p in range(len(prompts)) for i in range(num_per_prompt)]
+    chunks = [jobs[k:k + t2i.batch_size] for k in range(0, len(jobs), t2i.batch_size)]
+
+    def submit(chunk):
+        return chunk, t2i.submit([prompts[p] for p, _ in chunk], [p for p, _ in chunk], [i for _, i in chunk], seed)
 
     def batches():
-        for start in range(0, len(jobs), t2i.batch_size):
-            chunk = jobs[start:start + t2i.batch_size]
-            images, latents = t2i([prompts[p] for p, _ in chunk], [p for p, _ in chunk], [i for _, i in chunk],
-                                  seed)
-            yield chunk, images, latents
+        pending = submit(chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            chunk, (images, latents, n) = pending
+            pending = submit(chunks[k + 1]) if k + 1 < len(chunks) else None
+            yield chunk, np.asarray(images)[:n], np.asarray(latents)[:n]
 
     return batches()
