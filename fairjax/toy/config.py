@@ -1,0 +1,88 @@
+"""The toy world's experiment config (``configs/toy_world.py`` is a thin wrapper around :func:`make_config`).
+
+One ``ml_collections`` config serves every stage:
+
+* the trainer and the SDXL preference task (:mod:`fairjax.tasks.diffusion_pref`) read the
+  usual keys (``loss``, ``beta``, ``model_dir``, ``data.path``, ``optimizer``, ...);
+* :mod:`fairjax.data.build_prefs` reads ``sample`` and ``prefs``;
+* :mod:`fairjax.evaluate` reads ``sample`` and ``eval``;
+* :mod:`fairjax.toy.run` (the main job) runs all of them.
+
+Presets: ``popalign`` (default), ``sft``, ``dpo`` (Diffusion-DPO), ``lora`` (PopAlign with a
+rank-8 LoRA instead of the full UNet), ``quick`` (PopAlign with fewer images and steps: the
+sizes the slow test uses).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from fairjax.toy import world as world_lib
+
+PRESETS = ("popalign", "sft", "dpo", "lora", "quick", "quick_sft")
+
+
+def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    from fairjax.tasks.diffusion_pref import make_config as diffusion_config
+    from fairjax.toy.model import ASSET_DIR
+
+    if arg not in (None,) + PRESETS:
+        raise ValueError(f"unknown preset {arg!r}; choose one of {PRESETS}")
+    w = world_lib.ToyWorld()
+    loss = {"sft": "sft", "quick_sft": "sft", "dpo": "diffusion_dpo"}.get(arg or "", "popalign")
+    c = diffusion_config(loss)
+    c.model_dir = ASSET_DIR
+    c.time_ids = (float(w.size), float(w.size), 0.0, 0.0, float(w.size), float(w.size))
+    c.dtype = "float32"
+    c.remat = False
+    c.data.caption_dropout = 0.0  # the toy samples without guidance: a dropped caption only dilutes the signal
+    c.beta = 2000.0
+    c.calibrate_beta = False  # True: beta from fairjax.losses.calibrate_beta on the dataset's group frequencies
+    c.total_steps = 300
+    c.batch_size = 64  # 32 winner/loser pairs per step (SFT: 64 winners)
+    c.optimizer.lr = 1e-4
+    c.optimizer.warmup_steps = 20
+    c.optimizer.schedule = "constant"
+    c.checkpoint.every_steps = 100
+    c.log_every_steps = 25
+    c.progress_bar = False
+
+    # sampling shared by build_prefs and evaluate (no guidance: the model's own population)
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=20, guidance_scale=1.0, batch_size=128))
+    kw = dict(genders=list(w.genders), races=list(w.races))
+    c.prefs = ml_collections.ConfigDict(dict(
+        neutral_prompts=list(w.neutral_prompts()),
+        identity_template=world_lib.IDENTITY_TEMPLATE.replace("{occupation}", "{prompt}"),
+        keywords=kw,
+        n_neutral=64,  # losing set: the neutral prompt's own generations
+        n_identity=8,  # per identity prompt (8 identities -> 64 winners per neutral prompt, balanced)
+        seed=1,
+        classifier="toy",  # toy | deepface
+        lora="",
+    ))
+    c.eval = ml_collections.ConfigDict(dict(
+        occupations=list(w.occupations),
+        neutral_template=world_lib.NEUTRAL_TEMPLATE,  # "a doctor": the same prompts as the preference sets
+        identity_template=world_lib.IDENTITY_TEMPLATE,
+        keywords=kw,
+        n_neutral=100,
+        n_identity=8,
+        seed=1000,  # other seeds than build_prefs: fresh images
+        classifier="toy",
+        n_resamples=1000,
+        grid_images=16,
+    ))
+    if arg == "lora":
+        c.lora.rank = 8
+        c.lora.alpha = 8.0
+        c.lora.targets = r"(attn[12]/to_(q|k|v|out_0)|proj_(in|out)|add_embedding/linear_[12])/kernel$"
+        c.optimizer.lr = 1e-3
+    if arg in ("quick", "quick_sft"):
+        c.prefs.n_neutral = 32
+        c.prefs.n_identity = 4
+        c.eval.n_neutral = 50
+        c.eval.n_identity = 4
+        c.eval.n_resamples = 200
+        c.total_steps = 150
+        c.batch_size = 32
+    return c

@@ -1,0 +1,207 @@
+"""The main job: the whole population pipeline on the toy world, on a CPU.
+
+    python -m fairjax.toy.run --workdir runs/toy [--preset popalign|quick] [--no-sft] [--calibrated]
+
+1. the pre-trained toy model (``fairjax/assets/toy``, checked against its manifest; a biased
+   tiny SDXL-architecture pixel-space model, see :mod:`fairjax.toy.model`);
+2. ``python -m fairjax.data.build_prefs``: winning (identity-balanced) and losing (the base's
+   own, biased) sets per neutral prompt -> ``WORKDIR/prefs``;
+3. ``python -m fairjax.train`` machinery (:mod:`fairjax.tasks.diffusion_pref`): PopAlign
+   -> ``WORKDIR/popalign``, the SFT baseline -> ``WORKDIR/sft`` (unless ``--no-sft``), and with
+   ``--calibrated`` PopAlign with the calibrated beta -> ``WORKDIR/popalign_calibrated``;
+4. ``python -m fairjax.evaluate``: the base and every tuned model side by side
+   -> ``WORKDIR/report/report/index.html``; the before/after discrepancy is printed.
+
+Every stage is skipped when its output already exists (re-run to resume; ``--overwrite`` to redo).
+The calibrated beta: ``fairjax.losses.calibrate_beta`` on the base's group frequencies (the
+losing sets: the base's own neutral generations), the winners' and the losers', converted from
+the exact-likelihood scale to the diffusion loss's by :func:`diffusion_beta_scale`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from fairjax.errors import UserError
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def diffusion_beta_scale(scheduler_config: dict, latent_shape) -> float:
+    """``T * D * mean_t w_t``: the factor between an exact log-likelihood ratio and the diffusion
+    reward ``g = mse_ref - mse_policy`` at a uniform timestep.
+
+    DDPM's bound (Ho et al. 2020, eq. 12, ``sigma_t^2 = beta_t``) gives
+    ``log p(x) ~ -sum_t w_t * D * mse_t`` with ``w_t = beta_t / (2 alpha_t (1 - abar_t))`` and ``D``
+    the number of latent values, so ``log p_pol - log p_ref ~ T * D * E_t[w_t g_t] ~ T * D * mean(w) * g``
+    (the last step treats ``g_t`` as uncorrelated with ``w_t``: an approximation). A PopAlign
+    beta of ``b`` on exact likelihoods is then ``b * T * D * mean(w)`` on ``g``.
+    """
+    from fairjax.diffusion.schedules import alphas_cumprod_from_betas, betas_from_config
+
+    betas = betas_from_config(scheduler_config).astype(np.float64)
+    abar = alphas_cumprod_from_betas(betas).astype(np.float64)
+    w = betas / (2 * (1 - betas) * (1 - abar))
+    return float(len(betas) * int(np.prod(latent_shape)) * w.mean())
+
+
+def calibrated_beta(summary: dict, scheduler_config: dict, latent_shape) -> dict:
+    """The calibrated beta (exact and diffusion scale) from a build_prefs summary, per attribute
+    and joint (gender x race groups pooled through both attributes' frequencies)."""
+    from fairjax import losses
+
+    out = {}
+    for attr in summary["winner_frequencies"]:
+        cls = list(summary["winner_frequencies"][attr])
+        w = np.array([summary["winner_frequencies"][attr][c] for c in cls])
+        l = np.array([summary["loser_frequencies"][attr][c] for c in cls])
+        keep = (w > 0) & (l > 0)
+        out[attr] = float(losses.calibrate_beta(l[keep], w[keep], l[keep]))
+    exact = float(np.exp(np.mean(np.log(list(out.values())))))  # geometric mean over the attributes
+    scale = diffusion_beta_scale(scheduler_config, latent_shape)
+    return {"exact_per_attribute": out, "exact": exact, "scale": scale, "beta": exact * scale}
+
+
+def train_one(cfg, workdir: str) -> dict:
+    """Train through the ``python -m fairjax.train`` machinery (task registry + generic trainer)."""
+    from fairjax import config as config_lib
+    from fairjax import tasks, trainer
+
+    os.makedirs(workdir, exist_ok=True)
+    task = tasks.build(cfg, workdir=workdir)
+    config_lib.check_or_save(cfg, workdir, allow_change=False)
+    return trainer.train(cfg, task, workdir)
+
+
+def tuned_model(cfg, workdir: str) -> tuple[str, str | None]:
+    """``(model dir, lora file | None)`` that a finished training run wrote."""
+    if int(cfg.lora.rank):
+        return str(cfg.model_dir), os.path.join(workdir, "unet_lora.safetensors")
+    return os.path.join(workdir, "model"), None
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: bool = False,
+        overwrite: bool = False, overrides: dict | None = None) -> dict:
+    """The main job (module docstring); returns ``{"report", "html", "beta", "times", ...}``."""
+    from fairjax.config import apply_overrides
+    from fairjax.data.build_prefs import build_prefs, read_summary
+    from fairjax.evaluate import evaluate, summary_lines
+    from fairjax.toy.config import make_config
+    from fairjax.toy.model import SCHEDULER_CONFIG, default_model_dir
+
+    t_start = time.perf_counter()
+    times = {}
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    base = make_config(preset)
+    if overrides:
+        apply_overrides(base, overrides)
+    if base.model_dir == make_config().model_dir:
+        base.model_dir = default_model_dir()  # the shipped model, verified against its manifest
+    log(f"toy world: base model {base.model_dir}")
+
+    prefs_dir = os.path.join(workdir, "prefs")
+    t0 = time.perf_counter()
+    if overwrite or not _done(prefs_dir):
+        build_prefs(base, prefs_dir, overwrite=overwrite, log=log)
+    else:
+        log(f"build_prefs: reusing {prefs_dir}")
+    summary = read_summary(prefs_dir)
+    times["build_prefs"] = time.perf_counter() - t0
+
+    runs = {"popalign": copy.deepcopy(base)}
+    runs["popalign"].loss = "popalign"
+    if sft:
+        runs["sft"] = copy.deepcopy(base)
+        runs["sft"].loss = "sft"
+    cal = calibrated_beta(summary, SCHEDULER_CONFIG, _latent_shape(prefs_dir))
+    log(f"calibrate_beta: exact-likelihood beta {cal['exact']:.3f} (per attribute "
+        f"{ {k: round(v, 3) for k, v in cal['exact_per_attribute'].items()} }) x scale {cal['scale']:.0f} "
+        f"= {cal['beta']:.0f} on the diffusion reward (config beta {base.beta:g})")
+    if calibrated:
+        runs["popalign_calibrated"] = copy.deepcopy(base)
+        runs["popalign_calibrated"].loss = "popalign"
+        runs["popalign_calibrated"].beta = float(round(cal["beta"], 1))
+    models = {"base": (str(base.model_dir), None)}
+    for name, cfg in runs.items():
+        wd = os.path.join(workdir, name)
+        cfg.data.path = prefs_dir
+        t0 = time.perf_counter()
+        out_model = tuned_model(cfg, wd)
+        if overwrite or not _done(out_model[1] or out_model[0]):
+            if overwrite and os.path.isdir(wd):
+                import shutil
+
+                shutil.rmtree(wd)
+            log(f"train: {name} (loss {cfg.loss}, beta {cfg.beta:g}, {cfg.total_steps} steps of {cfg.batch_size}) "
+                f"-> {wd}")
+            res = train_one(cfg, wd)
+            log(f"train: {name} done: loss {res.get('loss', float('nan')):.4f}")
+        else:
+            log(f"train: reusing {wd}")
+        times[f"train_{name}"] = time.perf_counter() - t0
+        models[name] = out_model
+
+    t0 = time.perf_counter()
+    out = os.path.join(workdir, "report")
+    report = evaluate(base, models, out, base_dir=str(base.model_dir), overwrite=True, log=log)
+    times["evaluate"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_start
+    result = {"html": report["html"], "report": os.path.join(out, "report", "report.json"),
+              "calibrated_beta": cal, "times": {k: round(v, 1) for k, v in times.items()},
+              "metrics": {m: {k: report["results"][m].get(k) for k in ("discrepancy", "recall")}
+                          for m in report["models"]}}
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    log("")
+    for line in summary_lines(report):
+        log(line)
+    log(f"times (s): {result['times']}")
+    log(f"report: {report['html']}")
+    return result
+
+
+def _latent_shape(prefs_dir: str):
+    from fairjax.data.prefs import dataset_dir, INDEX_FILE
+
+    with open(os.path.join(dataset_dir(prefs_dir), INDEX_FILE)) as f:
+        return tuple(json.load(f)["latent_shape"])
+
+
+def main(argv=None) -> int:
+    from fairjax.config import split_overrides
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        rest, overrides = split_overrides(argv)
+        p = argparse.ArgumentParser(prog="python -m fairjax.toy.run", description=__doc__.split("\n\n")[0],
+                                    epilog="Override any key of configs/toy_world.py with --config.KEY=VALUE.")
+        p.add_argument("--workdir", default="runs/toy", help="where every stage writes (default runs/toy)")
+        p.add_argument("--preset", default=None, help="configs/toy_world.py preset (popalign, lora, quick, ...)")
+        p.add_argument("--no-sft", action="store_true", help="skip the SFT baseline")
+        p.add_argument("--calibrated", action="store_true", help="also train PopAlign with the calibrated beta")
+        p.add_argument("--overwrite", action="store_true", help="redo every stage")
+        args = p.parse_args(rest)
+        run(args.workdir, args.preset, sft=not args.no_sft, calibrated=args.calibrated, overwrite=args.overwrite,
+            overrides=overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
