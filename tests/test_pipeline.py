@@ -21,7 +21,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from fairjax.diffusion import pipeline as pl  # noqa: E402
-from fairjax.diffusion import samplers  # noqa: E402
 
 # scheduler/scheduler_config.json of stabilityai/stable-diffusion-xl-base-1.0
 SDXL_SCHEDULER = {
