@@ -10,6 +10,7 @@ Source layout (what vila-u's ``save_pretrained`` writes; no hub access is needed
 Output (:mod:`fairjax.convert.model_dir` format, ``fairjax.json`` with ``model_type: vila_u``)::
 
     llm/                config.json (as is)                     params: LlamaForCausalLM
+                        + the tokenizer files of llm/ as they are (:data:`TOKENIZER_FILES`)
     mm_projector/       config.json (as is, or {})              params: MultimodalProjector
     depth_transformer/  config.json = the 'rqtransformer' dict  params: RQTransformer
     vision_tower/       config.json = vision_tower/config.json + 'siglip_vision_config'
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +53,9 @@ WEIGHTS_PREFIX = "model"
 SOURCE_PARTS = ("llm", "vision_tower", "mm_projector")
 COMPONENTS = ("llm", "mm_projector", "depth_transformer", "vision_tower")
 SIGLIP_KEY = "siglip_vision_config"
+#: copied from the source ``llm/`` when present (image generation reads ``tokenizer.json``)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
 
 #: ``SiglipVisionConfig`` of the SigLIP checkpoints vila-u builds on (from their hub config.json files).
 SIGLIP_VISION_CONFIGS: dict[str, dict[str, Any]] = {
@@ -238,6 +243,9 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
         t0 = time.time()
         _, lm = llama_convert.load_hf_llama(sub["llm"], dtype=dtype)
         save_component(os.path.join(tmp, "llm"), cfgs["llm"], lm)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(sub["llm"], name)):
+                shutil.copyfile(os.path.join(sub["llm"], name), os.path.join(tmp, "llm", name))
         summary["llm"] = _count(lm)
         del lm
         log(f"llm: {time.time() - t0:.1f}s")
