@@ -40,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale; <= 1 disables (default 5)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance scale; SDXL: <= 1 disables (default 5); VILA-U: default 3")
     p.add_argument("--seed", type=int, default=0, help="base seed; image (p, i) uses key fold_in(seed, p, i)")
     p.add_argument("--lora", default=None, help="fairjax LoRA file merged into the UNet")
     p.add_argument("--sampler", choices=("euler", "ddim"), default="euler")
@@ -89,6 +90,8 @@ def run(argv=None) -> dict:
 
     if vila_u_generate.is_vila_u(args.model):  # VILA-U: see fairjax/vila_u_generate.py for the flag differences
         return vila_u_generate.run(args, prompts)
+    if args.cfg is None:
+        args.cfg = 5.0
 
     import jax.numpy as jnp
     from tqdm import tqdm

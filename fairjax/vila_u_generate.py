@@ -29,7 +29,8 @@ depend on the batch); the distribution per image is the same.
 
 CLI differences from SDXL: ``--steps``, ``--sampler`` are ignored (VILA-U draws exactly
 ``h*w`` positions x depth codes, 16 x 16 x 4 for vila-u-7b-256, from ``vision_tower/config.json``);
-``--height/--width`` must be unset or the model's; ``--guidance-rescale`` must be 0;
+``--cfg`` defaults to vila-u's 3.0 and is applied as ``u + cfg (c - u)`` for any value (1 = conditional
+sampling, computed on both rows as vila-u does); ``--height/--width`` must be unset or the model's; ``--guidance-rescale`` must be 0;
 ``--negative-prompt`` replaces the unconditional human message; ``--save-latents`` saves the
 image codes (``codes/{p:05d}_{i:04d}.safetensors``, key ``codes``, (h*w, depth) int32 in
 raster order); ``--dtype bfloat16`` loads the params in bfloat16 too (vila-u runs in bf16);
@@ -369,11 +370,12 @@ def run(args, prompts: Sequence[str]) -> dict:
 
     model = load_model(args.model, dtype=getattr(jnp, args.dtype), lora=args.lora)
     _check_cli_options(args, model)
-    options = SampleOptions(cfg=args.cfg, negative_prompt=args.negative_prompt)
+    options = SampleOptions(cfg=SampleOptions.cfg if args.cfg is None else args.cfg,
+                            negative_prompt=args.negative_prompt)
     vu = model.vu
     height, width = model.image_size
     settings = {"model": args.model, "model_type": "vila_u", "prompts": args.prompts,
-                "num_per_prompt": args.num_per_prompt, "cfg": args.cfg, "temperature": options.temperature,
+                "num_per_prompt": args.num_per_prompt, "cfg": options.cfg, "temperature": options.temperature,
                 "top_k": options.top_k, "top_p": options.top_p, "seed": args.seed, "lora": args.lora,
                 "negative_prompt": args.negative_prompt, "dtype": args.dtype,
                 "image_tokens": vu.image_tokens, "depth": vu.depth}

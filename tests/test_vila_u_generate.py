@@ -159,8 +159,9 @@ def test_prompt_ids_match_transformers_tokenizer_on_the_vila_u_template(tiny):
 
 
 def cli(model_dir, prompts_file, out, *extra, cfg=3.0, batch_size=3):
+    cfg = [] if cfg is None else ["--cfg", str(cfg)]
     return cli_module.main(["--model", model_dir, "--prompts", prompts_file, "--out", str(out), "--num-per-prompt",
-                            "2", "--cfg", str(cfg), "--seed", "7", "--batch-size", str(batch_size), *extra])
+                            "2", "--seed", "7", "--batch-size", str(batch_size), *cfg, *extra])
 
 
 def read_png(path):
@@ -291,7 +292,8 @@ def test_cli_lora_is_merged_into_the_llm(tiny, model, cli_run, prompt_len, tmp_p
     path = str(tmp_path / "lora.safetensors")
     lora_lib.save(path, lora, alpha=4.0)
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
-    assert cli(tiny["model"], prompts, tmp_path / "out", "--save-latents", "--lora", path) == 0
+    assert cli(tiny["model"], prompts, tmp_path / "out", "--save-latents", "--lora", path, cfg=None) == 0
+    assert json.load(open(tmp_path / "out" / "generate.json"))["cfg"] == 3.0  # vila-u's default, not SDXL's 5
     rows = [json.loads(line) for line in open(tmp_path / "out" / "images.jsonl")]
     with SafetensorsReader(str(tmp_path / "out" / rows[2]["codes"])) as rd:
         got = np.asarray(rd["codes"])
