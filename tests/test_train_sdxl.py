@@ -346,7 +346,8 @@ def test_trained_lora_exports_to_diffusers(lora_run, tmp_path, rel):
     assert tool.main([task.model_dir, lora_out, "--lora", lora_file]) == 0
     from safetensors.numpy import load_file
 
-    sd = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(lora_out, "pytorch_lora_weights.safetensors")).items()}
+    sd = load_file(os.path.join(lora_out, "pytorch_lora_weights.safetensors"))
+    sd = {k: torch.from_numpy(v) for k, v in sd.items()}
     model = diffusers.UNet2DConditionModel.from_pretrained(base_out, subfolder="unet").eval()
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
@@ -355,10 +356,15 @@ def test_trained_lora_exports_to_diffusers(lora_run, tmp_path, rel):
     added = {"text_embeds": rng.standard_normal((2, task.table.pooled_dim)).astype(np.float32),
              "time_ids": np.tile(task.time_ids, (2, 1))}
     tk = {k: torch.from_numpy(v) for k, v in added.items()}
-    with torch.no_grad():
-        base_pt = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx), added_cond_kwargs=tk).sample.numpy()
-        model.load_lora_adapter(sd, prefix="unet", adapter_name="fair")
-        lora_pt = model(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx), added_cond_kwargs=tk).sample.numpy()
+    tx, tt, tctx = (torch.from_numpy(v) for v in (x, t, ctx))
+
+    def forward():
+        with torch.no_grad():
+            return model(tx, tt, tctx, added_cond_kwargs=tk).sample.numpy()
+
+    base_pt = forward()
+    model.load_lora_adapter(sd, prefix="unet", adapter_name="fair")
+    lora_pt = forward()
     apply = jax.jit(task.unet.apply)
     base_fx = apply({"params": seen["frozen"]}, x, t, ctx, added)
     lora_fx = apply({"params": lora_lib.merge(seen["frozen"], seen["trainable"], task.lora_alpha)}, x, t, ctx, added)

@@ -146,7 +146,8 @@ def build_model_dir(out: str, preset: str = "tiny", seed: int = 0) -> None:
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"), SDXL_SCHEDULER)
     ucfg = unet_config(preset)
     model = unet.UNet2DConditionModel.from_config(ucfg)
-    save_component(os.path.join(out, "unet"), ucfg, random_params(unet.param_shapes(model), np.random.default_rng([seed, 0])))
+    params = random_params(unet.param_shapes(model), np.random.default_rng([seed, 0]))
+    save_component(os.path.join(out, "unet"), ucfg, params)
     for which, name in enumerate(("text_encoder", "text_encoder_2")):
         ccfg = clip_config(preset, which, vocab)
         enc = clip_text.from_config(ccfg)
