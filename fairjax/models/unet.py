@@ -116,6 +116,7 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _ADDITION_TYPES = (None, "text_time")
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
 
 
 class ConfigError(UserError):
@@ -345,7 +346,8 @@ class UNet2DConditionModel(nn.Module):
     ``conv_out(act(conv_norm_out(x)))``.
 
     ``attention_implementation`` goes to ``jax.nn.dot_product_attention`` (None /
-    'xla' / 'cudnn'); ``remat`` checkpoints every transformer block.
+    'xla' / 'cudnn'), or 'einsum' for the plain two-einsum form (faster on CPU);
+    ``remat`` checkpoints every transformer block.
     """
 
     config: UNetConfig
@@ -396,6 +398,9 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         c = self.config
+        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"attention_implementation={self.attention_implementation!r} is not one of "
+                              f"{ATTENTION_IMPLEMENTATIONS}")
         n = c.num_blocks
         channels = c["block_out_channels"]
         x = jnp.transpose(jnp.asarray(sample), (0, 2, 3, 1)).astype(self.dtype)
