@@ -110,18 +110,19 @@ def test_round_trip_fp16_sharded_variant_bit_exact(torch_model, tmp_path):
 
 
 def test_pipeline_folder_converts_registered_components(src_fp32, tmp_path, capsys):
+    """A model_index.json folder: the unet is converted, a part with no converter is listed as skipped."""
     pipe = tmp_path / "pipe"
     shutil.copytree(src_fp32, pipe / "unet")
-    (pipe / "vae").mkdir()
     (pipe / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "image_encoder": [None, None]}))
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"], "image_encoder": [None, None]}))
     out = tmp_path / "fj"
     assert convert_tool.main([str(pipe), str(out)]) == 0
-    assert "not yet supported, skipped: scheduler, vae" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["fairjax.json", "unet"]
-    assert read_json(str(out / "fairjax.json"))["not_converted"] == ["scheduler", "vae"]
+    assert "skipped: safety_checker" in capsys.readouterr().out
+    assert "unet" in os.listdir(out) and "safety_checker" not in os.listdir(out)
+    index = read_json(str(out / "fairjax.json"))
+    assert index["components"] == ["unet"] and index["not_converted"] == ["safety_checker"]
+    unet_mod.load(str(out))  # the unet component loads with every key and shape checked
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -254,3 +255,18 @@ def test_existing_targets_are_refused(converted, src_fp32, lora_file, tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["taken", "taken.safetensors"]
     assert export_tool.main([converted, str(out), "--overwrite"]) == 0
     assert sorted(os.listdir(out)) == ["unet"]
+
+
+def test_blocked_transposes_equal_core_layout_rules():
+    from fairjax.convert.core import flax_to_torch_array, torch_to_flax_array
+
+    rng = np.random.default_rng(0)
+    for shape in [(130, 70), (67, 33, 3, 3), (200, 9, 1, 1), (77,)]:
+        a = rng.standard_normal(shape).astype(np.float16)
+        for leaf in ("kernel", "bias"):
+            want = np.ascontiguousarray(torch_to_flax_array(a, leaf)).astype(np.float32)
+            got = unet_convert.to_flax_array(a, leaf, np.float32)
+            assert got.flags.c_contiguous and got.dtype == np.float32 and np.array_equal(got, want)
+            back = unet_convert.to_torch_array(got, leaf, np.float16)
+            assert np.array_equal(back, np.ascontiguousarray(flax_to_torch_array(want, leaf)).astype(np.float16))
+            assert np.array_equal(back, a)

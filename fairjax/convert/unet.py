@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from fairjax.convert.core import Path, flax_to_torch_key, path_str, plan_conversion, shapes_of, torch_to_flax_array
+from fairjax.convert.core import Path, flax_to_torch_key, path_str, plan_conversion, shapes_of
 from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
 from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, ShardedReader, write_safetensors
 
@@ -65,12 +66,55 @@ def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def flax_to_torch_array(a: np.ndarray, leaf: str) -> np.ndarray:
-    if leaf == "kernel" and a.ndim == 4:
-        return a.transpose(3, 2, 0, 1)
-    if leaf == "kernel" and a.ndim == 2:
-        return a.T
-    return a
+_BLOCK = 64  # rows per block: keeps both sides of a transposed copy in cache (~2x numpy's plain .T copy)
+
+
+def to_flax_array(a: np.ndarray, leaf: str, dtype=None) -> np.ndarray:
+    """:func:`fairjax.convert.core.torch_to_flax_array` (OIHW -> HWIO, (out, in) -> (in, out)) as a new
+    C-contiguous array in ``dtype``, transposed in row blocks of the source."""
+    dtype = np.dtype(dtype or a.dtype)
+    perm = {2: (1, 0), 4: (2, 3, 1, 0)}.get(a.ndim) if leaf == "kernel" else None
+    if perm is None:
+        return np.array(a, dtype=dtype, order="C", copy=True)
+    out = np.empty(tuple(a.shape[p] for p in perm), dtype)
+    for i in range(0, a.shape[0], _BLOCK):
+        out[..., i:i + _BLOCK] = a[i:i + _BLOCK].transpose(perm)
+    return out
+
+
+def to_torch_array(a: np.ndarray, leaf: str, dtype=None) -> np.ndarray:
+    """Inverse of :func:`to_flax_array` (HWIO -> OIHW, (in, out) -> (out, in)), C-contiguous, in ``dtype``."""
+    dtype = np.dtype(dtype or a.dtype)
+    perm = {2: (1, 0), 4: (3, 2, 0, 1)}.get(a.ndim) if leaf == "kernel" else None
+    if perm is None:
+        return np.array(a, dtype=dtype, order="C", copy=True)
+    out = np.empty(tuple(a.shape[p] for p in perm), dtype)
+    for i in range(0, out.shape[0], _BLOCK):
+        out[i:i + _BLOCK] = a[..., i:i + _BLOCK].transpose(perm)
+    return out
+
+
+class _Pipeline:
+    """Computes tensor ``i+1 .. i+depth`` in worker threads while tensor ``i`` is written.
+
+    numpy copies and file writes release the GIL, so reading / transposing overlaps
+    with writing; at most ``depth + 1`` tensors are held at once.
+    """
+
+    def __init__(self, fns, depth: int = 3, workers: int = 2):
+        self.fns, self.depth = fns, depth
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fairjax-convert")
+        self.futures: dict[int, Future] = {}
+
+    def get(self, i: int) -> np.ndarray:
+        for j in range(i, min(i + self.depth + 1, len(self.fns))):
+            if j not in self.futures:
+                self.futures[j] = self.pool.submit(self.fns[j])
+        return self.futures.pop(i).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.futures.clear()
 
 
 class _Lazy:
@@ -81,7 +125,15 @@ class _Lazy:
         self._fn, self.shape, self.dtype = fn, tuple(shape), np.dtype(dtype)
 
     def __array__(self, dtype=None, copy=None):
-        return np.ascontiguousarray(self._fn(), dtype=dtype or self.dtype)
+        a = self._fn()
+        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+
+
+def _pipelined(specs: list[tuple[str, object, tuple[int, ...], object]]) -> tuple[list, _Pipeline]:
+    """``[(key, fn, shape, dtype)]`` -> (``[(key, _Lazy)]`` computed through one :class:`_Pipeline`, the pipeline)."""
+    pipe = _Pipeline([fn for _, fn, _, _ in specs])
+    items = [(key, _Lazy(lambda i=i: pipe.get(i), shape, dt)) for i, (key, _, shape, dt) in enumerate(specs)]
+    return items, pipe
 
 
 def _check_config(config: Mapping, where: str) -> None:
@@ -111,19 +163,20 @@ def open_weights(folder: str, variant: str | None = None) -> ShardedReader:
     return ShardedReader(folder, WEIGHTS_NAME)  # raises: names the folder and what it holds
 
 
-def lazy_flax_items(reader, shapes: Mapping[Path, tuple[int, ...]], dtype=None) -> list[tuple[str, _Lazy]]:
-    """Plan the whole conversion from the headers and return ``('/'-joined flax path, lazy array)``.
+def lazy_flax_items(reader, shapes: Mapping[Path, tuple[int, ...]], dtype=None) -> tuple[list, _Pipeline]:
+    """Plan the whole conversion from the headers: ``[('/'-joined flax path, lazy array)]`` and its pipeline.
 
     Raises :class:`CheckpointError` listing every missing, unexpected and
-    mismatched key before anything is read. ``dtype=None`` keeps each tensor's dtype.
+    mismatched key before anything is read. ``dtype=None`` keeps each tensor's
+    dtype. Close the returned pipeline when done.
     """
     mapping = plan({k: reader.shape(k) for k in reader.keys()}, shapes)
-    items = []
+    specs = []
     for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
-        dt = dtype if dtype is not None else reader.dtype(key)
-        fn = lambda key=key, leaf=leaf: torch_to_flax_array(reader[key], leaf)
-        items.append((path_str(path), _Lazy(fn, shapes[path], dt)))
-    return items
+        dt = np.dtype(dtype if dtype is not None else reader.dtype(key))
+        specs.append((path_str(path), lambda key=key, leaf=leaf, dt=dt: to_flax_array(reader[key], leaf, dt),
+                      shapes[path], dt))
+    return _pipelined(specs)
 
 
 def convert_component(src: str, out: str, *, dtype=None, variant: str | None = None) -> dict:
@@ -143,11 +196,15 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
     shapes = target_shapes(config)
     with open_weights(src, variant) as reader:
         try:
-            items = lazy_flax_items(reader, shapes, dtype)
+            items, pipe = lazy_flax_items(reader, shapes, dtype)
         except CheckpointError as e:
             raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
         os.makedirs(out, exist_ok=True)
-        write_safetensors(os.path.join(out, PARAMS_FILE), items, {"format": "fairjax", "source": os.path.abspath(src)})
+        try:
+            write_safetensors(os.path.join(out, PARAMS_FILE), items,
+                              {"format": "fairjax", "source": os.path.abspath(src)})
+        finally:
+            pipe.close()
     write_json(os.path.join(out, CONFIG_FILE), config)
     return {"arrays": len(items), "params": int(sum(np.prod(s) for s in shapes.values()))}
 
@@ -162,7 +219,7 @@ def merge_kernel(w: np.ndarray, entry: Mapping, alpha: float) -> np.ndarray:
 
 
 def lazy_torch_items(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int, ...]], *, dtype=None,
-                     lora: Mapping | None = None, alpha: float | None = None) -> list[tuple[str, _Lazy]]:
+                     lora: Mapping | None = None, alpha: float | None = None) -> tuple[list, _Pipeline]:
     """A fairjax ``params.safetensors`` (``reader``) as lazy ``(diffusers key, PyTorch-layout array)``.
 
     Every key and shape is checked against ``shapes`` (the model the config
@@ -182,20 +239,20 @@ def lazy_torch_items(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int,
     if unknown:
         raise CheckpointError(f"LoRA targets {unknown[:5]} are not params of this UNet; was it trained on "
                               f"another model?")
-    items = []
+    specs = []
     for k in sorted(have):
         path = tuple(k.split("/"))
         leaf = path[-1]
-        dt = dtype if dtype is not None else reader.dtype(k)
+        dt = np.dtype(dtype if dtype is not None else reader.dtype(k))
 
-        def fn(k=k, leaf=leaf):
+        def fn(k=k, leaf=leaf, dt=dt):
             a = reader[k]
             if k in lora:
                 a = merge_kernel(a, lora[k], alpha)
-            return flax_to_torch_array(a, leaf)
+            return to_torch_array(a, leaf, dt)
 
-        items.append((torch_key(path), _Lazy(fn, torch_shape(have[k], leaf), dt)))
-    return items
+        specs.append((torch_key(path), fn, torch_shape(have[k], leaf), dt))
+    return _pipelined(specs)
 
 
 def read_component(folder: str) -> tuple[dict, dict[Path, tuple[int, ...]]]:
@@ -216,9 +273,12 @@ def export_component(src: str, out: str, *, dtype=None, lora: Mapping | None = N
     config, shapes = read_component(src)
     config.setdefault("_class_name", CLASS_NAME)
     with SafetensorsReader(os.path.join(src, PARAMS_FILE)) as reader:
-        items = lazy_torch_items(reader, shapes, dtype=dtype, lora=lora, alpha=alpha)
+        items, pipe = lazy_torch_items(reader, shapes, dtype=dtype, lora=lora, alpha=alpha)
         os.makedirs(out, exist_ok=True)
-        write_safetensors(os.path.join(out, f"{WEIGHTS_NAME}.safetensors"), items, {"format": "pt"})
+        try:
+            write_safetensors(os.path.join(out, f"{WEIGHTS_NAME}.safetensors"), items, {"format": "pt"})
+        finally:
+            pipe.close()
     write_json(os.path.join(out, CONFIG_FILE), config)
     return {"arrays": len(items)}
 
