@@ -218,6 +218,25 @@ TINY = {
 }
 
 
+def random_params(abstract, seed: int) -> dict:
+    """Numpy params for a tree of shapes (no compilation): norm ``scale`` 1, ``bias`` 0, the rest
+    ``N(0, 1 / fan_in)`` (fan_in = all dims but the last; codebook / embedding rows ``N(0, 1)``)."""
+    from fairjax.convert.core import flatten, unflatten
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, leaf in flatten(abstract).items():
+        shape, name = tuple(leaf.shape), path[-1]
+        if name == "scale":
+            out[path] = np.ones(shape, np.float32)
+        elif name == "bias":
+            out[path] = np.zeros(shape, np.float32)
+        else:
+            fan_in = 1 if name == "embedding" or len(shape) < 2 else math.prod(shape[:-1])
+            out[path] = (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
+    return unflatten(out)
+
+
 def build_tiny_model_dir(out: str, seed: int = 0) -> None:
     """A random VILA-U-shaped fairjax model dir (same layout as ``tools/convert_vila_u.py`` writes)."""
     from fairjax.convert import vila_u as convert_vila_u
@@ -228,10 +247,9 @@ def build_tiny_model_dir(out: str, seed: int = 0) -> None:
               convert_vila_u.SIGLIP_KEY: t["siglip"]}
     vu = vila_u.build(t["llm"], vt_cfg, t["mm_projector"])
     tower = convert_vila_u.build_vision_tower(vt_cfg, t["siglip"])
-    key = jax.random.key(seed)
-    p = jax.device_get(vu.init(jax.random.fold_in(key, 0)))
+    p = random_params(jax.eval_shape(vu.init, jax.random.key(0)), seed)
     s = t["siglip"]["image_size"]
-    vis = jax.device_get(tower.init(jax.random.fold_in(key, 1), jnp.zeros((1, 3, s, s)))["params"])
+    vis = random_params(jax.eval_shape(tower.init, jax.random.key(0), jnp.zeros((1, 3, s, s)))["params"], seed + 1)
     vis["quantizer"] = p["codebook"]
     os.makedirs(out)
     save_component(os.path.join(out, "llm"), t["llm"], p["llm"])
@@ -486,17 +504,24 @@ class VilaUPrefTask:
         ref = jax.lax.stop_gradient(self._lp(None, frozen, batch, codes, rng, 2, reduce))
         return losses.dpo(lp[:, 0], lp[:, 1], ref[:, 0], ref[:, 1], beta=float(c.beta))
 
-    def mdpo_logprobs(self, trainable, frozen, batch, rng):
-        """``(policy, reference)`` answer log-probs, each (B, 3): columns chosen | image,
-        rejected | image, chosen | corrupted image (the same crop for both)."""
+    def mdpo_codes(self, frozen, batch, rng):
+        """``(clean codes, corrupted codes, crop boxes)`` of the batch's images: each image's crop box
+        from ``fold_in(fold_in(rng, 2), index)``; both images encoded by the frozen vision tower."""
         c = self.config
         pix = siglip.preprocess(batch["image"])
         keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(rng, 2), i))(batch["index"])
-        bad, _ = random_resized_crop(keys, pix, tuple(c.corrupt.scale), tuple(c.corrupt.ratio))
+        bad, boxes = random_resized_crop(keys, pix, tuple(c.corrupt.scale), tuple(c.corrupt.ratio))
         b = pix.shape[0]
         both = encode_codes(self.tower, frozen, jnp.stack([pix, bad], 1).reshape((2 * b,) + pix.shape[1:]))
         both = jax.lax.stop_gradient(both.reshape((b, 2) + both.shape[1:]))
-        codes = jnp.stack([both[:, 0], both[:, 0], both[:, 1]], 1).reshape((3 * b,) + both.shape[2:])
+        return both[:, 0], both[:, 1], boxes
+
+    def mdpo_logprobs(self, trainable, frozen, batch, rng):
+        """``(policy, reference)`` answer log-probs, each (B, 3): columns chosen | image,
+        rejected | image, chosen | corrupted image (the same crop for both)."""
+        clean, bad, _ = self.mdpo_codes(frozen, batch, rng)
+        b = clean.shape[0]
+        codes = jnp.stack([clean, clean, bad], 1).reshape((3 * b,) + clean.shape[1:])
         rest = {k: jnp.stack([batch[f"chosen_{k}"], batch[f"rejected_{k}"], batch[f"chosen_{k}"]], 1).reshape(3 * b, -1)
                 for k in ("ids", "mask", "target")}
         pre_ids, pre_mask = jnp.repeat(batch["pre_ids"], 3, axis=0), jnp.repeat(batch["pre_mask"], 3, axis=0)
