@@ -1,7 +1,7 @@
 """SDXL pipeline: fairjax vs diffusers' StableDiffusionXLPipeline on the same tiny random components.
 
 The diffusers pipeline is built here from tiny random modules and a made-up BPE vocabulary, saved
-with `save_pretrained`, converted to a fairjax model directory with the project's converters, and
+with `save_pretrained`, converted to a fairjax model directory with tools/convert_diffusers.py, and
 both pipelines are run on the same prompts and initial latents; the reference images are diffusers'.
 """
 
@@ -124,27 +124,14 @@ def build_tiny_sdxl(folder: str, *, unet=None, vae=None, text_hidden: int = 32, 
 
 
 def convert_tiny_sdxl(src: str, dst: str) -> str:
-    """diffusers pipeline folder -> fairjax model dir, with the project's per-component converters."""
-    from fairjax.convert import clip as clip_convert
-    from fairjax.convert import vae as vae_convert
-    from fairjax.convert.core import convert_checkpoint, shapes_of
-    from fairjax.convert.model_dir import save_component
-    from fairjax.convert.safetensors_io import ShardedReader
-    from fairjax.models.unet import UNet2DConditionModel, param_shapes
+    """diffusers pipeline folder -> fairjax model dir, with tools/convert_diffusers.py."""
+    import importlib.util
 
-    os.makedirs(dst, exist_ok=True)
-    for name in ("text_encoder", "text_encoder_2"):
-        save_component(os.path.join(dst, name), *clip_convert.convert_clip_text(os.path.join(src, name)))
-    save_component(os.path.join(dst, "vae"), *vae_convert.convert_vae(os.path.join(src, "vae")))
-    with open(os.path.join(src, "unet", "config.json")) as f:
-        unet_config = json.load(f)
-    with ShardedReader(os.path.join(src, "unet"), "diffusion_pytorch_model") as reader:
-        shapes = shapes_of(param_shapes(UNet2DConditionModel.from_config(unet_config)))
-        unet_params = convert_checkpoint(reader, shapes)
-    save_component(os.path.join(dst, "unet"), unet_config, unet_params)
-    for name in ("tokenizer", "tokenizer_2", "scheduler"):
-        shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
-    shutil.copy(os.path.join(src, "model_index.json"), dst)
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_diffusers.py")
+    spec = importlib.util.spec_from_file_location("convert_diffusers", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.convert(src, dst, log=lambda *_: None)
     return dst
 
 

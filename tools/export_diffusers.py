@@ -5,10 +5,15 @@
     python tools/export_diffusers.py MODEL_DIR OUT --lora LORA.safetensors --merge
     python tools/export_diffusers.py MODEL_DIR OUT --lora LORA.safetensors [--lora-prefix unet|none]
 
-Without ``--lora`` (or with ``--merge``): OUT becomes a folder with ``unet/``
-(``config.json`` + ``diffusion_pytorch_model.safetensors``) that
-``UNet2DConditionModel.from_pretrained(OUT, subfolder="unet")`` loads with no
-missing or unexpected keys; ``--merge`` adds the LoRA into the kernels first.
+Without ``--lora`` (or with ``--merge``): every fairjax component of MODEL_DIR
+(``unet/ vae/ text_encoder/ text_encoder_2/``) is written in diffusers /
+transformers format, the weight-free folders (``tokenizer/ tokenizer_2/
+scheduler/``) are copied verbatim and ``model_index.json`` is written back, so
+``StableDiffusionXLPipeline.from_pretrained(OUT)`` loads a converted SDXL
+pipeline with no missing or unexpected keys (parts that were skipped at
+conversion become ``[null, null]`` in model_index.json). A UNet-only model dir
+gives ``OUT/unet/`` for ``UNet2DConditionModel.from_pretrained(OUT,
+subfolder="unet")``. ``--merge`` adds the LoRA into the UNet kernels first.
 
 With ``--lora`` and no ``--merge``: writes the LoRA alone in diffusers / PEFT key
 format (``<module>.lora_A.weight`` / ``.lora_B.weight``, alpha/r folded into
@@ -33,30 +38,81 @@ from collections.abc import Callable
 import ml_dtypes
 import numpy as np
 
+from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
-from fairjax.convert.model_dir import atomic_output_dir, component_dir
+from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
 from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.errors import UserError
 
 #: component name -> exporter(fairjax component folder, diffusers out folder, *, dtype, lora, alpha) -> summary
 EXPORTERS: dict[str, Callable[..., dict]] = {
     "unet": unet_convert.export_component,
+    "vae": pipe_convert.export_vae,
+    "text_encoder": pipe_convert.export_clip_text,
+    "text_encoder_2": pipe_convert.export_clip_text,
+}
+#: class of a bare component folder's config (``_class_name`` / ``architectures``) -> component name
+CLASS_TO_COMPONENT: dict[str, str] = {
+    "UNet2DConditionModel": "unet",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
 }
 LORA_FILE = "pytorch_lora_weights.safetensors"
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
+def _is_component(folder: str) -> bool:
+    """A bare fairjax component folder (config.json + params.safetensors) rather than a model dir."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (CONFIG_FILE, PARAMS_FILE))
+
+
+def _bare_component(folder: str) -> tuple[str, str]:
+    """A single fairjax component folder: ``(component name, folder)`` from its config's class."""
+    config = read_json(os.path.join(folder, CONFIG_FILE))
+    cls = config.get("_class_name") or (config.get("architectures") or ["UNet2DConditionModel"])[0]
+    if cls not in CLASS_TO_COMPONENT:
+        raise UserError(f"{folder}: a {cls} component has no exporter (supported: {', '.join(CLASS_TO_COMPONENT)})")
+    return CLASS_TO_COMPONENT[cls], folder
+
+
 def _components(model_dir: str) -> list[tuple[str, str]]:
-    found = []
-    for name in EXPORTERS:
-        try:
-            found.append((name, component_dir(model_dir, name)))
-        except CheckpointError:
-            pass
+    """``[(component, fairjax folder)]`` to export; every one model_index.json names must be there."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"{model_dir}: model directory not found")
+    if _is_component(model_dir):
+        return [_bare_component(model_dir)]
+    wanted = set()
+    if os.path.isfile(os.path.join(model_dir, pipe_convert.MODEL_INDEX)):
+        wanted = {n for n in pipe_convert.index_entries(model_dir) if n in EXPORTERS}
+    found = [(n, component_dir(model_dir, n)) for n in EXPORTERS
+             if n in wanted or os.path.isdir(os.path.join(model_dir, n))]
     if not found:
         raise UserError(f"{model_dir}: no exportable fairjax component ({', '.join(EXPORTERS)}); "
                         f"is it a fairjax model dir made by tools/convert_diffusers.py?")
     return found
+
+
+def _copied_parts(model_dir: str) -> dict[str, str | None]:
+    """The weight-free folders to copy verbatim (checked: present, with the files their class needs)."""
+    if _is_component(model_dir):
+        return {}
+    copied = pipe_convert.copied_parts(model_dir)
+    for name, cls in copied.items():
+        pipe_convert.check_copied(model_dir, name, cls)
+    return copied
+
+
+def _copy_parts(model_dir: str, out: str, copied: dict, exported: list[str], log) -> None:
+    """Copy the weight-free folders and write model_index.json back (when MODEL_DIR has one)."""
+    for name in copied:
+        pipe_convert.copy_part(model_dir, out, name)
+    if copied:
+        log(f"copied: {', '.join(copied)}")
+    if not _is_component(model_dir) and os.path.isfile(os.path.join(model_dir, pipe_convert.MODEL_INDEX)):
+        dropped = pipe_convert.write_export_index(model_dir, out, set(exported) | set(copied))
+        if dropped:
+            log(f"model_index.json: {', '.join(dropped)} not in the model dir, written as [null, null]")
 
 
 def _load_lora(path: str):
@@ -70,10 +126,14 @@ def _load_lora(path: str):
 
 def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_path: str | None = None,
                  overwrite: bool = False, log=print) -> dict:
-    """Write every exportable component of ``model_dir`` under OUT/<component>/ (LoRA merged if given)."""
+    """Write every exportable component of ``model_dir`` under OUT/<component>/ (LoRA merged into the
+    UNet if given), copy its weight-free folders and write its model_index.json back."""
     comps = _components(model_dir)
+    copied = _copied_parts(model_dir)
     lora, alpha = (None, None)
     if lora_path:
+        if "unet" not in dict(comps):
+            raise UserError(f"{model_dir}: no unet to merge --lora {lora_path} into")
         lora, alpha, _ = _load_lora(lora_path)
     done = {}
     with atomic_output_dir(out, overwrite) as tmp:
@@ -81,6 +141,7 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
             kw = {"lora": lora, "alpha": alpha} if name == "unet" else {}
             done[name] = EXPORTERS[name](folder, os.path.join(tmp, name), dtype=DTYPES[dtype] if dtype else None, **kw)
             log(f"{name}: {done[name]}")
+        _copy_parts(model_dir, tmp, copied, list(done), log)
     log(f"wrote {out}")
     return done
 

@@ -1,0 +1,256 @@
+"""Whole diffusers pipeline folders <-> fairjax model directories.
+
+A diffusers pipeline folder (``StableDiffusionXLPipeline.save_pretrained``) lists its parts in
+``model_index.json`` as ``{"<subfolder>": ["<library>", "<class>"]}``. Each part is one of
+
+* a network with a fairjax port: converted (``unet/`` by :mod:`fairjax.convert.unet`,
+  ``vae/`` and ``text_encoder*/`` by the streaming converters here, which apply the family
+  rules of :mod:`fairjax.convert.vae` and :mod:`fairjax.convert.clip`),
+* a weight-free part (tokenizer, scheduler, image processor: class name ending in
+  ``Tokenizer``, ``TokenizerFast``, ``Scheduler``, ``ImageProcessor``, ``FeatureExtractor``):
+  its folder is copied verbatim, both ways,
+* anything else (a safety checker, an image encoder): skipped and listed in ``fairjax.json``.
+
+``model_index.json`` itself is copied into the model directory, and written back on export
+with the entries of skipped parts set to ``[null, null]`` (what diffusers writes for a part
+passed as ``None``), so ``DiffusionPipeline.from_pretrained`` loads the export as is.
+
+Conversion and export stream: every key and shape is checked from the file headers first,
+then tensors are read, transposed, cast and written one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from fairjax.convert import clip as clip_convert
+from fairjax.convert import vae as vae_convert
+from fairjax.convert.core import Path, flax_to_torch_array, flax_to_torch_key, path_str, plan_conversion
+from fairjax.convert.core import torch_to_flax_array
+from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
+from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, ShardedReader, write_safetensors
+
+MODEL_INDEX = "model_index.json"
+#: classes whose folder holds no weights and is copied verbatim
+COPIED_CLASS = re.compile(r"(Tokenizer|TokenizerFast|Scheduler|ImageProcessor|FeatureExtractor)$")
+#: folders copied when a model dir has no model_index.json (e.g. one built by fairjax.tasks.tiny_sdxl)
+DEFAULT_COPIED = ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor")
+#: files a copied folder must hold (any one group of the list), by class-name suffix
+REQUIRED_FILES = {
+    "Scheduler": [("scheduler_config.json",)],
+    "Tokenizer": [("vocab.json", "merges.txt"), ("tokenizer.json",), ("spiece.model",), ("tokenizer.model",)],
+    "TokenizerFast": [("tokenizer.json",), ("vocab.json", "merges.txt")],
+    "ImageProcessor": [("preprocessor_config.json",)],
+    "FeatureExtractor": [("preprocessor_config.json",)],
+}
+
+
+# ----------------------------------------------------------------------------- model_index.json
+
+def index_entries(folder: str) -> dict[str, tuple[str, str]]:
+    """``{subfolder: (library, class)}`` of the parts ``folder/model_index.json`` names (null entries left out)."""
+    index = read_json(os.path.join(folder, MODEL_INDEX))
+    return {k: (v[0], v[1]) for k, v in sorted(index.items())
+            if not k.startswith("_") and isinstance(v, list) and len(v) == 2 and v[0] is not None}
+
+
+def is_copied_class(cls: str | None) -> bool:
+    return bool(cls) and COPIED_CLASS.search(cls) is not None
+
+
+def copied_parts(folder: str) -> dict[str, str | None]:
+    """``{subfolder: class}`` copied verbatim: by model_index.json, else the :data:`DEFAULT_COPIED` present."""
+    if os.path.isfile(os.path.join(folder, MODEL_INDEX)):
+        return {n: c for n, (_, c) in index_entries(folder).items() if is_copied_class(c)}
+    return {n: None for n in DEFAULT_COPIED if os.path.isdir(os.path.join(folder, n))}
+
+
+def check_copied(folder: str, name: str, cls: str | None) -> None:
+    """A copied part's folder exists and holds the files its class needs (one-line error otherwise)."""
+    sub = os.path.join(folder, name)
+    what = f"{name} ({cls})" if cls else name
+    if not os.path.isdir(sub):
+        raise CheckpointError(f"{folder}: model_index.json names {what} but there is no {name}/ folder; "
+                              f"copy it from the original pipeline")
+    present = set(os.listdir(sub))
+    suffix = COPIED_CLASS.search(cls).group(1) if cls and is_copied_class(cls) else None
+    groups = REQUIRED_FILES.get(suffix)
+    if groups is None:
+        if not present:
+            raise CheckpointError(f"{sub}: {what} folder is empty; copy it from the original pipeline")
+        return
+    if not any(all(f in present for f in g) for g in groups):
+        need = " or ".join(" + ".join(g) for g in groups)
+        raise CheckpointError(f"{sub}: {what} folder lacks {need} (found: {', '.join(sorted(present)[:8]) or 'nothing'}); "
+                              f"copy it from the original pipeline")
+
+
+def copy_part(src: str, dst: str, name: str) -> None:
+    """``src/name/`` -> ``dst/name/``, every file verbatim."""
+    shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+
+
+def write_export_index(model_dir: str, out: str, present: set[str]) -> list[str]:
+    """Write ``out/model_index.json`` from ``model_dir``'s, with parts not in ``present`` set to
+    ``[null, null]``; returns those parts. The file is copied byte for byte when nothing changes."""
+    index = read_json(os.path.join(model_dir, MODEL_INDEX))
+    dropped = [n for n in index_entries(model_dir) if n not in present]
+    if not dropped:
+        shutil.copyfile(os.path.join(model_dir, MODEL_INDEX), os.path.join(out, MODEL_INDEX))
+        return []
+    for n in dropped:
+        index[n] = [None, None]
+    write_json(os.path.join(out, MODEL_INDEX), index)
+    return dropped
+
+
+# ----------------------------------------------------------------------------- families
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one network family's checkpoint folder maps onto its Flax params."""
+
+    weights_prefix: str  # diffusion_pytorch_model (diffusers) / model (transformers)
+    shapes: Callable[[Mapping], dict[Path, tuple[int, ...]]]  # config dict -> {flax path: shape}
+    ignore: tuple[str, ...] = ()
+    rename: Callable[[str], str] | None = None
+    literal: tuple[str, ...] = ()
+    dtype_keys: tuple[str, ...] = ()  # config keys recording the weights' dtype (transformers)
+
+
+def _vae_shapes(config: Mapping) -> dict[Path, tuple[int, ...]]:
+    from fairjax.models import vae
+
+    return vae.param_shapes(vae.from_config(config))
+
+
+def _clip_shapes(config: Mapping) -> dict[Path, tuple[int, ...]]:
+    from fairjax.models import clip_text
+
+    return clip_text.param_shapes(clip_text.from_config(config))
+
+
+VAE = Family(vae_convert.WEIGHTS_PREFIX, _vae_shapes, rename=vae_convert.rename_legacy_attention,
+             literal=vae_convert.LITERAL)
+CLIP_TEXT = Family(clip_convert.WEIGHTS_PREFIX, _clip_shapes, ignore=clip_convert.IGNORE,
+                   rename=clip_convert.add_text_model_prefix, literal=clip_convert.LITERAL,
+                   dtype_keys=("dtype", "torch_dtype"))
+
+
+class LazyArray:
+    """A tensor computed when the writer asks for it (``write_safetensors`` reads ``shape`` and
+    ``dtype`` for the header, then ``np.asarray`` of each item in turn)."""
+
+    def __init__(self, fn: Callable[[], np.ndarray], shape: tuple[int, ...], dtype):
+        self._fn, self.shape, self.dtype = fn, tuple(shape), np.dtype(dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.ascontiguousarray(self._fn(), dtype=dtype or self.dtype)
+
+
+def open_weights(folder: str, prefix: str, variant: str | None = None) -> ShardedReader:
+    """A weight folder, single file or sharded; with ``variant=None`` plain weights, else ``fp16``, else ``bf16``."""
+    if variant is not None:
+        return ShardedReader(folder, prefix, variant=variant)
+    for v in (None, "fp16", "bf16"):
+        stem = f"{prefix}.{v}" if v else prefix
+        names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+        if v:
+            names.append(f"{prefix}.safetensors.index.{v}.json")
+        if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+            return ShardedReader(folder, prefix, variant=v)
+    return ShardedReader(folder, prefix)  # raises: names the folder and what it holds
+
+
+def check_weights(folder: str, prefix: str, variant: str | None = None) -> None:
+    """``folder`` has a ``config.json`` and readable weight files (headers only; one-line error naming it)."""
+    if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        raise CheckpointError(f"{folder}: no {CONFIG_FILE}; copy the component folder from the original pipeline")
+    with open_weights(folder, prefix, variant):
+        pass
+
+
+def convert_component(family: Family, src: str, out: str, *, dtype=None, variant: str | None = None) -> dict:
+    """A diffusers / transformers component folder ``src`` -> fairjax component folder ``out``.
+
+    ``out/config.json`` is the source config as is; ``out/params.safetensors`` holds the Flax
+    tree (``dtype``, or each tensor's own dtype). The caller owns atomicity (``atomic_output_dir``).
+    """
+    cfg_path = os.path.join(src, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{src}: no {CONFIG_FILE}; copy the component folder from the original pipeline")
+    config = read_json(cfg_path)
+    shapes = family.shapes(config)
+    with open_weights(src, family.weights_prefix, variant) as reader:
+        try:
+            mapping = plan_conversion({k: reader.shape(k) for k in reader.keys()}, shapes,
+                                      ignore=family.ignore, rename=family.rename)
+        except CheckpointError as e:
+            raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
+        items = []
+        for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
+            fn = functools.partial(lambda k, lf: torch_to_flax_array(reader[k], lf), key, leaf)
+            items.append((path_str(path), LazyArray(fn, shapes[path], dtype or reader.dtype(key))))
+        os.makedirs(out, exist_ok=True)
+        write_safetensors(os.path.join(out, PARAMS_FILE), items, {"format": "fairjax", "source": os.path.abspath(src)})
+    write_json(os.path.join(out, CONFIG_FILE), config)
+    return {"arrays": len(items), "params": int(sum(np.prod(s) for s in shapes.values()))}
+
+
+def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
+    """Flax leaf shape -> PyTorch shape (kernels HWIO -> OIHW, WIO -> OIW, (in, out) -> (out, in))."""
+    s = tuple(shape)
+    if leaf == "kernel" and len(s) == 4:
+        return (s[3], s[2], s[0], s[1])
+    if leaf == "kernel" and len(s) in (2, 3):
+        return s[::-1]
+    return s
+
+
+def _check_params(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int, ...]]) -> None:
+    want = {path_str(p): tuple(s) for p, s in shapes.items()}
+    have = {k: reader.shape(k) for k in reader.keys()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    bad = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or unexpected or bad:
+        raise CheckpointError(f"{reader.path} does not fit its config.json: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]} "
+                              f"({len(missing)}/{len(unexpected)}/{len(bad)} in all)")
+
+
+def export_component(family: Family, src: str, out: str, *, dtype=None) -> dict:
+    """fairjax component folder ``src`` -> diffusers / transformers folder ``out`` that the library's
+    ``from_pretrained`` loads with no missing or unexpected keys (``config.json`` +
+    ``<prefix>.safetensors``, in ``dtype`` or as stored)."""
+    config = read_json(os.path.join(src, CONFIG_FILE))
+    shapes = family.shapes(config)
+    with SafetensorsReader(os.path.join(src, PARAMS_FILE)) as reader:
+        _check_params(reader, shapes)
+        items, dtypes = [], set()
+        for k in sorted(reader.keys()):
+            path = tuple(k.split("/"))
+            dt = np.dtype(dtype or reader.dtype(k))
+            dtypes.add(dt)
+            fn = functools.partial(lambda k, lf: flax_to_torch_array(reader[k], lf), k, path[-1])
+            items.append((flax_to_torch_key(path, family.literal), LazyArray(fn, torch_shape(shapes[path], path[-1]), dt)))
+        os.makedirs(out, exist_ok=True)
+        write_safetensors(os.path.join(out, f"{family.weights_prefix}.safetensors"), items, {"format": "pt"})
+    if len(dtypes) == 1:  # the config says what the file holds (transformers loads with dtype="auto")
+        (dt,) = dtypes
+        config.update({key: str(dt) for key in family.dtype_keys if key in config})
+    write_json(os.path.join(out, CONFIG_FILE), config)
+    return {"arrays": len(items)}
+
+
+convert_vae = functools.partial(convert_component, VAE)
+convert_clip_text = functools.partial(convert_component, CLIP_TEXT)
+export_vae = functools.partial(export_component, VAE)
+export_clip_text = functools.partial(export_component, CLIP_TEXT)
