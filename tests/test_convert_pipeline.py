@@ -165,6 +165,13 @@ def test_fp16_sharded_variant_round_trip_bit_exact(sdxl, tmp_path):
         got = state_np(getattr(loaded, name))
         assert {a.dtype for a in got.values()} == {np.dtype(np.float16)}, name
         assert_bit_exact(got, state_np(getattr(half, name)), name)
+    # exported as stored (float32 masters): the config's dtype says float32, so transformers (which
+    # loads in the config's dtype by default) gets float32, the fp16 values exactly
+    out32 = str(tmp_path / "out32")
+    assert export_tool.main([fj, out32]) == 0
+    te = transformers.CLIPTextModelWithProjection.from_pretrained(out32, subfolder="text_encoder_2")
+    want = {k: v.astype(np.float32) for k, v in state_np(half.text_encoder_2).items()}
+    assert_bit_exact(state_np(te), want, "text_encoder_2 float32")
 
 
 def test_merged_lora_equals_diffusers_fuse_lora(sdxl, converted, tmp_path, rel):
@@ -244,7 +251,7 @@ def test_sd1_pipeline_round_trip_with_skipped_part(tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         assert_bit_exact(state_np(getattr(loaded, name)), state_np(getattr(pipe, name)), name)
     latents = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
-    kw = dict(num_inference_steps=2, guidance_scale=5.0, latents=latents, output_type="np")
+    kw = dict(num_inference_steps=1, guidance_scale=5.0, latents=latents, output_type="np")
     want = pipe("a photo of a cat", **kw).images
     assert want.std() > 0.02 and np.array_equal(loaded("a photo of a cat", **kw).images, want)
 
