@@ -41,7 +41,7 @@ import diffusers  # noqa: E402
 
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
-from fairjax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from fairjax.models.unet import UNet2DConditionModel  # noqa: E402
 
 CONFIG = {
     "_class_name": "UNet2DConditionModel", "block_out_channels": [64, 128, 256],
@@ -170,7 +170,8 @@ def main():
 
     print(f"UNet {n_params / 1e6:.1f}M params, batch {b}, {s}x{s} latents, context {args.seq}x256, float32, "
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); compile fwd {compile_fwd:.1f}s, step {compile_step:.1f}s")
+          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); "
+          f"compile fwd {compile_fwd:.1f}s, step {compile_step:.1f}s")
     print(f"attention_implementation={args.attention}; medians of {args.steps} interleaved runs "
           f"(wall, and process CPU time summed over threads)")
     for name, (fj, pt) in res.items():

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
-from safetensors.numpy import load_file  # noqa: E402
+from safetensors.torch import load_file as load_torch  # noqa: E402
 from test_unet import DictReader, flax_unet, inputs, tiny_sdxl_config, torch_forward, torch_unet  # noqa: E402
 
 from fairjax import lora as lora_lib  # noqa: E402
@@ -61,15 +61,16 @@ def converted(src_fp32, tmp_path_factory):
     return out
 
 
-def state_np(model):
-    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-
-
 def assert_bit_exact(got: dict, want: dict):
+    """Same keys, dtypes, shapes and bytes (torch tensors)."""
     assert set(got) == set(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
-        assert np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)), k
+        assert torch.equal(got[k].contiguous().view(torch.uint8), want[k].contiguous().view(torch.uint8)), k
+
+
+def exported(out):
+    return load_torch(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 
 # ----------------------------------------------------------------------------- round trips
@@ -84,6 +85,8 @@ def test_converted_params_equal_core_conversion(converted, src_fp32, torch_model
         assert np.array_equal(got[k], want[k]), k
     index = read_json(os.path.join(converted, "fairjax.json"))
     assert index["components"] == ["unet"]
+    unet2, _ = unet_mod.load(converted, attention_implementation="einsum", remat=True, upcast_attention=True)
+    assert unet2.remat and unet2.attention_implementation == "einsum" and unet2.config["upcast_attention"]
     assert read_json(os.path.join(converted, "unet", "config.json")) == read_json(os.path.join(src_fp32, "config.json"))
 
 
@@ -92,21 +95,23 @@ def test_round_trip_fp32_bit_exact(converted, torch_model, tmp_path):
     assert export_tool.main([converted, out]) == 0
     loaded, info = diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert_bit_exact(state_np(loaded), state_np(torch_model))
-    assert_bit_exact(load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors")), state_np(torch_model))
+    assert_bit_exact(loaded.state_dict(), torch_model.state_dict())
+    assert_bit_exact(exported(out), torch_model.state_dict())
 
 
-def test_round_trip_fp16_sharded_variant_bit_exact(torch_model, tmp_path):
-    """fp16 `.fp16` variant, sharded with an index -> float32 fairjax -> fp16 diffusers: identical bytes."""
-    half = torch_unet(CFG, seed=11).half()
+@pytest.mark.parametrize("dtype,variant,shard", [("float16", "fp16", "100KB"), ("bfloat16", "bf16", None)])
+def test_round_trip_half_precision_variants_bit_exact(dtype, variant, shard, tmp_path):
+    """fp16 (`.fp16` variant, sharded with an index) and bf16 (`.bf16`, one file) -> float32 fairjax ->
+    the same dtype in diffusers: identical bytes."""
+    half = torch_unet(CFG, seed=11).to(getattr(torch, dtype))
     src = tmp_path / "unet"
-    half.save_pretrained(src, variant="fp16", max_shard_size="100KB")
-    assert os.path.isfile(src / "diffusion_pytorch_model.safetensors.index.fp16.json")  # diffusers' variant index name
+    half.save_pretrained(src, variant=variant, **({"max_shard_size": shard} if shard else {}))
+    if shard:
+        assert os.path.isfile(src / f"diffusion_pytorch_model.safetensors.index.{variant}.json")  # diffusers' name
     model_dir, out = str(tmp_path / "fj"), str(tmp_path / "pt")
     assert convert_tool.main([str(src), model_dir]) == 0
-    assert export_tool.main([model_dir, out, "--dtype", "float16"]) == 0
-    got = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
-    assert_bit_exact(got, state_np(half))
+    assert export_tool.main([model_dir, out, "--dtype", dtype]) == 0
+    assert_bit_exact(exported(out), half.state_dict())
 
 
 def test_pipeline_folder_converts_registered_components(src_fp32, tmp_path, capsys):
@@ -158,7 +163,7 @@ def test_lora_export_matches_flax_merge(converted, lora_file, tmp_path, rel):
     out = str(tmp_path / "lora_pt")
     assert export_tool.main([converted, out, "--lora", path]) == 0
     file = os.path.join(out, "pytorch_lora_weights.safetensors")
-    sd = {k: torch.from_numpy(v) for k, v in load_file(file).items()}
+    sd = load_torch(file)
     assert all(k.startswith("unet.") and ".lora_" in k for k in sd)
     conv_a = sd["unet.down_blocks.1.resnets.0.conv1.lora_A.weight"]
     assert tuple(conv_a.shape[:2]) == (4, 16) and tuple(sd["unet.conv_in.lora_B.weight"].shape) == (16, 4, 1, 1)
@@ -176,7 +181,7 @@ def test_lora_export_matches_flax_merge(converted, lora_file, tmp_path, rel):
     # bare keys, loaded with prefix=None, do the same
     bare = str(tmp_path / "bare.safetensors")
     assert export_tool.main([converted, bare, "--lora", path, "--lora-prefix", "none"]) == 0
-    sd_bare = {k: torch.from_numpy(v) for k, v in load_file(bare).items()}
+    sd_bare = load_torch(bare)
     assert set(sd_bare) == {k.removeprefix("unet.") for k in sd}
     assert rel(torch_forward(_with_adapter(11, sd_bare, "bare"), sample, t, context, added), want) <= 1e-6
     # --merge writes the merged weights
