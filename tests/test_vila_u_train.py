@@ -123,12 +123,12 @@ def test_image_code_logprobs_match_transformers(tiny, rel):
     ps = prompts(4)
     codes = random_codes((4, N, D), 1)
     ids, mask = vd.left_pad(ps, max(len(p) for p in ps) + 2)
-    f = jax.jit(lambda lo, red: vp.image_code_logprobs(vu, params, jnp.asarray(ids), jnp.asarray(mask),
-                                                       jnp.asarray(codes), lora=lo, lora_alpha=8.0, reduce=red),
-                static_argnums=1)
+    f = jax.jit(lambda lo, red, chunk=0: vp.image_code_logprobs(
+        vu, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(codes), lora=lo, lora_alpha=8.0, reduce=red,
+        head_chunk=chunk), static_argnums=(1, 2))
     ref = [ref_image_lp(llm, rq, codebook, proj, p, c) for p, c in zip(ps, codes)]
     assert rel(f(None, "mean"), ref) < TOL
-    assert rel(f(None, "sum"), np.asarray(ref) * N * D) < TOL
+    assert rel(f(None, "sum", 2), np.asarray(ref) * N * D) < TOL  # depth head 2 positions at a time
     # with a LoRA (applied unmerged) = torch with the LoRA merged into its weights
     lora = random_lora(params)
     lp = f(lora, "mean")
@@ -373,6 +373,16 @@ def test_mdpo_terms_and_corrupted_image(tiny, mdpo_setup, rel):
             for lp, mdl in ((pol, merged), (ref, llm)):
                 want = ref_answer_lp(mdl, codebook, proj, raw["pre_ids"][i], np.asarray(codes[i]), rest_i, n_ans)
                 assert rel(lp[i, col], want) < TOL
+
+
+def test_lora_dropout_mask_rate_and_independence():
+    kd = jax.random.key_data(jax.random.split(jax.random.key(0), 8))
+    m = np.asarray(jax.jit(vp.hash_keep_mask, static_argnums=(1, 2, 3))(kd, 7, 0.1, (8, 200, 64)))
+    m2 = np.asarray(vp.hash_keep_mask(kd, 8, 0.1, (8, 200, 64)))
+    n = m[0].size
+    assert np.all(np.abs(m.mean(axis=(1, 2)) - 0.9) < 5 * np.sqrt(0.09 / n))  # per row, binomial 5 sigma
+    for a, b in ((m, m2), (m[0], m[1]), (m[0, :, :-1], m[0, :, 1:])):  # layers (salts), rows, neighbours
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / np.sqrt(a.size)
 
 
 def test_crop_keeps_1_to_20_percent_and_matches_torch_resize(rel):

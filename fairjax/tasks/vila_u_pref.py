@@ -77,14 +77,37 @@ def lora_interceptor(lora: Mapping[str, Mapping], alpha: float, dropout: float =
             return y
         x = jnp.asarray(args[0]).astype(y.dtype)
         if dropout > 0 and row_keys is not None:
-            salt = zlib.crc32(path.encode()) & 0x7FFFFFFF
-            keep = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, salt), 1.0 - dropout,
-                                                           x.shape[1:]))(row_keys)
+            keep = hash_keep_mask(jax.random.key_data(row_keys), zlib.crc32(path.encode()), dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(y.dtype)
         a, b = entry["a"].astype(y.dtype), entry["b"].astype(y.dtype)
         return y + ((alpha / a.shape[-1]) * ((x @ a) @ b)).astype(y.dtype)
 
     return icpt
+
+
+def _mix32(h):
+    """lowbias32 (Wellons): an invertible 32-bit integer hash with good avalanche."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def hash_keep_mask(key_data, salt: int, rate: float, shape) -> jax.Array:
+    """Dropout keep-mask of ``shape`` (rows first): entry ``j`` of row ``i`` is kept when
+    ``mix(mix(j ^ k_i0 ^ salt) ^ k_i1) >= rate * 2^32`` (``k_i`` = row ``i``'s key data).
+
+    A counter-based hash of the element index, computed elementwise where it is used, so XLA
+    fuses it into the dropout and never stores a mask (``jax.random.bernoulli`` masks were kept
+    alive across layers by XLA, ~2 GB per device at 8 layers x 8 pairs). Keep probability
+    ``1 - rate`` to within 2^-32; fresh masks per step, row and layer through the keys and salt."""
+    kd = key_data.astype(jnp.uint32).reshape(shape[0], -1)
+    n = math.prod(shape[1:])
+    j = jax.lax.broadcasted_iota(jnp.uint32, (shape[0], n), 1)
+    h = _mix32(j ^ kd[:, :1] ^ jnp.uint32(salt & 0xFFFFFFFF))
+    h = _mix32(h ^ kd[:, -1:])
+    return (h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))).reshape(shape)
 
 
 def _llm_hidden(vu: vila_u.VilaU, llm_params, x, mask, lora, lora_alpha, dropout, row_keys):
@@ -111,18 +134,39 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- adapters
 
+def code_logprobs(vu: vila_u.VilaU, params, hidden, codes, chunk: int = 0) -> jax.Array:
+    """``log softmax(depth_logits(hidden, codes))[codes]``: (B, N, H), (B, N, D) -> (B, N, D) float32.
+
+    ``chunk`` > 0 (dividing N): positions go through the depth transformer ``chunk`` at a time in a
+    ``lax.map`` whose body is rematerialised, so only one chunk's (B, chunk, D, V) logits and
+    block activations are ever live (forward and backward); the values are the same."""
+    def one(h, c):
+        return token_logprobs(vila_u.depth_logits(vu, params, h, c), c)
+
+    b, n = codes.shape[:2]
+    if not chunk or chunk >= n:
+        return one(hidden, codes)
+    if n % chunk:
+        raise UserError(f"model.head_chunk={chunk} does not divide the {n} image positions")
+    k = n // chunk
+    split = lambda x: jnp.swapaxes(x.reshape((b, k, chunk) + x.shape[2:]), 0, 1)  # noqa: E731
+    out = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (split(hidden), split(codes)))
+    return jnp.swapaxes(out, 0, 1).reshape(codes.shape)
+
+
 def image_code_logprobs(vu: vila_u.VilaU, params, prompt_ids, prompt_mask, codes, *, lora=None, lora_alpha=1.0,
-                        dropout=0.0, row_keys=None, reduce: str = "mean") -> jax.Array:
+                        dropout=0.0, row_keys=None, reduce: str = "mean", head_chunk: int = 0) -> jax.Array:
     """Per-sample log-probability of ``codes (B, N, D)`` after ``prompt_ids (B, P)`` (left-padded,
     ``prompt_mask`` marks real tokens, the last real token is ``<im_start>``); see module docstring.
-    ``reduce``: ``'mean'`` over the N x D codes or ``'sum'``. Returns (B,) float32."""
+    ``reduce``: ``'mean'`` over the N x D codes or ``'sum'``; ``head_chunk``: see
+    :func:`code_logprobs`. Returns (B,) float32."""
     b, p = prompt_ids.shape
     te = _embed(vu, params, prompt_ids)
     ie = vila_u.image_embeds(vu, params, codes[:, :-1]).astype(te.dtype)
     x = jnp.concatenate([te, ie], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones(codes.shape[:1] + (codes.shape[1] - 1,), bool)], 1)
     h = _llm_hidden(vu, params["llm"], x, mask, lora, lora_alpha, dropout, row_keys)[:, p - 1:]
-    lp = token_logprobs(vila_u.depth_logits(vu, params, h, codes), codes)
+    lp = code_logprobs(vu, params, h, codes, head_chunk)
     if reduce == "mean":
         return jnp.mean(lp, axis=(1, 2))
     if reduce == "sum":
@@ -319,6 +363,7 @@ def default_config():
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
         remat=False,  # rematerialise each LLaMA / depth-transformer block in the backward pass
         attention_impl="",  # '' = XLA; 'cudnn' = flash attention on GPU
+        head_chunk=0,  # > 0: image positions per rematerialised depth-head chunk (bounds the code logits)
     ))
     c.data = ml_collections.ConfigDict(dict(dir="", split="train", shuffle=True, max_prompt_len=0))
     c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0, dropout=0.1, targets=LORA_TARGETS,
@@ -482,7 +527,7 @@ class VilaUPrefTask:
         keys = self._row_keys(rng, batch["index"], slots) if lora else None
         lp = image_code_logprobs(self.vu, frozen, ids, mask, codes.reshape((b * slots,) + codes.shape[2:]),
                                  lora=lora, lora_alpha=self.alpha, dropout=self.dropout if lora else 0.0,
-                                 row_keys=keys, reduce=reduce)
+                                 row_keys=keys, reduce=reduce, head_chunk=int(self.config.model.get("head_chunk", 0)))
         return lp.reshape(b, slots)
 
     def loss(self, trainable, frozen, batch, rng):
