@@ -22,6 +22,13 @@
    :func:`fairjax.tasks.vila_u_pref.hash_keep_mask`; ``jax.random.bernoulli`` masks cost
    0.7 GB at 4 layers and 2.1 GB at 8 layers of the smaller config on XLA:CPU).
 4. Which GPU memory sizes fit the 7B run (analytic total <= 90% of the card).
+
+Measured (2-core CPU box): the smaller config compiles to 1.3-1.7x the analytic bytes; the 7B
+step at fsdp 8 to 55 GiB per device on XLA:CPU vs 6.4 GiB analytic. At the JAX level only each
+layer's input is saved (``jax.ad_checkpoint.print_saved_residuals``); the excess grows with depth
+(~0.1 GB per extra layer of the smaller config), i.e. XLA:CPU's scheduler, which has no memory
+budget, keeps recomputed attention activations / gathered weights alive. Measure on a GPU
+before trusting the fit table.
 """
 
 import argparse
