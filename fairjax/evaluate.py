@@ -161,6 +161,11 @@ def evaluate(config, models: dict[str, tuple[str, str | None]], out: str, *, bas
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
+    for name, (model_dir, lora) in models.items():
+        if not os.path.isdir(model_dir):
+            raise UserError(f"{model_dir}: model directory not found (model {name!r})")
+        if lora and not os.path.isfile(lora):
+            raise UserError(f"{lora}: LoRA file not found (model {name!r})")
     jobs = eval_jobs(ec)
     first_dir = next(iter(models.values()))[0]
     classifier, classes = make_classifier(str(ec.classifier), first_dir)

@@ -153,7 +153,8 @@ def form_sets(labelled: list[Labelled], neutral: Sequence[str], classes: Mapping
         winners, surplus, missing = balance_winners(cands, groups, attrs)
         for x in surplus:
             x.reason = SURPLUS
-        dropped[SURPLUS] += len(surplus)
+        if surplus:
+            dropped[SURPLUS] += len(surplus)
         losers = [x for x in neut if x.reason is None]
         if missing:
             warnings.warn(f"set {s} ({prompt!r}): no usable identity image for group(s) "

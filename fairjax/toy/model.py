@@ -45,7 +45,7 @@ ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 MANIFEST = "manifest.json"
 MAX_LENGTH = 8  # tokens per prompt incl. BOS/EOS ("an amber female teacher" is 6)
 TEXT_DIM = 32
-BLOCK_OUT_CHANNELS = (32, 64)
+BLOCK_OUT_CHANNELS = (16, 32)
 
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
@@ -334,12 +334,19 @@ def build(out: str, world: ToyWorld | None = None, cfg: PretrainConfig = Pretrai
         write_json(os.path.join(tmp, WORLD_FILE), world.to_json())
         write_index(tmp, ["unet", "text_encoder", "text_encoder_2"], toy_world=True)
         manifest = {"what": "fairjax toy world base model (pixel space, no VAE)",
-                    "rebuild": f"python -m fairjax.toy.model --out DIR --steps {cfg.steps}",
+                    "rebuild": rebuild_command(cfg, channels),
                     "pretrain": dataclasses.asdict(cfg), "world": world.to_json(),
                     "unet_config": unet_config(world.size, channels), "scheduler_config": SCHEDULER_CONFIG,
                     "versions": _versions(), "files": file_digests(tmp)}
         write_json(os.path.join(tmp, MANIFEST), manifest)
     return out
+
+
+def rebuild_command(cfg: PretrainConfig, channels=None) -> str:
+    """The command line that rebuilds a model with these settings."""
+    ch = ",".join(str(c) for c in (channels or BLOCK_OUT_CHANNELS))
+    return (f"python -m fairjax.toy.model --out DIR --steps {cfg.steps} --batch-size {cfg.batch_size} "
+            f"--lr {cfg.lr:g} --seed {cfg.seed} --channels {ch}")
 
 
 def _versions() -> dict:
