@@ -203,3 +203,91 @@ def rqtransformer_shapes(cfg):
     s.update({"classifier_mlp.layer_norm.weight": (e,), "classifier_mlp.layer_norm.bias": (e,),
               "classifier_mlp.linear.weight": (v, e), "classifier_mlp.linear.bias": (v,)})
     return {f"rqtransformer.{k}": v for k, v in s.items()}
+
+
+# ----------------------------------------------------------------------------- vila-u's LLaMA tokenizer
+
+SPIECE_UNDERLINE = "\u2581"
+VILA_U_SPECIALS = ("<im_start>", "<im_end>", "<vi_start>", "<vi_end>")  # added by vila-u's model builder
+TOKENIZER_CORPUS = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions.",
+    "USER: a photo of a doctor ASSISTANT: a nurse, a teacher, a person smiling",
+    "portrait of a firefighter in the city at night", "the quick brown fox jumps over the lazy dog",
+    "what is this person's job? the person is a doctor 2024 12345",
+)
+
+
+def write_sentencepiece_tokenizer(folder, vocab_size=400, corpus=TOKENIZER_CORPUS):
+    """vila-u's ``llm/`` tokenizer files on a tiny model: a sentencepiece ``tokenizer.model`` trained here with
+    LLaMA's trainer settings (BPE, byte fallback, split digits, dummy prefix, whitespace kept, identity
+    normalisation, <unk> <s> </s> = 0 1 2), and ``tokenizer_config.json`` / ``special_tokens_map.json`` as
+    transformers' ``save_pretrained`` writes them after vila-u's ``add_tokens(<im_start> ..., special_tokens=True)``
+    (the 4 tokens right after the sentencepiece pieces). Returns the size with the added tokens."""
+    import io
+    import json
+    import os
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus) * 20), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+
+    def added(content):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                "special": True}
+
+    decoder = {"0": added("<unk>"), "1": added("<s>"), "2": added("</s>")}
+    decoder.update({str(vocab_size + i): added(t) for i, t in enumerate(VILA_U_SPECIALS)})
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"add_bos_token": True, "add_eos_token": False, "added_tokens_decoder": decoder, "bos_token": "<s>",
+                   "clean_up_tokenization_spaces": False, "eos_token": "</s>", "legacy": False,
+                   "model_max_length": 4096, "pad_token": "<unk>", "padding_side": "right", "sp_model_kwargs": {},
+                   "tokenizer_class": "LlamaTokenizer", "unk_token": "<unk>", "use_default_system_prompt": False}, f)
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"bos_token": added("<s>"), "eos_token": added("</s>"), "pad_token": added("<unk>"),
+                   "unk_token": added("<unk>")}, f)
+    return vocab_size + len(VILA_U_SPECIALS)
+
+
+def vila_u_slow_tokenizer(llm_dir):
+    """vila-u's tokenizer as it loads it, ``AutoTokenizer.from_pretrained(llm, use_fast=False, legacy=False)``:
+    transformers 4.36's sentencepiece ``LlamaTokenizer`` (vila-u pins that version and ships its
+    ``tokenization_llama.py`` in ``vila_u/train/transformers_replace``). transformers 5 has no slow LLaMA class;
+    its ``SentencePieceBackend`` is the same sentencepiece machinery (``add_dummy_prefix`` switched off for
+    ``legacy=False``, the ``<unk>``-prefix ``_tokenize``, split at added tokens), and the ``tokenize`` override
+    below is vila-u's file's ``LlamaTokenizer.tokenize``. (Checked once against transformers 4.46.3's slow
+    ``LlamaTokenizer`` on this module's tiny model: the same ids for 600 random strings of words, spaces, tabs,
+    newlines, ``▁``, emoji and added tokens.)"""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    class VilaULlamaTokenizer(SentencePieceBackend):
+        def __init__(self, add_prefix_space=True, **kwargs):
+            self.add_prefix_space = add_prefix_space
+            super().__init__(**kwargs)
+
+        def tokenize(self, text, **kwargs):
+            if self.legacy or len(text) == 0:
+                return super().tokenize(text, **kwargs)
+            text = text.replace(SPIECE_UNDERLINE, " ")
+            if self.add_prefix_space:
+                text = SPIECE_UNDERLINE + text
+            tokens = super().tokenize(text, **kwargs)
+            if len(tokens) > 1 and tokens[0] == SPIECE_UNDERLINE and tokens[1] in self.all_special_tokens:
+                tokens = tokens[1:]
+            return tokens
+
+    return VilaULlamaTokenizer.from_pretrained(llm_dir, legacy=False)
+
+
+def tokenizer_image_token(tok, text):
+    """vila-u ``mm_utils.tokenizer_image_token`` for text without ``<image>``: ``[bos] + tok(text).input_ids[1:]``
+    (the slow tokenizer adds BOS itself; here it is added explicitly, as the first id either way)."""
+    return [tok.bos_token_id] + tok(text, add_special_tokens=False).input_ids

@@ -182,6 +182,52 @@ def test_folder_and_config_errors(src, tmp_path):
     assert conv.siglip_vision_config({"pretrained_model": "/ckpt/siglip-large-patch16-256/"})["hidden_size"] == 1024
 
 
+def test_tokenizer_files(src, tmp_path):
+    """llm/ tokenizer: none -> a note, weights still convert; tokenizer.json -> copied byte for byte;
+    tokenizer.model only -> tokenizer.json written (ids: test_vila_u_generate); a tokenizer that does not
+    fit the LLM or cannot be read -> one line, nothing written."""
+    pytest.importorskip("sentencepiece")
+    from fairjax import vila_u_generate as vg
+
+    notes = []
+    conv.convert_vila_u(src["root"], str(tmp_path / "none"), siglip_config=SIGLIP, log=notes.append)
+    assert any("no tokenizer.json or tokenizer.model" in n for n in notes)
+    assert not {"tokenizer.json", "tokenizer.model"} & set(os.listdir(tmp_path / "none" / "llm"))
+
+    root = variant(src, tmp_path)
+    ref.write_sentencepiece_tokenizer(os.path.join(root, "llm"))  # 400 pieces + 4 added: more than vocab_size 40
+    msg = _error(root, tmp_path)
+    assert "404 tokens, more than the LLM's vocab_size 40" in msg
+
+    # a 40-token LLM fits a tokenizer.json of <unk> <s> </s>, a few pieces and vila-u's 4 added tokens
+    from tokenizers import Tokenizer, models
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(24)] + ["\u2581", "a", "\u2581a", "b"]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=[("\u2581", "a")],
+                               unk_token="<unk>", byte_fallback=True))
+    tok.add_special_tokens(["<im_start>", "<im_end>", "<vi_start>", "<vi_end>"])
+    os.remove(os.path.join(root, "llm", "tokenizer.model"))
+    tok.save(os.path.join(root, "llm", "tokenizer.json"))
+    out = str(tmp_path / "json")
+    conv.convert_vila_u(root, out, siglip_config=SIGLIP, log=lambda *_: None)
+    with open(os.path.join(root, "llm", "tokenizer.json"), "rb") as a, open(os.path.join(out, "llm", "tokenizer.json"),
+                                                                            "rb") as b:
+        assert a.read() == b.read()
+    # "▁a▁b▁a" + <im_start> (prefix "▁", spaces as "▁"): ▁a=29, ▁=27, b=30, ▁a=29, <im_start>=31 (first added id)
+    assert vg.load_tokenizer(os.path.join(out, "llm")).tokens("a b a<im_start>") == [29, 27, 30, 29, 31]
+
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    tok.save(os.path.join(root, "llm", "tokenizer.json"))  # no <im_start>
+    with pytest.raises(vg.UserError, match="no token <im_start>"):
+        conv.convert_vila_u(root, str(tmp_path / "bad"), siglip_config=SIGLIP, log=lambda *_: None)
+    assert not os.path.exists(tmp_path / "bad")
+    os.remove(os.path.join(root, "llm", "tokenizer.json"))
+    with open(os.path.join(root, "llm", "tokenizer.model"), "wb") as f:
+        f.write(b"not a sentencepiece model")
+    msg = _error(root, tmp_path)
+    assert "tokenizer.model" in msg and "cannot read" in msg
+
+
 def test_tool_reports_one_line_and_refuses_existing_out(src, tmp_path, capsys):
     import importlib.util
 

@@ -1,7 +1,9 @@
 """VILA-U text-to-image through ``python -m fairjax.generate``: a synthetic vila-u checkpoint (tiny random
-LLaMA saved by transformers, a tokenizer.json trained here, vision tower under vila-u's key names) converted
-with tools/convert_vila_u.py; prompt ids vs transformers' tokenizer on vila-u's template text; files,
-determinism, batch-size / device-count invariance; cfg 1 vs a plain conditional-only sampling loop."""
+LLaMA saved by transformers, a sentencepiece tokenizer.model trained here as vila-u's llm/ ships it, vision
+tower under vila-u's key names) converted with tools/convert_vila_u.py (which writes tokenizer.json); prompt
+ids vs vila-u's slow sentencepiece tokenizer on the original tokenizer.model (and vs transformers on a
+tokenizer.json-only folder); files, determinism, batch-size / device-count invariance; cfg 1 vs a plain
+conditional-only sampling loop."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+pytest.importorskip("sentencepiece")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -78,7 +81,7 @@ def tiny(tmp_path_factory):
     src = str(root / "vila-u-tiny")
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(src, "llm"))
-    vocab = write_tokenizer(os.path.join(src, "llm"))
+    vocab = ref.write_sentencepiece_tokenizer(os.path.join(src, "llm"))  # tokenizer.model, no tokenizer.json
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -133,26 +136,53 @@ def write_prompts(path, prompts):
 # ----------------------------------------------------------------------------- prompt ids
 
 
-def test_prompt_ids_match_transformers_tokenizer_on_the_vila_u_template(tiny):
-    tok = vg.load_tokenizer(os.path.join(tiny["model"], "llm"))  # the converter copied the tokenizer files
-    hf = transformers.AutoTokenizer.from_pretrained(os.path.join(tiny["src"], "llm"), legacy=False)
+def test_converter_writes_tokenizer_json_with_vila_u_slow_tokenizer_ids(tiny):
+    llm_src, llm_out = os.path.join(tiny["src"], "llm"), os.path.join(tiny["model"], "llm")
+    assert not os.path.exists(os.path.join(llm_src, "tokenizer.json"))
+    assert os.path.isfile(os.path.join(llm_out, "tokenizer.json"))  # written by tools/convert_vila_u.py
+    tok = vg.load_tokenizer(llm_out)
+    assert tok.path.endswith("tokenizer.json")
+    slow = ref.vila_u_slow_tokenizer(llm_src)  # vila-u's tokenizer on the original tokenizer.model
     # vila-u tokenize_conversation text, written out from conv_vicuna_v1 (messages stripped; an empty human
     # message leaves "USER:" with no separator)
     cases = {
         "a photo of a doctor": f"{SYSTEM} USER: a photo of a doctor ASSISTANT: <im_start>",
         "  portrait  of a firefighter\t": f"{SYSTEM} USER: portrait  of a firefighter ASSISTANT: <im_start>",
-        "caf\u00e9 \u00fcber \U0001f600 <im_end> x": f"{SYSTEM} USER: caf\u00e9 \u00fcber \U0001f600 <im_end> x "
-                                                      f"ASSISTANT: <im_start>",
+        "caf\u00e9 \u00fcber \U0001f600 <im_end> x 2024": f"{SYSTEM} USER: caf\u00e9 \u00fcber \U0001f600 <im_end> x 2024 "
+                                                           f"ASSISTANT: <im_start>",
         " ": f"{SYSTEM} USER:ASSISTANT: <im_start>",
+        "zzq \u2581 \u03a9\u2248\n\nnight": f"{SYSTEM} USER: zzq \u2581 \u03a9\u2248\n\nnight ASSISTANT: <im_start>",
     }
     for message, text in cases.items():
-        want = hf(text).input_ids  # the tokenizer adds BOS, as vila-u's tokenizer_image_token does
+        want = ref.tokenizer_image_token(slow, text)
         got = tok.prompt_ids(message)
         assert got == want, message
-        assert got[0] == hf.bos_token_id and got[-1] == hf.convert_tokens_to_ids("<im_start>")
-    assert vg.conversation_prompt(" ") == cases[" "]
+        assert got[0] == slow.bos_token_id and got[-1] == slow.convert_tokens_to_ids("<im_start>")
+    assert vg.conversation_prompt(" ") == cases[" "] and tok.unconditional_ids() == tok.prompt_ids(" ")
+    # pieces vila-u tokenises on their own (the chunks around an <image>; answers), where the leading-space and
+    # special-token rules of the slow tokenizer show: text starting with <im_end>, a space, "▁", or empty
+    for text in ["<im_end>\nwhat is this person's job? ASSISTANT:", "the person is a doctor", " x", "   a\tb",
+                 "\u2581x \u2581 y", "<im_start><im_end> a", "x<im_start>y", "", "</s> a", "2024 12345"]:
+        assert tok(text, False) == slow(text, add_special_tokens=False).input_ids, text
+        assert tok(text) == ref.tokenizer_image_token(slow, text), text
+    assert tok.eos_id == slow.eos_token_id
     with pytest.raises(vg.UserError, match="<image>"):
         tok.prompt_ids("a <image> of a cat")
+    # the same tokenizer read straight from the source folder (tokenizer.model converted in memory)
+    assert vg.load_tokenizer(llm_src).prompt_ids("a photo of a doctor") == tok.prompt_ids("a photo of a doctor")
+
+
+def test_tokenizer_json_folder_matches_transformers(tmp_path):
+    """A llm/ folder with a tokenizer.json only (BPE + byte fallback trained with the tokenizers library):
+    vila-u's template ids equal transformers' tokenizer on that file (where the fast and the slow
+    tokenizer agree: text that starts with a word)."""
+    folder = str(tmp_path / "llm")
+    os.makedirs(folder)
+    write_tokenizer(folder)
+    tok = vg.load_tokenizer(folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder, legacy=False)
+    for message in ["a photo of a doctor", "  portrait  of a firefighter\t", "caf\u00e9 \U0001f600 <im_end> x", " "]:
+        assert tok.prompt_ids(message) == hf(vg.conversation_prompt(message)).input_ids, message
 
 
 # ----------------------------------------------------------------------------- CLI and sampling
@@ -323,10 +353,12 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny, tmp_path, capsys):
     shutil.rmtree(broken)
     shutil.copytree(tiny["model"], broken)
     os.remove(broken / "llm" / "tokenizer.json")
+    os.remove(broken / "llm" / "tokenizer.model")
     err = _bad(capsys, str(broken), prompts, out)
     assert "tokenizer.json" in err and "llm" in err and not out.exists()
     (broken / "llm" / "tokenizer.model").write_bytes(b"\x00")
-    assert "tokenizer.model but no tokenizer.json" in _bad(capsys, str(broken), prompts, out)
+    err = _bad(capsys, str(broken), prompts, out)
+    assert "tokenizer.model" in err and "cannot read" in err and not out.exists()
 
     out.mkdir()
     (out / "keep.txt").write_text("x")

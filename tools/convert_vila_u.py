@@ -6,7 +6,10 @@
 
 SRC holds ``llm/``, ``vision_tower/`` and ``mm_projector/`` as vila-u saves them.
 OUT gets ``llm/``, ``mm_projector/``, ``depth_transformer/``, ``vision_tower/``
-(each ``config.json`` + ``params.safetensors``) and ``fairjax.json``; it is written
+(each ``config.json`` + ``params.safetensors``) and ``fairjax.json``; ``OUT/llm/`` also gets SRC's
+tokenizer files and, when SRC's ``llm/`` has only the sentencepiece ``tokenizer.model`` (as vila-u-7b-256),
+a ``tokenizer.json`` converted from it (needs transformers + sentencepiece: ``pip install 'fairjax[torch]'``),
+so generation reads the same ids vila-u's slow tokenizer gives. OUT is written
 to a temp dir and renamed at the end, so after a failure OUT does not exist (or
 is untouched). Every key and shape of every part is checked before any tensor is
 read. The SigLIP encoder's config is looked up from ``rqvaesiglip.pretrained_model``

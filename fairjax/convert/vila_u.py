@@ -10,7 +10,9 @@ Source layout (what vila-u's ``save_pretrained`` writes; no hub access is needed
 Output (:mod:`fairjax.convert.model_dir` format, ``fairjax.json`` with ``model_type: vila_u``)::
 
     llm/                config.json (as is)                     params: LlamaForCausalLM
-                        + the tokenizer files of llm/ as they are (:data:`TOKENIZER_FILES`)
+                        + the tokenizer files of llm/ as they are (:data:`TOKENIZER_FILES`), and a
+                        ``tokenizer.json`` written from the sentencepiece ``tokenizer.model`` when llm/
+                        has none (:func:`sentencepiece_tokenizer_json`; vila-u-7b-256 ships only the .model)
     mm_projector/       config.json (as is, or {})              params: MultimodalProjector
     depth_transformer/  config.json = the 'rqtransformer' dict  params: RQTransformer
     vision_tower/       config.json = vision_tower/config.json + 'siglip_vision_config'
@@ -151,6 +153,59 @@ def convert_vision_tower_reader(reader, model: rqvae.RQVAESiglip, depth: vila_u.
     return p["rqvaesiglip"], p["rqtransformer"]
 
 
+# ----------------------------------------------------------------------------- tokenizer
+
+def sentencepiece_tokenizer_json(llm_dir: str) -> str:
+    """The ``tokenizer.json`` text of the sentencepiece ``llm_dir/tokenizer.model`` and the added tokens of
+    ``llm_dir``'s tokenizer config (``<im_start>`` ...): transformers' ``AutoTokenizer.from_pretrained(llm_dir,
+    legacy=False)`` converts it (vocabulary and merges from sentencepiece) and its backend tokenizer is
+    serialised. Only the vocabulary, merges and added tokens are used by
+    :func:`fairjax.vila_u_generate.load_tokenizer`, which sets the pre-tokenisation itself.
+    Needs transformers and sentencepiece (``pip install 'fairjax[torch]'``), not torch."""
+    path = os.path.join(llm_dir, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file; copy the tokenizer files of vila-u's llm/ folder there")
+    try:
+        import sentencepiece  # noqa: F401
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise CheckpointError(f"{path}: writing tokenizer.json from it needs transformers and sentencepiece "
+                              f"({e.name} is missing); pip install 'fairjax[torch]'") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(llm_dir, legacy=False)
+        backend = getattr(tok, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else None
+    except Exception as e:  # noqa: BLE001 -- sentencepiece / protobuf / transformers raise many kinds
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: transformers cannot read it as a sentencepiece tokenizer ({msg[:200]}); "
+                              f"use the tokenizer files of vila-u's llm/ folder") from None
+    if text is None:
+        raise CheckpointError(f"{path}: transformers loaded {type(tok).__name__}, which has no tokenizers backend to "
+                              f"write tokenizer.json from; use the tokenizer files of vila-u's llm/ folder")
+    return text
+
+
+def check_tokenizer(llm_dir: str, vocab_size: int, log=print) -> str | None:
+    """Validate ``llm_dir``'s tokenizer for text-to-image generation; returns the ``tokenizer.json`` text to
+    write when llm/ has only ``tokenizer.model`` (else None). A tokenizer without vila-u's ``<im_start>``,
+    or with more tokens than the LLM's ``vocab_size``, is a :class:`~fairjax.errors.UserError`; a folder with
+    no tokenizer at all is logged (the weights convert; generation will ask for ``llm/tokenizer.json``)."""
+    from fairjax import vila_u_generate
+
+    has_json = os.path.isfile(os.path.join(llm_dir, "tokenizer.json"))
+    if not has_json and not os.path.isfile(os.path.join(llm_dir, "tokenizer.model")):
+        log(f"note: {llm_dir} has no tokenizer.json or tokenizer.model; copy vila-u's llm/ tokenizer files into the "
+            f"output's llm/ before generating")
+        return None
+    text = None if has_json else sentencepiece_tokenizer_json(llm_dir)
+    tok = vila_u_generate.load_tokenizer(llm_dir, tokenizer_json=text)
+    n = tok.tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise CheckpointError(f"{tok.path} has {n} tokens, more than the LLM's vocab_size {vocab_size}; it belongs to "
+                              f"another model")
+    return text
+
+
 # ----------------------------------------------------------------------------- whole folder
 
 def _source_dirs(src: str) -> dict[str, str]:
@@ -225,6 +280,7 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
     """
     cfgs, vu, tower = check_vila_u(src, siglip_config=siglip_config)
     sub = _source_dirs(src)
+    tokenizer_json = check_tokenizer(sub["llm"], vu.llm.config.vocab_size, log=log)
     summary = {}
     with atomic_output_dir(out, overwrite) as tmp:
         t0 = time.time()
@@ -246,6 +302,9 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
         for name in TOKENIZER_FILES:
             if os.path.isfile(os.path.join(sub["llm"], name)):
                 shutil.copyfile(os.path.join(sub["llm"], name), os.path.join(tmp, "llm", name))
+        if tokenizer_json is not None:
+            with open(os.path.join(tmp, "llm", "tokenizer.json"), "w", encoding="utf-8") as f:
+                f.write(tokenizer_json)
         summary["llm"] = _count(lm)
         del lm
         log(f"llm: {time.time() - t0:.1f}s")
