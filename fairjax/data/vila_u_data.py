@@ -14,15 +14,20 @@ sharding, so a batch of any size or order holds whole pairs. (The released BPO c
 interleaves the halves with its collator and splits the batch in halves, which pairs
 the right images only at batch size 1.)
 
-Token layout (the vila-u vicuna_v1 template, ``vila_u/utils/tokenizer.py`` / ``data/dataset.py``):
+Token layout (the vila-u vicuna_v1 template, ``vila_u/utils/tokenizer.py`` / ``data/dataset.py``), ids from
+:func:`fairjax.vila_u_generate.load_tokenizer` (vila-u's ``AutoTokenizer(use_fast=False, legacy=False)`` ids;
+a :class:`~fairjax.vila_u_generate.PromptTokenizer` is a :data:`Tokenize` callable with ``eos_id``):
 
-* generation: ``prompt_ids = tok("<system> USER: <caption> ASSISTANT: <im_start>")`` (with BOS);
+* generation: ``prompt_ids = [bos] + tok("<system> USER: <caption> ASSISTANT: <im_start>")``, the text of
+  :func:`fairjax.vila_u_generate.conversation_prompt` (caption stripped; an empty caption is vila-u's
+  unconditional CFG prompt ``"<system> USER:ASSISTANT: <im_start>"``, :func:`unconditional_ids`);
   the image follows as N positions, teacher-forced (:func:`fairjax.tasks.vila_u_pref.image_code_logprobs`);
-* understanding (mDPO): ``pre_ids = tok("<system> USER: <im_start>")`` (BOS), the N image positions,
-  ``post_ids = tok("<im_end>\\n<question> ASSISTANT:")``, response ``tok("<answer>") + [eos]``
-  (no BOS). Tokenising the pieces separately can split a word at a boundary differently
-  from tokenising the whole conversation; the pieces above start and end at spaces or
-  special tokens, where LLaMA's tokenizer splits anyway.
+* understanding (mDPO): vila-u's ``"<system> USER: <im_start><image><im_end>\\n<question> ASSISTANT: <answer></s>"``
+  as ``tokenizer_image_token`` cuts it at ``<image>``: ``pre_ids = [bos] + tok("<system> USER: <im_start>")``,
+  the N image positions, then ``tok("<im_end>\\n<question> ASSISTANT:")`` (``post_ids``; vila-u's tokenizer starts
+  it with the ``"▁"`` piece unless ``<im_end>`` is one of the config's special tokens) and the response ``tok("<answer>") + [eos]``.
+  The response is tokenised on its own; its leading ``"▁"`` is the space after ``ASSISTANT:``, so
+  ``post_ids + response`` equals the ids of the whole chunk (tested against vila-u's tokenizer).
 
 On disk: ``<out_dir>/fairjax_vila_u/1.0.0/`` with TFDS's files, ``fairjax_vila_u.json`` (kind,
 counts, code shape, codebook size, largest token id, metadata) and ``lengths-<split>.npz``
@@ -43,15 +48,14 @@ import numpy as np
 
 from fairjax.data.prefs import _quiet, _short, _tfds
 from fairjax.errors import UserError
+from fairjax.vila_u_generate import IM_START, UNCONDITIONAL, VICUNA_SYSTEM, conversation_prompt
 
 NAME = "fairjax_vila_u"
 VERSION = "1.0.0"
 INFO_FILE = "fairjax_vila_u.json"
 KINDS = ("images", "pairs", "mdpo")
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-IM_START, IM_END = "<im_start>", "<im_end>"
+IM_END = "<im_end>"
 
 #: token-sequence fields per kind (variable length) and their index columns
 SEQ_FIELDS = {"images": ("prompt_ids",), "pairs": ("prompt_ids",),
@@ -68,8 +72,9 @@ class VilaUDataError(UserError):
 
 def generation_prompt(caption: str) -> str:
     """vila-u ``tokenize_conversation([human: caption], add_generation_prompt=True, image_generation=True)``
-    before tokenisation: ``"<system> USER: <caption> ASSISTANT: <im_start>"``."""
-    return f"{VICUNA_SYSTEM} USER: {caption.strip()} ASSISTANT: {IM_START}"
+    before tokenisation: ``"<system> USER: <caption> ASSISTANT: <im_start>"`` (caption stripped;
+    ``"<system> USER:ASSISTANT: <im_start>"`` when it is empty, e.g. vila-u's unconditional ``" "``)."""
+    return conversation_prompt(caption)
 
 
 def understanding_prompt(question: str) -> tuple[str, str]:
@@ -78,28 +83,7 @@ def understanding_prompt(question: str) -> tuple[str, str]:
     return f"{VICUNA_SYSTEM} USER: {IM_START}", f"{IM_END}\n{question.strip()} ASSISTANT:"
 
 
-Tokenize = Callable[[str, bool], Sequence[int]]  # (text, add_bos) -> ids
-
-
-def load_tokenizer(llm_dir: str) -> tuple[Tokenize, int]:
-    """``(tokenize, eos_id)`` for vila-u's ``llm/`` tokenizer folder (transformers ``AutoTokenizer``,
-    which reads ``tokenizer.json`` or converts ``tokenizer.model``; no torch needed)."""
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(llm_dir)
-    except Exception as e:  # noqa: BLE001
-        raise VilaUDataError(f"cannot load the tokenizer in {llm_dir} ({_short(e)}); point at vila-u's llm/ "
-                             "folder (tokenizer.model or tokenizer.json + tokenizer_config.json)") from None
-    missing = [t for t in (IM_START, IM_END) if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
-    if missing:
-        raise VilaUDataError(f"the tokenizer in {llm_dir} lacks {missing}; use vila-u's llm/ tokenizer "
-                             "(it adds <im_start> <im_end> <vi_start> <vi_end>)")
-
-    def tokenize(text: str, bos: bool) -> list[int]:
-        return list(tok(text, add_special_tokens=bos).input_ids)
-
-    return tokenize, int(tok.eos_token_id)
+Tokenize = Callable[[str, bool], Sequence[int]]  # (text, add_bos) -> ids, e.g. vila_u_generate.PromptTokenizer
 
 
 class TinyTokenizer:
@@ -124,7 +108,13 @@ class TinyTokenizer:
 
 
 def generation_ids(tokenize: Tokenize, caption: str) -> np.ndarray:
+    """``prompt_ids`` of a caption (:func:`generation_prompt`, with BOS)."""
     return np.asarray(tokenize(generation_prompt(caption), True), np.int32)
+
+
+def unconditional_ids(tokenize: Tokenize) -> np.ndarray:
+    """The ids of vila-u's unconditional CFG prompt (``generate_image_content``: human message ``" "``)."""
+    return generation_ids(tokenize, UNCONDITIONAL)
 
 
 def mdpo_ids(tokenize: Tokenize, eos_id: int, question: str, chosen: str, rejected: str) -> dict:
