@@ -22,7 +22,8 @@ The forward pass, per layer ``l`` (pre-LN transformer, causal self-attention)::
     pooled  = last[b, eos_position(ids_b)]
     text_embeds = pooled @ text_projection          (WithProjection only)
 
-``hidden_states`` is ``(h_0, h_1, ..., h_L)`` as transformers returns it with
+The layers are :class:`fairjax.models.transformer.EncoderLayer` (causal), the block
+CLIP shares with SigLIP. ``hidden_states`` is ``(h_0, h_1, ..., h_L)`` as transformers returns it with
 ``output_hidden_states=True``; SDXL conditions on ``hidden_states[-2]`` (the
 penultimate layer, before the final LayerNorm) of both encoders.
 """
@@ -39,34 +40,13 @@ import jax.numpy as jnp
 from flax import struct
 
 from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.models.layers import layer_norm
+from fairjax.models.transformer import ACTIVATIONS, Encoder
 
 Dtype = Any
 
 
 # ----------------------------------------------------------------------------- config
-
-def _quick_gelu(x):
-    """OpenAI CLIP's ``x * sigmoid(1.702 x)``."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def _gelu_erf(x):
-    """Exact GELU ``0.5 x (1 + erf(x / sqrt 2))`` (transformers ``"gelu"``)."""
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x):
-    """Tanh-approximated GELU (transformers ``"gelu_new"``, ``"gelu_pytorch_tanh"``, ``"gelu_fast"``)."""
-    return jax.nn.gelu(x, approximate=True)
-
-
-ACTIVATIONS = {
-    "quick_gelu": _quick_gelu,
-    "gelu": _gelu_erf,
-    "gelu_new": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-}
 
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 
@@ -170,84 +150,6 @@ class CLIPTextEmbeddings(nn.Module):
         return tok + pos
 
 
-class CLIPAttention(nn.Module):
-    """Multi-head self-attention, ``softmax(q k^T / sqrt(d_head) + mask) v`` then ``out_proj``."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x, mask=None):
-        c = self.config
-        b, t, d = x.shape
-        heads = c.num_attention_heads
-        dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        q = dense("q_proj")(x).reshape(b, t, heads, d // heads)
-        k = dense("k_proj")(x).reshape(b, t, heads, d // heads)
-        v = dense("v_proj")(x).reshape(b, t, heads, d // heads)
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                         implementation=self.attention_implementation)
-        return dense("out_proj")(o.reshape(b, t, d))
-
-
-class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        x = ACTIVATIONS[c.hidden_act](x)
-        return nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
-
-
-def _layer_norm(config: CLIPTextConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name)
-
-
-class CLIPEncoderLayer(nn.Module):
-    """``a = h + attn(ln1(h)); return a + mlp(ln2(a))``."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, h, mask=None):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        a = _layer_norm(self.config, name="layer_norm1", **kw)(h)
-        h = h + CLIPAttention(self.config, attention_implementation=self.attention_implementation,
-                              name="self_attn", **kw)(a, mask)
-        m = _layer_norm(self.config, name="layer_norm2", **kw)(h)
-        return h + CLIPMLP(self.config, name="mlp", **kw)(m)
-
-
-class CLIPEncoder(nn.Module):
-    """Runs ``layers_0 .. layers_{L-1}``; returns ``(h_0, ..., h_L)``."""
-
-    config: CLIPTextConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, h, mask=None):
-        layer_cls = nn.remat(CLIPEncoderLayer) if self.remat else CLIPEncoderLayer
-        states = [h]
-        for i in range(self.config.num_hidden_layers):
-            h = layer_cls(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                          attention_implementation=self.attention_implementation, name=f"layers_{i}")(h, mask)
-            states.append(h)
-        return tuple(states)
-
-
 class CLIPTextTransformer(nn.Module):
     """embeddings -> encoder -> final_layer_norm -> pooled at the EOS position."""
 
@@ -259,15 +161,16 @@ class CLIPTextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = CLIPTextEmbeddings(self.config, name="embeddings", **kw)(input_ids, position_ids)
+        h = CLIPTextEmbeddings(c, name="embeddings", **kw)(input_ids, position_ids)
         mask = None
         if attention_mask is not None:  # padding mask on keys, combined with the causal mask
             mask = jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
-        states = CLIPEncoder(self.config, attention_implementation=self.attention_implementation, remat=self.remat,
-                             name="encoder", **kw)(h, mask)
-        last = _layer_norm(self.config, name="final_layer_norm", **kw)(states[-1])
-        idx = eos_positions(input_ids, self.config.eos_token_id)
+        h, states = Encoder(c, c.num_hidden_layers, causal=True, attention_impl=self.attention_implementation,
+                            remat=self.remat, name="encoder", **kw)(h, mask)
+        last = layer_norm(c.layer_norm_eps, name="final_layer_norm", **kw)(h)
+        idx = eos_positions(input_ids, c.eos_token_id)
         pooled = jnp.take_along_axis(last, idx[:, None, None], axis=1)[:, 0]
         return last, pooled, states
 

@@ -17,6 +17,9 @@ Forward (pixels NCHW, normalised to [-1, 1] by SigLIP's processor)::
     x = x + self_attn(layer_norm1(x));  x = x + fc2(act(fc1(layer_norm2(x))))   (per layer)
     out = post_layernorm(x)                                                    (when enabled)
 
+The encoder layers are :class:`fairjax.models.transformer.EncoderLayer` (non-causal),
+the block SigLIP shares with CLIP's text encoder.
+
 ``num_layers`` runs only the first layers: VILA-U's vision tower takes the
 hidden state after layer index ``num_hidden_layers - 2`` (22 of 24 for
 SigLIP-large) and no ``post_layernorm``; see :func:`vila_u_encoder`.
@@ -34,16 +37,9 @@ import jax.numpy as jnp
 
 from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.models.layers import layer_norm
+from fairjax.models.transformer import ACTIVATIONS, Encoder
 
 Dtype = Any
-
-_ACTS = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class SiglipVisionConfig:
@@ -71,9 +67,9 @@ class SiglipVisionConfig:
             cfg = cfg["vision_config"]
         fields = {f.name for f in dataclasses.fields(cls)}
         c = cls(**{k: cfg[k] for k in fields if cfg.get(k) is not None})
-        if c.hidden_act not in _ACTS:
+        if c.hidden_act not in ACTIVATIONS:
             raise CheckpointError(f"siglip vision config: hidden_act {c.hidden_act!r} is not supported "
-                                  f"(use one of {', '.join(_ACTS)})")
+                                  f"(use one of {', '.join(ACTIVATIONS)})")
         if c.hidden_size % c.num_attention_heads:
             raise CheckpointError(f"siglip vision config: hidden_size {c.hidden_size} is not divisible by "
                                   f"num_attention_heads {c.num_attention_heads}")
@@ -106,78 +102,6 @@ class SiglipVisionEmbeddings(nn.Module):
         return h.reshape(b, gh * gw, d) + pos[None]
 
 
-class SiglipAttention(nn.Module):
-    """Bidirectional multi-head attention, biased ``q_proj/k_proj/v_proj/out_proj``, scale ``head_dim**-0.5``."""
-
-    config: SiglipVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        b, t, e = x.shape
-        dense = lambda name: nn.Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        shape = (b, t, c.num_attention_heads, e // c.num_attention_heads)
-        q, k, v = (dense(n)(x).reshape(shape) for n in ("q_proj", "k_proj", "v_proj"))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        return dense("out_proj")(o.reshape(b, t, e))
-
-
-class SiglipMLP(nn.Module):
-    """``fc2(act(fc1(x)))`` (``gelu_pytorch_tanh`` = tanh-approximate GELU for SigLIP)."""
-
-    config: SiglipVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = _ACTS[c.hidden_act](nn.Dense(c.intermediate_size, name="fc1", **kw)(x))
-        return nn.Dense(c.hidden_size, name="fc2", **kw)(h)
-
-
-class SiglipEncoderLayer(nn.Module):
-    """Pre-LN block: ``x += self_attn(layer_norm1(x)); x += mlp(layer_norm2(x))``."""
-
-    config: SiglipVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = x + SiglipAttention(c, attention_impl=self.attention_impl, name="self_attn", **kw)(
-            layer_norm(c.layer_norm_eps, name="layer_norm1", **kw)(x))
-        return x + SiglipMLP(c, name="mlp", **kw)(layer_norm(c.layer_norm_eps, name="layer_norm2", **kw)(x))
-
-
-class SiglipEncoder(nn.Module):
-    """``layers_0 .. layers_{num_layers-1}``; returns the last hidden state and every one on the way."""
-
-    config: SiglipVisionConfig
-    num_layers: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        layer = nn.remat(SiglipEncoderLayer) if self.remat else SiglipEncoderLayer
-        states = [x]
-        for i in range(self.num_layers):
-            x = layer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                      attention_impl=self.attention_impl, name=f"layers_{i}")(x)
-            states.append(x)
-        return x, tuple(states)
-
-
 class SiglipVisionTransformer(nn.Module):
     """transformers ``SiglipVisionModel`` without the pooling head, optionally truncated.
 
@@ -205,8 +129,7 @@ class SiglipVisionTransformer(nn.Module):
             raise ValueError(f"siglip: num_layers {n} outside 0..{c.num_hidden_layers}")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = SiglipVisionEmbeddings(c, name="embeddings", **kw)(jnp.transpose(pixel_values, (0, 2, 3, 1)))
-        x, states = SiglipEncoder(c, n, attention_impl=self.attention_impl, remat=self.remat, name="encoder",
-                                  **kw)(x)
+        x, states = Encoder(c, n, attention_impl=self.attention_impl, remat=self.remat, name="encoder", **kw)(x)
         if self.post_layernorm:
             x = layer_norm(c.layer_norm_eps, name="post_layernorm", **kw)(x)
         return (x, states) if output_hidden_states else x

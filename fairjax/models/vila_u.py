@@ -44,13 +44,13 @@ import numpy as np
 
 from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.models import llama
+from fairjax.models.layers import layer_norm
+from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward
 
 Dtype = Any
 
 
-def _gelu(x):
-    """torch ``nn.GELU()``: exact ``0.5 x (1 + erf(x / sqrt 2))``."""
-    return jax.nn.gelu(x, approximate=False)
+_gelu = ACTIVATIONS["gelu"]  # torch ``nn.GELU()``: exact ``0.5 x (1 + erf(x / sqrt 2))``
 
 
 # ----------------------------------------------------------------------------- configs
@@ -210,27 +210,10 @@ class MultimodalProjector(nn.Module):
         return x
 
 
-class MultiSelfAttention(nn.Module):
-    """Causal multi-head self-attention with biased ``query/key/value/proj``."""
-
-    embed_dim: int
-    n_head: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        b, t, e = x.shape
-        dense = lambda name: nn.Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
-        shape = (b, t, self.n_head, e // self.n_head)
-        q, k, v = (dense(n)(x).reshape(shape) for n in ("query", "key", "value"))
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
-        return dense("proj")(o.reshape(b, t, e))
-
-
 class AttentionBlock(nn.Module):
-    """``x = x + attn(ln1(x)); x = x + mlp_2(gelu(mlp_0(ln2(x))))``."""
+    """``x = x + attn(ln1(x)); x = x + mlp_2(gelu(mlp_0(ln2(x))))``: the shared pre-LN block
+    (:mod:`fairjax.models.transformer`), causal, with vila-u's names (``attn/query|key|value|proj``,
+    ``mlp_0``/``mlp_2`` held by the block itself) and a 4x exact-GELU MLP."""
 
     config: RQTransformerConfig
     dtype: Dtype = jnp.float32
@@ -241,11 +224,11 @@ class AttentionBlock(nn.Module):
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        ln = lambda name: nn.LayerNorm(c.layer_norm_eps, use_fast_variance=False, name=name, **kw)  # noqa: E731
-        x = x + MultiSelfAttention(c.embed_dim, c.n_head, attention_impl=self.attention_impl, name="attn", **kw)(
-            ln("ln1")(x))
-        m = nn.Dense(4 * c.embed_dim, name="mlp_0", **kw)(ln("ln2")(x))
-        return x + nn.Dense(c.embed_dim, name="mlp_2", **kw)(_gelu(m))
+        h = layer_norm(c.layer_norm_eps, name="ln1", **kw)(x)
+        x = x + SelfAttention(c.n_head, causal=True, names=("query", "key", "value", "proj"),
+                              attention_impl=self.attention_impl, name="attn", **kw)(h)
+        h = layer_norm(c.layer_norm_eps, name="ln2", **kw)(x)
+        return x + feed_forward(h, 4 * c.embed_dim, _gelu, names=("mlp_0", "mlp_2"), **kw)
 
 
 class AttentionStack(nn.Module):
@@ -305,7 +288,7 @@ class ClassifierMLP(nn.Module):
     def __call__(self, x):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = nn.LayerNorm(c.layer_norm_eps, use_fast_variance=False, name="layer_norm", **kw)(x)
+        x = layer_norm(c.layer_norm_eps, name="layer_norm", **kw)(x)
         return nn.Dense(c.vocab_size, name="linear", **kw)(x)
 
 
