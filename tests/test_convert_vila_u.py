@@ -132,6 +132,52 @@ def test_converts_with_no_missing_or_unexpected_keys_and_loads_back(src, tmp_pat
     assert emb.shape == (2, 16, 48)
 
 
+def test_one_loader_reads_both_layouts(src, tmp_path):
+    """conv.load on the vila-u folder (converted in memory) and on its converted dir: the same modules and
+    the same arrays; vision_tower=False reads the generation path only; anything else is one line."""
+    from fairjax.convert.core import flatten
+    from fairjax.convert.model_dir import write_index
+
+    out = str(tmp_path / "out")
+    conv.convert_vila_u(src["root"], out, siglip_config=SIGLIP, log=lambda *_: None)
+    assert conv.layout(src["root"]) == conv.CHECKPOINT and conv.layout(out) == conv.MODEL_DIR
+    vu_a, p_a, tower_a, vis_a = conv.load(src["root"], siglip_config=SIGLIP)
+    vu_b, p_b, tower_b, vis_b = conv.load(out)
+    assert vu_a == vu_b and tower_a == tower_b
+    for a, b in ((p_a, p_b), (vis_a, vis_b)):
+        fa, fb = flatten(a), flatten(b)
+        assert fa.keys() == fb.keys()
+        for k in fa:
+            np.testing.assert_array_equal(fa[k], fb[k], err_msg=str(k))
+    assert p_a["codebook"] is vis_a["quantizer"]
+    np.testing.assert_array_equal(p_a["llm"]["model"]["embed_tokens"]["embedding"],
+                                  src["llm"]["model.embed_tokens.weight"])
+
+    # generation path only, in bfloat16, from both layouts
+    import ml_dtypes
+
+    for path in (src["root"], out):
+        vu_c, p_c, tower_c, vis_c = conv.load(path, vision_tower=False, param_dtype="bfloat16")
+        assert tower_c is None and vis_c is None and vu_c.llm.config == vu_a.llm.config
+        fc, fa = flatten(p_c), flatten(p_a)
+        assert fc.keys() == fa.keys()
+        for k in fa:
+            assert fc[k].dtype == ml_dtypes.bfloat16, k
+            np.testing.assert_array_equal(fc[k], fa[k].astype(ml_dtypes.bfloat16), err_msg=str(k))
+
+    with pytest.raises(CheckpointError, match="not a folder"):
+        conv.load(str(tmp_path / "nowhere"))
+    with pytest.raises(CheckpointError, match=r"no fairjax.json .* and missing mm_projector/;"):
+        conv.load(variant(src, tmp_path, drop="mm_projector"))
+    other = tmp_path / "sdxl"
+    other.mkdir()
+    write_index(str(other), ["unet"], model_type="sdxl")
+    with pytest.raises(CheckpointError, match="model_type is 'sdxl', not 'vila_u'"):
+        conv.load(str(other))
+    with pytest.raises(CheckpointError, match="google/siglip-tiny-test"):  # the checkpoint's SigLIP is not built in
+        conv.load(src["root"])
+
+
 def test_as_stored_dtype_and_sharded_vision_tower(src, tmp_path):
     root = variant(src, tmp_path, shards=3)
     out = str(tmp_path / "out")

@@ -20,7 +20,8 @@ F = torch.nn.functional
 
 from fairjax.convert.core import plan_conversion  # noqa: E402
 from fairjax.convert.llama import (  # noqa: E402
-    convert_codebook, convert_projector, convert_rqtransformer, load_vila_u, rqtransformer_shapes)
+    convert_codebook, convert_projector, convert_rqtransformer, rqtransformer_shapes)
+from fairjax.convert.vila_u import load  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError, ShardedReader, write_safetensors  # noqa: E402
 from fairjax.models import vila_u  # noqa: E402
 
@@ -157,7 +158,7 @@ def checkpoint(tmp_path_factory):
     write_safetensors(root / "mm_projector" / "model.safetensors",
                       {f"layers.{k}": v.detach().numpy() for k, v in proj.state_dict().items()})
     (root / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp2x_gelu"}))
-    vu, params = load_vila_u(str(root))
+    vu, params, _, _ = load(str(root), vision_tower=False)
     return (llm, rq, codebook, proj), vu, params
 
 
@@ -304,7 +305,7 @@ def test_converter_errors(tmp_path):
     with pytest.raises(CheckpointError, match="mm_projector_type 'mlp2x_relu'"):
         vila_u.ProjectorConfig.from_dict({"mm_projector_type": "mlp2x_relu"}, mm_hidden_size=16, hidden_size=48)
     with pytest.raises(CheckpointError, match="missing llm/, vision_tower/, mm_projector/"):
-        load_vila_u(str(tmp_path))
+        load(str(tmp_path), vision_tower=False)
     write_safetensors(tmp_path / "model.safetensors", {"layers.0.weight": np.zeros((48, 16), np.float32)})
     with ShardedReader(tmp_path, "model") as r, pytest.raises(CheckpointError, match="layers_2/kernel"):
         convert_projector(r, vu.mm_projector)

@@ -24,7 +24,7 @@ from test_vila_u import LLM, RQ, RQVAE, tiny_torch_parts, vision_tower_state  # 
 
 from fairjax import lora as lora_lib  # noqa: E402
 from fairjax import trainer  # noqa: E402
-from fairjax.convert.llama import load_vila_u  # noqa: E402
+from fairjax.convert.vila_u import load  # noqa: E402
 from fairjax.convert.safetensors_io import write_safetensors  # noqa: E402
 from fairjax.data import vila_u_data as vd  # noqa: E402
 from fairjax.errors import UserError  # noqa: E402
@@ -40,7 +40,7 @@ TOK = vd.TinyTokenizer(LLM["vocab_size"])
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """torch parts, and the same weights in fairjax (vila-u folder -> load_vila_u)."""
+    """torch parts, and the same weights in fairjax (vila-u folder -> fairjax.convert.vila_u.load)."""
     root = tmp_path_factory.mktemp("vila_u")
     llm, rq, codebook, proj = tiny_torch_parts()
     llm.save_pretrained(root / "llm")
@@ -51,7 +51,7 @@ def tiny(tmp_path_factory):
     write_safetensors(root / "mm_projector" / "model.safetensors",
                       {f"layers.{k}": v.detach().numpy() for k, v in proj.state_dict().items()})
     (root / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp2x_gelu"}))
-    vu, params = load_vila_u(str(root))
+    vu, params, _, _ = load(str(root), vision_tower=False)
     return (llm, rq, codebook, proj), vu, params
 
 

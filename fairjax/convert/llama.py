@@ -13,7 +13,8 @@ tied. :func:`export_hf_llama` writes the inverse, loadable by
 vila-u (``vila-u-7b-256/``): ``vision_tower/`` holds ``rqtransformer.*`` (depth
 transformer; keys minus the prefix follow the generic rules) and
 ``rqvaesiglip.quantizer.codebooks.N.weight`` (one shared table, stored under
-one or more indices); ``mm_projector/`` holds ``layers.0.*``, ``layers.2.*``.
+one or more indices); ``mm_projector/`` holds ``layers.0.*``, ``layers.2.*``. Whole VILA-U models
+are loaded by :func:`fairjax.convert.vila_u.load` (either a converted dir or the checkpoint folder).
 """
 
 from __future__ import annotations
@@ -161,29 +162,3 @@ def convert_codebook(reader, module: vila_u.RQCodebook, *, dtype=None) -> dict:
 def convert_projector(reader, module: vila_u.MultimodalProjector, *, dtype=None) -> dict:
     """mm_projector ``layers.*`` keys -> projector params."""
     return convert_checkpoint(reader, projector_shapes(module), dtype=_np_dtype(dtype))
-
-
-def load_vila_u(folder: str, *, dtype=None, compute_dtype=jnp.float32, attention_impl: str | None = None,
-                remat: bool = False) -> tuple[vila_u.VilaU, dict]:
-    """A vila-u checkpoint folder (``llm/``, ``vision_tower/``, ``mm_projector/``) -> ``(VilaU modules, params)``.
-
-    Reads only the generation path: the LLM, the projector, the depth
-    transformer and the codebook (the SigLIP encoder and pixel decoder are
-    left to the vision-tower converter).
-    """
-    sub = {n: os.path.join(folder, n) for n in ("llm", "vision_tower", "mm_projector")}
-    missing = [n for n, p in sub.items() if not os.path.isdir(p)]
-    if missing:
-        raise CheckpointError(f"{folder}: missing {', '.join(m + '/' for m in missing)}; expected a vila-u "
-                              f"checkpoint folder (llm/, vision_tower/, mm_projector/)")
-    llm_cfg, llm_params = load_hf_llama(sub["llm"], dtype=dtype)
-    vt_cfg = read_json(os.path.join(sub["vision_tower"], "config.json"))
-    pj_path = os.path.join(sub["mm_projector"], "config.json")
-    pj_cfg = read_json(pj_path) if os.path.isfile(pj_path) else {}
-    vu = vila_u.build(llm_cfg, vt_cfg, pj_cfg, dtype=compute_dtype, attention_impl=attention_impl, remat=remat)
-    with ShardedReader(sub["vision_tower"], "model") as r:
-        rq = convert_rqtransformer(r, vu.rqtransformer, dtype=dtype)
-        cb = convert_codebook(r, vu.codebook, dtype=dtype)
-    with ShardedReader(sub["mm_projector"], "model") as r:
-        pj = convert_projector(r, vu.mm_projector, dtype=dtype)
-    return vu, {"llm": llm_params, "mm_projector": pj, "rqtransformer": rq, "codebook": cb}

@@ -1,4 +1,5 @@
-"""A vila-u checkpoint folder (``vila-u-7b-256/``) -> one fairjax model directory, and loading it back.
+"""A vila-u checkpoint folder (``vila-u-7b-256/``) -> one fairjax model directory, and :func:`load`, the one
+loader of a VILA-U model, for either layout (the converted dir, or the checkpoint folder converted in memory).
 
 Source layout (what vila-u's ``save_pretrained`` writes; no hub access is needed)::
 
@@ -43,11 +44,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from fairjax.convert import llama as llama_convert
 from fairjax.convert.core import convert_checkpoint, plan_conversion
-from fairjax.convert.model_dir import (CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, load_params,
-                                       read_json, save_component, write_index)
+from fairjax.convert.model_dir import (CONFIG_FILE, INDEX_FILE, PARAMS_FILE, atomic_output_dir, component_dir,
+                                       load_params, read_json, save_component, write_index)
 from fairjax.convert.safetensors_io import CheckpointError, ShardedReader
 from fairjax.models import llama, rqvae, vila_u
 
@@ -320,7 +322,52 @@ def _count(tree) -> int:
     return int(sum(a.size for a in flatten(tree).values()))
 
 
-# ----------------------------------------------------------------------------- loading a fairjax model dir
+# ----------------------------------------------------------------------------- loading (either layout)
+
+MODEL_DIR, CHECKPOINT = "model_dir", "checkpoint"
+
+
+def layout(path: str) -> str:
+    """:data:`MODEL_DIR` for a fairjax VILA-U model dir (``fairjax.json`` with ``model_type: vila_u``, what
+    ``tools/convert_vila_u.py`` writes), :data:`CHECKPOINT` for a vila-u checkpoint folder (``llm/``,
+    ``vision_tower/``, ``mm_projector/`` as vila-u saves them); anything else is a one-line error."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a folder; pass a fairjax VILA-U model dir (tools/convert_vila_u.py output) "
+                              f"or a vila-u checkpoint folder (llm/, vision_tower/, mm_projector/)")
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        kind = read_json(index).get("model_type")
+        if kind != "vila_u":
+            raise CheckpointError(f"{index}: model_type is {kind!r}, not 'vila_u'; pass a VILA-U model dir "
+                                  f"(tools/convert_vila_u.py output)")
+        return MODEL_DIR
+    missing = [n + "/" for n in SOURCE_PARTS if not os.path.isdir(os.path.join(path, n))]
+    if missing:
+        raise CheckpointError(f"{path}: no {INDEX_FILE} (not a tools/convert_vila_u.py output) and missing "
+                              f"{', '.join(missing)}; expected a vila-u checkpoint folder (llm/, vision_tower/, "
+                              f"mm_projector/) or a converted model dir")
+    return CHECKPOINT
+
+
+def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None, remat: bool = False,
+         vision_tower: bool = True, siglip_config: Mapping[str, Any] | None = None):
+    """A VILA-U model -> ``(VilaU, params, RQVAESiglip, vision params)``, from either layout (:func:`layout`):
+    a converted model dir, or vila-u's checkpoint folder read and converted in memory (same key rules and
+    checks as :func:`convert_vila_u`; the SigLIP config as there, ``siglip_config`` for unknown ones).
+
+    ``params`` = ``{'llm', 'mm_projector', 'rqtransformer', 'codebook'}`` for :mod:`fairjax.models.vila_u`;
+    ``codebook`` is the vision tower's ``quantizer`` subtree (the same arrays, one copy). ``dtype`` is the
+    compute dtype, ``param_dtype`` the params' (None = as stored). ``vision_tower=False`` reads only the
+    generation path (LLM, projector, depth transformer, codebook) and returns ``None`` for the tower and its
+    params (no SigLIP encoder or pixel decoder needed in the folder). Every part is checked key by key.
+    """
+    kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
+              vision_tower=vision_tower)
+    if layout(path) == MODEL_DIR:
+        return _load_model_dir(path, **kw)
+    return _load_checkpoint(path, siglip_config=siglip_config, **kw)
+
 
 def load_vision_tower(model_dir: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None):
     """``(RQVAESiglip, params)`` from a converted model dir (or its ``vision_tower/`` folder)."""
@@ -334,24 +381,62 @@ def load_vision_tower(model_dir: str, *, dtype=jnp.float32, param_dtype=None, at
     return model, load_params(os.path.join(folder, PARAMS_FILE), rqvae.param_shapes(model), dtype=param_dtype)
 
 
-def load(model_dir: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None,
-         remat: bool = False):
-    """A converted VILA-U model dir -> ``(VilaU, params, RQVAESiglip, vision params)``.
+def _load_subtree(path: str, prefix: str, shapes: Mapping[tuple, tuple], dtype=None) -> dict:
+    """The ``prefix/...`` params of a ``params.safetensors`` (checked against ``shapes``, paths below prefix)."""
+    from fairjax.convert.core import path_str, unflatten
+    from fairjax.convert.safetensors_io import SafetensorsReader
 
-    ``params`` = ``{'llm', 'mm_projector', 'rqtransformer', 'codebook'}`` for
-    :mod:`fairjax.models.vila_u`; ``codebook`` is the vision tower's ``quantizer``
-    subtree (the same arrays, one copy). Every component is checked key by key.
-    """
-    tower, vis = load_vision_tower(model_dir, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
-    dirs = {n: component_dir(model_dir, n) for n in ("llm", "mm_projector", "depth_transformer")}
-    vt_cfg = read_json(os.path.join(component_dir(model_dir, "vision_tower"), CONFIG_FILE))
+    want = {f"{prefix}/{path_str(p)}": tuple(s) for p, s in shapes.items()}
+    with SafetensorsReader(path) as r:
+        have = {k: r.shape(k) for k in r.keys() if k.startswith(prefix + "/")}
+        if have != want:
+            raise CheckpointError(f"{path}: the {prefix}/ params {sorted(have.items())} do not fit the model's "
+                                  f"{sorted(want.items())}; re-convert the vila-u folder with tools/convert_vila_u.py")
+        return unflatten({tuple(k.split("/")[1:]): np.array(r[k], dtype=dtype or r.dtype(k), copy=True)
+                          for k in want})
+
+
+def _load_model_dir(model_dir: str, *, dtype, param_dtype, attention_impl, remat, vision_tower):
+    tower, vis = (load_vision_tower(model_dir, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+                  if vision_tower else (None, None))
+    dirs = {n: component_dir(model_dir, n) for n in ("llm", "mm_projector", "depth_transformer", "vision_tower")}
+    vt_cfg = read_json(os.path.join(dirs["vision_tower"], CONFIG_FILE))
     vu = vila_u.build(read_json(os.path.join(dirs["llm"], CONFIG_FILE)), vt_cfg,
                       read_json(os.path.join(dirs["mm_projector"], CONFIG_FILE)), dtype=dtype,
                       param_dtype=param_dtype or jnp.float32, attention_impl=attention_impl, remat=remat)
     shapes = {"llm": llama.param_shapes(vu.llm),
               "mm_projector": llama_convert.projector_shapes(vu.mm_projector),
               "depth_transformer": llama_convert.rqtransformer_shapes(vu.rqtransformer)}
-    p = {n: load_params(os.path.join(d, PARAMS_FILE), shapes[n], dtype=param_dtype) for n, d in dirs.items()}
+    p = {n: load_params(os.path.join(dirs[n], PARAMS_FILE), s, dtype=param_dtype) for n, s in shapes.items()}
+    codebook = vis["quantizer"] if vision_tower else _load_subtree(
+        os.path.join(dirs["vision_tower"], PARAMS_FILE), "quantizer", llama_convert.codebook_shapes(vu.codebook),
+        dtype=param_dtype)
     params = {"llm": p["llm"], "mm_projector": p["mm_projector"], "rqtransformer": p["depth_transformer"],
-              "codebook": vis["quantizer"]}
+              "codebook": codebook}
     return vu, params, tower, vis
+
+
+def _load_checkpoint(src: str, *, dtype, param_dtype, attention_impl, remat, vision_tower, siglip_config):
+    """A vila-u checkpoint folder converted in memory (what :func:`convert_vila_u` writes, not written)."""
+    np_dtype = llama_convert._np_dtype(param_dtype)
+    sub = _source_dirs(src)
+    if vision_tower:
+        cfgs, _, _ = check_vila_u(src, siglip_config=siglip_config)
+    else:
+        cfgs = _read_configs(sub)
+    vu = vila_u.build(cfgs["llm"], cfgs["vision_tower"], cfgs["mm_projector"], dtype=dtype,
+                      param_dtype=param_dtype or jnp.float32, attention_impl=attention_impl, remat=remat)
+    tower = vis = None
+    with ShardedReader(sub["vision_tower"], WEIGHTS_PREFIX) as r:
+        if vision_tower:
+            tower = build_vision_tower(cfgs["vision_tower"], cfgs["siglip_vision"], dtype=dtype,
+                                       param_dtype=param_dtype or jnp.float32, attention_impl=attention_impl)
+            vis, depth = convert_vision_tower_reader(r, tower, vu.rqtransformer, dtype=np_dtype)
+            codebook = vis["quantizer"]
+        else:
+            depth = llama_convert.convert_rqtransformer(r, vu.rqtransformer, dtype=np_dtype)
+            codebook = llama_convert.convert_codebook(r, vu.codebook, dtype=np_dtype)
+    with ShardedReader(sub["mm_projector"], WEIGHTS_PREFIX) as r:
+        pj = llama_convert.convert_projector(r, vu.mm_projector, dtype=np_dtype)
+    _, lm = llama_convert.load_hf_llama(sub["llm"], dtype=np_dtype)
+    return vu, {"llm": lm, "mm_projector": pj, "rqtransformer": depth, "codebook": codebook}, tower, vis

@@ -358,7 +358,7 @@ def default_config():
     c.tiny_root = os.path.join(os.path.expanduser("~"), ".cache", "fairjax", "tiny_vila_u")
     c.tiny_seed = 0
     c.model = ml_collections.ConfigDict(dict(
-        dir="",  # a fairjax VILA-U model dir (tools/convert_vila_u.py)
+        dir="",  # a fairjax VILA-U model dir (tools/convert_vila_u.py) or the vila-u checkpoint folder
         dtype="float32",  # compute: bfloat16 on accelerators
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
         remat=False,  # rematerialise each LLaMA / depth-transformer block in the backward pass
@@ -377,12 +377,13 @@ def default_config():
 
 
 def load_model(model_dir: str, *, dtype=jnp.float32, param_dtype=None, remat=False, attention_impl=None):
-    """``(VilaU, params, RQVAESiglip, vision params)`` of a fairjax VILA-U model dir."""
+    """``(VilaU, params, RQVAESiglip, vision params)`` of a fairjax VILA-U model dir or a vila-u checkpoint
+    folder (:func:`fairjax.convert.vila_u.load`)."""
     from fairjax.convert import vila_u as convert_vila_u
 
     if not os.path.isdir(model_dir):
-        raise UserError(f"model.dir {model_dir!r} is not a folder; convert vila-u-7b-256 with tools/convert_vila_u.py "
-                        "and pass the output folder (or use a :tiny preset)")
+        raise UserError(f"model.dir {model_dir!r} is not a folder; pass vila-u-7b-256's folder or its "
+                        "tools/convert_vila_u.py output (or use a :tiny preset)")
     return convert_vila_u.load(model_dir, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
                                remat=remat)
 
