@@ -159,12 +159,8 @@ class ResnetBlock2D(nn.Module):
         return out
 
 
-class Downsample2D(nn.Module):
-    """diffusers' ``Downsample2D``: stride-2 3x3 ``conv`` (or 2x2 average pool), NHWC.
-
-    With ``padding=0`` the input is first padded by one row/column at the bottom
-    and right (``F.pad(x, (0, 1, 0, 1))``), as the VAE encoder does.
-    """
+class _Resample2D(nn.Module):
+    """The fields of diffusers' ``Downsample2D`` / ``Upsample2D`` and their ``conv``."""
 
     out_channels: int | None = None
     use_conv: bool = True
@@ -173,14 +169,26 @@ class Downsample2D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def conv(self, x, stride: int = 1):
+        """``conv`` (``kernel_size``, ``padding``, ``stride``) to ``out_channels`` (default: ``x``'s width)."""
+        return conv2d(self.out_channels or x.shape[-1], self.kernel_size, self.dtype, self.param_dtype, "conv",
+                      stride=stride, padding=self.padding)(x)
+
+
+class Downsample2D(_Resample2D):
+    """diffusers' ``Downsample2D``: stride-2 3x3 ``conv`` (or 2x2 average pool), NHWC.
+
+    With ``padding=0`` the input is first padded by one row/column at the bottom
+    and right (``F.pad(x, (0, 1, 0, 1))``), as the VAE encoder does.
+    """
+
     @nn.compact
     def __call__(self, x):
         if not self.use_conv:
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv2d(self.out_channels or x.shape[-1], self.kernel_size, self.dtype, self.param_dtype, "conv",
-                      stride=2, padding=self.padding)(x)
+        return self.conv(x, stride=2)
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
@@ -198,23 +206,13 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.A
     return x[:, ih][:, :, iw]
 
 
-class Upsample2D(nn.Module):
+class Upsample2D(_Resample2D):
     """diffusers' ``Upsample2D``: nearest upsample (2x, or to ``output_size``) then 3x3 ``conv``."""
-
-    out_channels: int | None = None
-    use_conv: bool = True
-    kernel_size: int = 3
-    padding: int = 1
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, output_size: tuple[int, int] | None = None):
         x = upsample_nearest(x, output_size)
-        if self.use_conv:
-            x = conv2d(self.out_channels or x.shape[-1], self.kernel_size, self.dtype, self.param_dtype, "conv",
-                       padding=self.padding)(x)
-        return x
+        return self.conv(x) if self.use_conv else x
 
 
 # ----------------------------------------------------------------------------- attention
@@ -243,6 +241,40 @@ def attention(q, k, v, heads: int, *, implementation: str | None = None, upcast:
     else:
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, t, inner).astype(dtype)
+
+
+class SpatialSelfAttention(nn.Module):
+    """One head of width C over the H*W positions of NHWC ``x``, with a residual::
+
+        h = group_norm(x);  out = x + out(softmax(q(h) k(h)^T / sqrt(C)) v(h))
+
+    The diffusers VAE mid-block ``Attention`` (``_from_deprecated_attn_block``; Dense
+    projections, the default ``names``) and the taming ``AttnBlock`` of VILA-U's decoder
+    (``conv_projections``: 1x1 convs, names ``norm/q/k/v/proj_out``). ``names`` is
+    (norm, q, k, v, out).
+    """
+
+    groups: int = 32
+    eps: float = 1e-6
+    names: tuple[str, str, str, str, str] = ("group_norm", "to_q", "to_k", "to_v", "to_out_0")
+    conv_projections: bool = False
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, hgt, wid, c = x.shape
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.conv_projections:
+            proj = lambda name: conv2d(c, 1, name=name, **kw)  # noqa: E731
+        else:
+            proj = lambda name: nn.Dense(c, name=name, **kw)  # noqa: E731
+        norm, *qkv, out = self.names
+        h = group_norm(self.groups, self.eps, name=norm, **kw)(x)
+        q, k, v = (proj(n)(h).reshape(b, hgt * wid, 1, c) for n in qkv)
+        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        return x + proj(out)(o.reshape(b, hgt, wid, c))
 
 
 class Attention(nn.Module):

@@ -48,7 +48,7 @@ import numpy as np
 
 from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.models import siglip as siglip_lib
-from fairjax.models.layers import ResnetBlock2D, Upsample2D, conv2d, group_norm
+from fairjax.models.layers import ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv2d, group_norm
 from fairjax.models.vila_u import CodebookConfig, RQCodebook
 
 Dtype = Any
@@ -193,71 +193,60 @@ def residual_quantize(x: jax.Array, tables: Sequence[jax.Array]) -> tuple[jax.Ar
 
 # ----------------------------------------------------------------------------- decoder (NHWC inside)
 
-def _resnet(out_ch: int, dropout: float, name: str, **kw) -> ResnetBlock2D:
-    """taming ``ResnetBlock`` (temb_channels 0): GroupNorm 32 / eps 1e-6 / SiLU, 1x1 shortcut when widths differ."""
-    return ResnetBlock2D(out_ch, groups=GROUPS, eps=EPS, non_linearity="silu", dropout=dropout, name=name, **kw)
-
-
-class AttnBlock(nn.Module):
-    """taming ``AttnBlock``: one head of width C over the H*W positions, 1x1-conv projections::
-
-        h = norm(x);  out = x + proj_out(softmax(q(h) k(h)^T / sqrt(C)) v(h))
-    """
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        b, hgt, wid, c = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(GROUPS, EPS, name="norm", **kw)(x)
-        q, k, v = (conv2d(c, 1, name=n, **kw)(h).reshape(b, hgt * wid, 1, c) for n in ("q", "k", "v"))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        return x + conv2d(c, 1, name="proj_out", **kw)(o.reshape(b, hgt, wid, c))
-
-
-class MidBlock(nn.Module):
-    """``block_1 -> attn_1 -> block_2`` at constant width."""
+class _DecoderBlock(nn.Module):
+    """Fields and pieces shared by the taming decoder's ``mid`` block and ``up`` levels."""
 
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
+    def resnet(self, out_ch: int, name: str) -> ResnetBlock2D:
+        """taming ``ResnetBlock`` (temb_channels 0): GroupNorm 32 / eps 1e-6 / SiLU, 1x1 shortcut when widths
+        differ."""
+        return ResnetBlock2D(out_ch, groups=GROUPS, eps=EPS, non_linearity="silu", dropout=self.dropout,
+                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+    def attn(self, name: str) -> SpatialSelfAttention:
+        """taming ``AttnBlock``: one head of width C over the H*W positions, 1x1-conv projections::
+
+            h = norm(x);  out = x + proj_out(softmax(q(h) k(h)^T / sqrt(C)) v(h))
+        """
+        return SpatialSelfAttention(GROUPS, EPS, names=("norm", "q", "k", "v", "proj_out"), conv_projections=True,
+                                    implementation=self.attention_impl, dtype=self.dtype,
+                                    param_dtype=self.param_dtype, name=name)
+
+
+class MidBlock(_DecoderBlock):
+    """``block_1 -> attn_1 -> block_2`` at constant width."""
+
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         c = x.shape[-1]
-        x = _resnet(c, self.dropout, "block_1", **kw)(x, deterministic=deterministic)
-        x = AttnBlock(attention_impl=self.attention_impl, name="attn_1", **kw)(x)
-        return _resnet(c, self.dropout, "block_2", **kw)(x, deterministic=deterministic)
+        x = self.resnet(c, "block_1")(x, deterministic=deterministic)
+        x = self.attn("attn_1")(x)
+        return self.resnet(c, "block_2")(x, deterministic=deterministic)
 
 
-class UpLevel(nn.Module):
-    """``up[i_level]``: ``num_res_blocks + 1`` resnets (each followed by an ``AttnBlock`` when the level's
-    resolution is in ``attn_resolutions``), then nearest x2 + 3x3 conv unless it is level 0."""
+class UpLevel(_DecoderBlock, kw_only=True):
+    """``up[i_level]``: ``num_blocks`` resnets (each followed by an ``AttnBlock`` when ``with_attn``: the
+    level's resolution is in ``attn_resolutions``), then nearest x2 + 3x3 conv unless it is level 0."""
 
     out_ch: int
     num_blocks: int
     with_attn: bool
     with_upsample: bool
     resamp_with_conv: bool = True
-    dropout: float = 0.0
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for j in range(self.num_blocks):
-            x = _resnet(self.out_ch, self.dropout, f"block_{j}", **kw)(x, deterministic=deterministic)
+            x = self.resnet(self.out_ch, f"block_{j}")(x, deterministic=deterministic)
             if self.with_attn:
-                x = AttnBlock(attention_impl=self.attention_impl, name=f"attn_{j}", **kw)(x)
+                x = self.attn(f"attn_{j}")(x)
         if self.with_upsample:
-            x = Upsample2D(use_conv=self.resamp_with_conv, name="upsample", **kw)(x)
+            x = Upsample2D(use_conv=self.resamp_with_conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="upsample")(x)
         return x
 
 
@@ -281,9 +270,10 @@ class Decoder(nn.Module):
         h = MidBlock(c.dropout, attention_impl=self.attention_impl, name="mid", **kw)(h, deterministic)
         res = c.resolution // c.upsample_factor
         for i in reversed(range(c.num_resolutions)):
-            h = UpLevel(c.ch * c.ch_mult[i], c.num_res_blocks + 1, res in c.attn_resolutions, i != 0,
-                        c.resamp_with_conv, c.dropout, attention_impl=self.attention_impl, name=f"up_{i}",
-                        **kw)(h, deterministic)
+            h = UpLevel(out_ch=c.ch * c.ch_mult[i], num_blocks=c.num_res_blocks + 1,
+                        with_attn=res in c.attn_resolutions, with_upsample=i != 0,
+                        resamp_with_conv=c.resamp_with_conv, dropout=c.dropout, attention_impl=self.attention_impl,
+                        name=f"up_{i}", **kw)(h, deterministic)
             if i != 0:
                 res *= 2
         if c.give_pre_end:

@@ -34,7 +34,15 @@ import jax
 import jax.numpy as jnp
 
 from fairjax.convert.safetensors_io import CheckpointError
-from fairjax.models.layers import Downsample2D, ResnetBlock2D, Upsample2D, conv2d, get_activation, group_norm
+from fairjax.models.layers import (
+    Downsample2D,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    conv2d,
+    get_activation,
+    group_norm,
+)
 
 Dtype = Any
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # DiagonalGaussianDistribution clamps logvar to this range
@@ -139,34 +147,10 @@ def unscale_latents(z: jax.Array, config: VAEConfig) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- blocks (NHWC)
-# ResnetBlock2D (called without temb), Downsample2D (padding=0) and Upsample2D are
-# the shared diffusers blocks of fairjax.models.layers; the VAE-only pieces follow.
-
-class AttentionBlock(nn.Module):
-    """The VAE mid-block ``Attention`` (diffusers ``_from_deprecated_attn_block``): one head of width C::
-
-        h = group_norm(x) as (B, HW, C);  out = x + to_out_0(softmax(q k^T / sqrt(C)) v)
-
-    with ``q, k, v = to_q(h), to_k(h), to_v(h)``. (Old checkpoints name the
-    projections ``query/key/value/proj_attn``; :mod:`fairjax.convert.vae` renames them.)
-    """
-
-    groups: int = 32
-    eps: float = 1e-6
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        b, hgt, wid, c = x.shape
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = group_norm(self.groups, self.eps, name="group_norm", **kw)(x).reshape(b, hgt * wid, 1, c)
-        q, k, v = (nn.Dense(c, name=n, **kw)(h) for n in ("to_q", "to_k", "to_v"))
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_implementation)
-        o = nn.Dense(c, name="to_out_0", **kw)(o.reshape(b, hgt * wid, c))
-        return x + o.reshape(b, hgt, wid, c)
-
+# ResnetBlock2D (called without temb), Downsample2D (padding=0), Upsample2D and the
+# mid-block attention (SpatialSelfAttention: one head, Dense to_q/to_k/to_v/to_out_0;
+# old checkpoints' query/key/value/proj_attn are renamed by fairjax.convert.vae) are the
+# shared diffusers blocks of fairjax.models.layers; the VAE-only pieces follow.
 
 class UNetMidBlock2D(nn.Module):
     """``resnets_0 -> [attentions_0] -> resnets_1`` at constant width (no time embedding)."""
@@ -184,14 +168,19 @@ class UNetMidBlock2D(nn.Module):
         c = x.shape[-1]
         x = ResnetBlock2D(c, non_linearity=self.non_linearity, name="resnets_0", **kw)(x)
         if self.add_attention:
-            x = AttentionBlock(attention_implementation=self.attention_implementation, name="attentions_0", **kw)(x)
+            x = SpatialSelfAttention(implementation=self.attention_implementation, name="attentions_0", **kw)(x)
         return ResnetBlock2D(c, non_linearity=self.non_linearity, name="resnets_1", **kw)(x)
 
 
-class DownEncoderBlock2D(nn.Module):
+class ResampleBlock2D(nn.Module):
+    """diffusers' ``DownEncoderBlock2D`` (``resample="down"``) and ``UpDecoderBlock2D`` (``"up"``):
+    ``resnets_0 .. resnets_{num_layers-1}`` at ``out_channels`` (no time embedding), then the
+    stride-2 ``downsamplers_0`` (padded bottom/right) or the nearest-2x ``upsamplers_0``
+    (``resample=None``: neither, the last block of each side)."""
+
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: str | None
     groups: int
     non_linearity: str
     dtype: Dtype = jnp.float32
@@ -203,75 +192,66 @@ class DownEncoderBlock2D(nn.Module):
         for i in range(self.num_layers):
             x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=1e-6, non_linearity=self.non_linearity,
                               name=f"resnets_{i}", **kw)(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample2D(self.out_channels, padding=0, name="downsamplers_0", **kw)(x)
-        return x
-
-
-class UpDecoderBlock2D(nn.Module):
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    groups: int
-    non_linearity: str
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, groups=self.groups, eps=1e-6, non_linearity=self.non_linearity,
-                              name=f"resnets_{i}", **kw)(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
 
 
-class Encoder(nn.Module):
-    """``conv_in -> down_blocks -> mid_block -> conv_norm_out -> act -> conv_out`` (2 * latent channels)."""
+class _Coder(nn.Module):
+    """Fields and pieces shared by :class:`Encoder` and :class:`Decoder`."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_implementation: str | None = None
+
+    def mid_block(self, x):
+        c = self.config
+        return UNetMidBlock2D(c.norm_num_groups, c.act_fn, c.mid_block_add_attention,
+                              attention_implementation=self.attention_implementation, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="mid_block")(x)
+
+    def blocks(self, x, prefix: str, num_layers: int, resample: str, chans):
+        """``{prefix}_0 ..``: one :class:`ResampleBlock2D` per width, all but the last resampling."""
+        c = self.config
+        for i, ch in enumerate(chans):
+            x = ResampleBlock2D(ch, num_layers, resample if i < len(chans) - 1 else None, c.norm_num_groups,
+                                c.act_fn, dtype=self.dtype, param_dtype=self.param_dtype, name=f"{prefix}_{i}")(x)
+        return x
+
+    def conv_in(self, x, features: int):
+        return conv2d(features, 3, self.dtype, self.param_dtype, "conv_in")(x)
+
+    def conv_out(self, x, features: int):
+        """``conv_out(act(conv_norm_out(x)))``."""
+        c = self.config
+        x = group_norm(c.norm_num_groups, 1e-6, self.dtype, self.param_dtype, "conv_norm_out")(x)
+        return conv2d(features, 3, self.dtype, self.param_dtype, "conv_out")(get_activation(c.act_fn)(x))
+
+
+class Encoder(_Coder):
+    """``conv_in -> down_blocks -> mid_block -> conv_norm_out -> act -> conv_out`` (2 * latent channels)."""
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        chans = c.block_out_channels
-        x = conv2d(chans[0], 3, name="conv_in", **kw)(x)
-        for i, ch in enumerate(chans):
-            x = DownEncoderBlock2D(ch, c.layers_per_block, i < len(chans) - 1, c.norm_num_groups, c.act_fn,
-                                   name=f"down_blocks_{i}", **kw)(x)
-        x = UNetMidBlock2D(c.norm_num_groups, c.act_fn, c.mid_block_add_attention,
-                           attention_implementation=self.attention_implementation, name="mid_block", **kw)(x)
-        x = get_activation(c.act_fn)(group_norm(c.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
-        return conv2d(2 * c.latent_channels, 3, name="conv_out", **kw)(x)
+        x = self.conv_in(x, c.block_out_channels[0])
+        x = self.blocks(x, "down_blocks", c.layers_per_block, "down", c.block_out_channels)
+        return self.conv_out(self.mid_block(x), 2 * c.latent_channels)
 
 
-class Decoder(nn.Module):
+class Decoder(_Coder):
     """``conv_in -> mid_block -> up_blocks (layers_per_block + 1 resnets each) -> norm -> act -> conv_out``."""
-
-    config: VAEConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
 
     @nn.compact
     def __call__(self, z):
         c = self.config
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         chans = tuple(reversed(c.block_out_channels))
-        x = conv2d(chans[0], 3, name="conv_in", **kw)(z)
-        x = UNetMidBlock2D(c.norm_num_groups, c.act_fn, c.mid_block_add_attention,
-                           attention_implementation=self.attention_implementation, name="mid_block", **kw)(x)
-        for i, ch in enumerate(chans):
-            x = UpDecoderBlock2D(ch, c.layers_per_block + 1, i < len(chans) - 1, c.norm_num_groups, c.act_fn,
-                                 name=f"up_blocks_{i}", **kw)(x)
-        x = get_activation(c.act_fn)(group_norm(c.norm_num_groups, 1e-6, name="conv_norm_out", **kw)(x))
-        return conv2d(c.out_channels, 3, name="conv_out", **kw)(x)
+        x = self.mid_block(self.conv_in(z, chans[0]))
+        x = self.blocks(x, "up_blocks", c.layers_per_block + 1, "up", chans)
+        return self.conv_out(x, c.out_channels)
 
 
 def _nhwc(x):
