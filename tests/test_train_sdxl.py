@@ -193,6 +193,32 @@ def test_noise_and_timestep_shared_within_pairs(tiny):
     assert len(np.unique(np.asarray(t[:half]))) > 1 and float(jnp.abs(eps[0] - eps[1]).max()) > 0
 
 
+def test_noise_draws_average_independent_single_draws(tiny, rel):
+    """``noise_draws = K``: each row's mse (policy and reference) is the mean of K one-draw
+    evaluations with keys ``fold_in(key, k)`` (one-draw rewards are checked against diffusers above),
+    pairs still share every draw, and the loss is PopAlign's formula on the averaged rewards."""
+    one = dp.DiffusionPrefTask(config(tiny))
+    three = dp.DiffusionPrefTask(config(tiny, noise_draws=3))
+    base, _ = one.init(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    policy = jax.tree.map(lambda w: (w + 0.05 * rng.standard_normal(w.shape) * np.abs(w).mean()).astype(np.float32),
+                          base)
+    batch, key = one.batch(2, 0, 1), jax.random.key(3)
+    singles = [jax.jit(one.rewards)(policy, base, batch, jax.random.fold_in(key, k)) for k in range(3)]
+    mse, ref = jax.jit(three.rewards)(policy, base, batch, key)
+    want_mse = np.mean([np.asarray(m, np.float64) for m, _ in singles], axis=0)
+    want_ref = np.mean([np.asarray(r, np.float64) for _, r in singles], axis=0)
+    assert rel(mse, want_mse) <= 1e-6 and rel(ref, want_ref) <= 1e-6
+    assert float(np.abs(np.asarray(singles[0][0]) - np.asarray(singles[1][0])).max()) > 0  # draws differ
+    g = want_ref - want_mse
+    n = len(g)
+    s = np.where(np.arange(n) < n // 2, 1.0, -1.0)
+    k = 0.5 * g[: n // 2].mean() + 0.5 * g[n // 2:].mean()
+    z = s * float(three.config.beta) * (g - k)
+    loss, _ = jax.jit(three.loss)(policy, base, batch, key)
+    assert rel(loss, np.mean(np.logaddexp(0.0, -z))) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- data, conditioning
 
 
@@ -413,6 +439,7 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(batch_size=16, grad_accum_steps=3), ["grad_accum_steps=3"]),
     (dict(time_ids=(128.0, 128.0, 0.0, 0.0)), ["4 time_ids", "projection_class_embeddings_input_dim is 32"]),
     (dict(model_dir="/nonexistent/model"), ["/nonexistent/model"]),
+    (dict(noise_draws=0), ["config.noise_draws=0"]),
 ])
 def test_bad_config_is_one_line_error(tiny, over, words):
     from fairjax.errors import UserError

@@ -76,6 +76,7 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss = loss
     c.beta = 5000.0
     c.alpha = 0.5  # PopAlign's normaliser weight (paper's alpha); popalign only
+    c.noise_draws = 1  # (eps, t) draws averaged per image's mse: K draws = 1/K variance, K x compute
     c.model_dir = ""  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
@@ -284,6 +285,7 @@ class DiffusionPrefTask:
         self.config = c = config
         self.workdir = workdir
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
+        _check(int(c.get("noise_draws", 1)) >= 1, f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
         self.model_dir, data_path = str(c.model_dir), str(c.data.path)
         if c.get("tiny"):
             from fairjax.tasks import tiny_sdxl
@@ -433,12 +435,31 @@ class DiffusionPrefTask:
         return per_sample_mse(pred, target)
 
     def rewards(self, trainable, frozen, batch, rng) -> tuple[jax.Array, jax.Array | None]:
-        """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT)."""
-        noise, t = shared_noise(rng, batch["slot"], batch["latents"].shape[1:], self.schedule.num_train_timesteps)
-        mse = self.denoise_mse(self.policy_params(trainable, frozen), batch, noise, t)
+        """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT).
+
+        With ``config.noise_draws = K > 1`` each row's mse is the mean over ``K`` independent
+        ``(eps, t)`` draws (draw ``k`` keyed by ``fold_in(rng, k)``, still shared by the two rows
+        of a pair): the same expectation as one draw, with ``1/K`` of its variance, for ``K``
+        times the UNet work. ``K = 1`` is the reference recipe (one draw per image).
+        """
+        draws = int(self.config.get("noise_draws", 1))
+        shape, T = batch["latents"].shape[1:], self.schedule.num_train_timesteps
+        if draws == 1:
+            noise, t = shared_noise(rng, batch["slot"], shape, T)
+        else:
+            ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, T) for k in range(draws)]
+            noise = jnp.concatenate([n for n, _ in ks])
+            t = jnp.concatenate([tt for _, tt in ks])
+            batch = {k: (jnp.concatenate([v] * draws) if k in ("latents", "encoder_hidden_states", "text_embeds")
+                         else v) for k, v in batch.items()}
+
+        def mean_over_draws(x):
+            return x if draws == 1 else jnp.mean(x.reshape(draws, -1), axis=0)
+
+        mse = mean_over_draws(self.denoise_mse(self.policy_params(trainable, frozen), batch, noise, t))
         if self.config.loss == "sft":
             return mse, None
-        ref = self.denoise_mse(jax.lax.stop_gradient(frozen), batch, noise, t)
+        ref = mean_over_draws(self.denoise_mse(jax.lax.stop_gradient(frozen), batch, noise, t))
         return mse, ref
 
     def loss(self, trainable, frozen, batch, rng):
