@@ -36,9 +36,11 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import diffusers  # noqa: E402
 
+from _torch_util import DictReader  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
 from fairjax.models.unet import UNet2DConditionModel  # noqa: E402
@@ -51,20 +53,6 @@ CONFIG = {
     "cross_attention_dim": 256, "use_linear_projection": True, "addition_embed_type": "text_time",
     "addition_time_embed_dim": 32, "projection_class_embeddings_input_dim": 256 + 6 * 32, "sample_size": 32,
 }
-
-
-class _Reader:
-    def __init__(self, sd):
-        self.sd = {k: v.detach().numpy() for k, v in sd.items()}
-
-    def keys(self):
-        return list(self.sd)
-
-    def shape(self, k):
-        return tuple(self.sd[k].shape)
-
-    def __getitem__(self, k):
-        return self.sd[k]
 
 
 def _time(fn, steps):
@@ -93,7 +81,7 @@ def main():
         for p in tm.parameters():
             p.add_(0.01 * torch.randn_like(p))
     unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention)
-    params = jax.tree_util.tree_map(jnp.asarray, convert_checkpoint(_Reader(tm.state_dict()),
+    params = jax.tree_util.tree_map(jnp.asarray, convert_checkpoint(DictReader(tm.state_dict()),
                                                                     unet_convert.target_shapes(CONFIG)))
     n_params = sum(p.numel() for p in tm.parameters())
 

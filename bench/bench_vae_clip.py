@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from fairjax.convert.clip import convert_clip_text
-from fairjax.convert.vae import convert_vae
-from fairjax.models import clip_text, vae
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from _torch_util import rel, timeit  # noqa: E402
+
+from fairjax.convert.clip import convert_clip_text  # noqa: E402
+from fairjax.convert.vae import convert_vae  # noqa: E402
+from fairjax.models import clip_text, vae  # noqa: E402
 
 SMALL_VAE = dict(block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3,
                  up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=2, norm_num_groups=8,
@@ -34,21 +37,6 @@ SMALL_CLIP = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, 
                   projection_dim=256, hidden_act="gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1)
 SDXL_CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                    projection_dim=1280, hidden_act="gelu", eos_token_id=2, bos_token_id=0, pad_token_id=1)
-
-
-def timeit(fn, iters):
-    fn()  # warm-up / compile
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def report(name, t_torch, t_flax, err):

@@ -15,16 +15,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import _vila_u_torch as ref  # noqa: E402
+from _torch_util import DictReader, randomize_, rel, timeit  # noqa: E402
 
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
 from fairjax.convert.vila_u import SIGLIP_VISION_CONFIGS, vision_tower_rules  # noqa: E402
@@ -39,21 +38,6 @@ SIZES = {
                  dec=dict(ch=128, out_ch=3, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
                           resolution=256, z_channels=256), n_embed=16384),
 }
-
-
-def timeit(fn, iters):
-    fn()
-    ts = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def report(name, t_torch, t_flax, err):
@@ -81,8 +65,8 @@ def main():
               ddconfig=dec_cfg)
     cut = transformers.SiglipVisionConfig(**dict(sg, num_hidden_layers=sg["num_hidden_layers"] - 1))
     cut._attn_implementation = "sdpa"
-    tsig = ref.randomize_(transformers.SiglipVisionModel(cut), 0).to(dev)
-    tdec = ref.randomize_(ref.Decoder(**dec_cfg), 1).to(dev)
+    tsig = randomize_(transformers.SiglipVisionModel(cut), 0).to(dev)
+    tdec = randomize_(ref.Decoder(**dec_cfg), 1).to(dev)
     rng = np.random.default_rng(2)
     codebook = (rng.normal(size=(s["n_embed"] + 1, c)) / np.sqrt(c)).astype(np.float32)
     pq_w = (rng.normal(size=(dec_cfg["z_channels"], c, 1, 1)) / np.sqrt(c)).astype(np.float32)
@@ -95,12 +79,8 @@ def main():
     model = rqvae.from_config(rq, sg)
     ignore, rename = vision_tower_rules(sd.keys(), model)
 
-    class Reader(dict):
-        def shape(self, k):
-            return self[k].shape
-
     shapes = {("rqvaesiglip",) + p: v for p, v in rqvae.param_shapes(model).items()}
-    params = jax.device_put(convert_checkpoint(Reader(sd), shapes, ignore=ignore, rename=rename)["rqvaesiglip"])
+    params = jax.device_put(convert_checkpoint(DictReader(sd), shapes, ignore=ignore, rename=rename)["rqvaesiglip"])
 
     x = rng.uniform(-1, 1, size=(args.batch, 3, sg["image_size"], sg["image_size"])).astype(np.float32)
     xt = torch.from_numpy(x).to(dev)

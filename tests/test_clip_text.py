@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _torch_util import randomize_ as _randomize_  # noqa: E402
 from fairjax.convert import clip as clip_convert  # noqa: E402
 from fairjax.convert.core import flatten, plan_conversion, flax_to_torch_key  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError, write_safetensors  # noqa: E402
@@ -27,20 +28,8 @@ def tiny_config(**kw):
 
 
 def randomize_(model, seed):
-    """Every parameter random (norm scales around 1), so a wrong mapping or op cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * r)
-            elif "embedding" in name:
-                p.copy_(0.5 * r)
-            else:
-                p.copy_(r / np.sqrt(p.shape[-1]))
-    return model.eval()
+    """:func:`_torch_util.randomize_` with the token / position tables at ``0.5 N(0, 1)``."""
+    return _randomize_(model, seed, embedding_scale=0.5)
 
 
 def token_ids(pad_id, lengths, seed=0):

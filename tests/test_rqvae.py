@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 import _vila_u_torch as ref  # noqa: E402
+from _torch_util import DictReader, randomize_  # noqa: E402
 from diffusers.models.autoencoders.vae import Decoder as DiffusersDecoder  # noqa: E402
 from fairjax.convert.core import convert_checkpoint, shapes_of  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
@@ -23,20 +24,6 @@ from fairjax.models.vila_u import CodebookConfig  # noqa: E402
 DEC_A = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], resolution=16, z_channels=8)
 DEC_B = dict(ch=32, out_ch=3, ch_mult=[1, 1, 2], num_res_blocks=1, attn_resolutions=[4, 16], resolution=16,
              z_channels=4)
-
-
-class DictReader:
-    def __init__(self, sd):
-        self.sd = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in sd.items()}
-
-    def keys(self):
-        return list(self.sd)
-
-    def shape(self, k):
-        return tuple(self.sd[k].shape)
-
-    def __getitem__(self, k):
-        return self.sd[k]
 
 
 def decoder_params(dec_cfg, taming_sd):
@@ -53,6 +40,16 @@ def decoder_params(dec_cfg, taming_sd):
 def run_decoder(model, params, z_nchw):
     f = jax.jit(lambda p, z: model.apply({"params": p}, jnp.transpose(z, (0, 2, 3, 1))))
     return np.asarray(f(params, z_nchw)).transpose(0, 3, 1, 2)
+
+
+def assert_decoder_matches(torch_decoder, dec_cfg, taming_sd, z_nchw, rel):
+    """The Flax decoder on ``taming_sd`` (converted) reproduces ``torch_decoder`` on ``z`` (2 x 3 x 16 x 16 out)."""
+    model, params = decoder_params(dec_cfg, taming_sd)
+    with torch.no_grad():
+        want = torch_decoder(torch.from_numpy(z_nchw)).numpy()
+    got = run_decoder(model, params, z_nchw)
+    assert got.shape == want.shape == (2, 3, 16, 16)
+    assert rel(got, want) < 1e-5
 
 
 def diffusers_to_taming(key, n_levels):
@@ -73,7 +70,7 @@ def test_decoder_matches_diffusers_decoder(rel):
     """Where the structures agree (no up-block attention) the taming decoder is diffusers' VAE Decoder."""
     c = DEC_A
     chans = tuple(c["ch"] * m for m in c["ch_mult"])
-    td = ref.randomize_(DiffusersDecoder(
+    td = randomize_(DiffusersDecoder(
         in_channels=c["z_channels"], out_channels=c["out_ch"], up_block_types=("UpDecoderBlock2D",) * len(chans),
         block_out_channels=chans, layers_per_block=c["num_res_blocks"], norm_num_groups=32), seed=0)
     sd = {}
@@ -82,27 +79,17 @@ def test_decoder_matches_diffusers_decoder(rel):
         if ".attentions.0.to_" in k and k.endswith("weight"):
             v = v[:, :, None, None]  # Linear over channels == 1x1 conv
         sd[diffusers_to_taming(k, len(chans))] = v
-    model, params = decoder_params(c, sd)
     z = np.random.default_rng(1).normal(size=(2, c["z_channels"], 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = td(torch.from_numpy(z)).numpy()
-    got = run_decoder(model, params, z)
-    assert got.shape == want.shape == (2, 3, 16, 16)
-    assert rel(got, want) < 1e-5
+    assert_decoder_matches(td, c, sd, z, rel)
 
 
 @pytest.mark.parametrize("resamp", [True, False])
 def test_decoder_matches_vila_u_decoder_with_up_block_attention(rel, resamp):
     c = dict(DEC_B, resamp_with_conv=resamp)
-    td = ref.randomize_(ref.Decoder(**c), seed=2)
+    td = randomize_(ref.Decoder(**c), seed=2)
     assert any(".attn." in k for k in td.state_dict()) and any("nin_shortcut" in k for k in td.state_dict())
-    model, params = decoder_params(c, td.state_dict())
     z = np.random.default_rng(3).normal(size=(2, c["z_channels"], 4, 4)).astype(np.float32)
-    with torch.no_grad():
-        want = td(torch.from_numpy(z)).numpy()
-    got = run_decoder(model, params, z)
-    assert got.shape == want.shape == (2, 3, 16, 16)
-    assert rel(got, want) < 1e-5
+    assert_decoder_matches(td, c, td.state_dict(), z, rel)
 
 
 def test_residual_quantize_matches_numpy_reference(rel):
@@ -164,7 +151,7 @@ RQ = dict(embed_dim=32, n_embed=24, latent_shape=[4, 4, 32], code_shape=[4, 4, 4
 def tokenizer():
     """torch pieces (transformers SigLIP, taming decoder), their vila-u state dict, and the Flax tokenizer."""
     sig = ref.siglip_model(SIGLIP, TEXT, seed=6)
-    dec = ref.randomize_(ref.Decoder(**RQ["ddconfig"]), seed=7)
+    dec = randomize_(ref.Decoder(**RQ["ddconfig"]), seed=7)
     codebook = np.random.default_rng(8).normal(size=(RQ["n_embed"] + 1, 32)).astype(np.float32)
     sd = ref.vision_tower_state(sig, dec, codebook, embed_dim=32, z_channels=DEC_B["z_channels"], depth=4)
     model = rqvae.from_config(RQ, SIGLIP)

@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _torch_util import DictReader, randomize_  # noqa: E402
 from fairjax.convert.core import convert_checkpoint, plan_conversion  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
 from fairjax.convert.vila_u import SIGLIP_VISION_CONFIGS  # noqa: E402
@@ -16,37 +17,6 @@ from fairjax.models import rqvae, siglip  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=32,
             patch_size=8, layer_norm_eps=1e-6)
-
-
-class DictReader:
-    """The reader interface of ``convert_checkpoint`` over a torch state dict."""
-
-    def __init__(self, sd):
-        self.sd = {k: v.detach().cpu().numpy() for k, v in sd.items()}
-
-    def keys(self):
-        return list(self.sd)
-
-    def shape(self, k):
-        return tuple(self.sd[k].shape)
-
-    def __getitem__(self, k):
-        return self.sd[k]
-
-
-def randomize_(model, seed):
-    """Every parameter random (norm scales around 1), so a wrong mapping or op cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * r)
-            else:
-                p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
-    return model.eval()
 
 
 def torch_siglip(cfg, seed=0, act="gelu_pytorch_tanh"):

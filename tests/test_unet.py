@@ -15,30 +15,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from _torch_util import SDXL_UNET_CONFIG, DictReader, randomize_  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint, shapes_of  # noqa: E402
 from fairjax.models import unet as unet_mod  # noqa: E402
 from fairjax.models.unet import ConfigError, UNet2DConditionModel, UNetConfig  # noqa: E402
 
-# The real SDXL base 1.0 unet/config.json.
-SDXL_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0", "act_fn": "silu",
-    "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280], "center_input_sample": False,
-    "class_embed_type": None, "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "cross_attention_dim": 2048, "cross_attention_norm": None,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "dual_cross_attention": False, "encoder_hid_dim": None, "encoder_hid_dim_type": None, "flip_sin_to_cos": True,
-    "freq_shift": 0, "in_channels": 4, "layers_per_block": 2, "mid_block_only_cross_attention": None,
-    "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
-    "norm_num_groups": 32, "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
-    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "resnet_out_scale_factor": 1.0,
-    "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 128,
-    "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
-    "time_embedding_type": "positional", "timestep_post_act": None, "transformer_layers_per_block": [1, 2, 10],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "upcast_attention": None,
-    "use_linear_projection": True,
-}
+SDXL_CONFIG = SDXL_UNET_CONFIG  # the real SDXL base 1.0 unet/config.json
 SDXL_PARAMS, SDXL_ARRAYS = 2_567_463_684, 1_680
 
 
@@ -70,44 +53,10 @@ def tiny_sd15_config(**kw):
     return cfg
 
 
-def randomize_(model, seed):
-    """Every parameter random (diffusers zero-inits conv_out etc.), so no wrong op or mapping can pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim == 1 and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif p.ndim == 1:
-                p.copy_(0.2 * r)
-            else:
-                p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
-    return model.eval()
-
-
 def torch_unet(cfg, seed=0):
     torch.manual_seed(seed)
     model = diffusers.UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     return randomize_(model, seed)
-
-
-class DictReader:
-    """A torch state dict as the reader interface ``convert_checkpoint`` streams from."""
-
-    def __init__(self, state):
-        self.state = {k: v.detach().cpu().numpy() for k, v in state.items()}
-
-    def keys(self):
-        return list(self.state)
-
-    def shape(self, k):
-        return tuple(self.state[k].shape)
-
-    def dtype(self, k):
-        return self.state[k].dtype
-
-    def __getitem__(self, k):
-        return self.state[k]
 
 
 def flax_unet(cfg, torch_model, **kw):

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from _torch_util import randomize_  # noqa: E402
 from fairjax.convert import vae as vae_convert  # noqa: E402
 from fairjax.convert.core import flatten, flax_to_torch_key, plan_conversion  # noqa: E402
 from fairjax.convert.safetensors_io import CheckpointError, write_safetensors  # noqa: E402
@@ -24,21 +25,6 @@ TINY = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 16], layer
 TINY_B = dict(TINY, block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
               up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=2, use_quant_conv=False,
               use_post_quant_conv=False, mid_block_add_attention=False, shift_factor=0.1, scaling_factor=0.3)
-
-
-def randomize_(model, seed):
-    """Every parameter random (norm scales around 1), so a wrong mapping or op cannot pass."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * r)
-            else:
-                p.copy_(r / np.sqrt(np.prod(p.shape[1:])))
-    return model.eval()
 
 
 def encode_decode(model, params, x, z):
