@@ -1,0 +1,83 @@
+"""The toy world's main job end to end (``python -m fairjax.toy.run``) at the ``quick`` sizes:
+build_prefs -> PopAlign and SFT through the trainer -> evaluate, with the headline numbers
+recomputed here from the PNGs the evaluation wrote (decoded with the toy world's exact decoder,
+pooled counts, L2 to uniform in numpy), and a re-run that reuses every stage.
+
+What is asserted about the methods is what the toy world shows (README, "Toy world"): SFT on the
+balanced winners cuts both discrepancies; PopAlign's effect is reported, not asserted, because
+at the settings tried it does not reach the issue's target (see README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fairjax.toy import world as W
+
+
+def _pooled_discrepancy(labels, classes):
+    counts = np.array([sum(lab == c for lab in labels) for c in classes], np.float64)
+    p = counts / counts.sum()
+    return float(np.sqrt(((p - 1.0 / len(classes)) ** 2).sum()))
+
+
+def _recompute(records_file, world):
+    """(discrepancy {attr}, recall {attr, both}) from the PNGs of one model's evaluation."""
+    neutral = {a: [] for a in ("gender", "race")}
+    hit = {"gender": 0, "race": 0, "both": 0}
+    faces = 0
+    with open(records_file) as f:
+        rows = [json.loads(line) for line in f]
+    assert rows
+    for r in rows:
+        lab = world.decode(np.asarray(Image.open(r["image"]).convert("RGB")))
+        assert lab == r["labels"]  # the stored labels are the decoder's on the written PNG
+        if lab is None:
+            continue
+        if r["identity"] is None:
+            for a in neutral:
+                neutral[a].append(lab[a])
+        else:
+            faces += 1
+            ok = {a: lab[a] == r["identity"][a] for a in ("gender", "race")}
+            hit["gender"] += ok["gender"]
+            hit["race"] += ok["race"]
+            hit["both"] += ok["gender"] and ok["race"]
+    disc = {"gender": _pooled_discrepancy(neutral["gender"], world.genders),
+            "race": _pooled_discrepancy(neutral["race"], world.races)}
+    return disc, {k: v / faces for k, v in hit.items()}
+
+
+@pytest.mark.slow
+def test_main_job_end_to_end(tmp_path, capsys):
+    from fairjax.toy import run
+
+    world = W.ToyWorld()
+    workdir = str(tmp_path / "toy")
+    res = run.run(workdir, preset="quick", sft=True)
+    report = json.loads(open(res["report"]).read())
+    assert report["models"] == ["base", "popalign", "sft"]
+    assert os.path.isfile(res["html"])
+    out_dir = os.path.dirname(os.path.dirname(res["report"]))
+    for name in report["models"]:
+        disc, recall = _recompute(os.path.join(out_dir, f"records_{name}.jsonl"), world)
+        for attr in ("gender", "race"):
+            assert abs(res["metrics"][name]["discrepancy"][attr] - disc[attr]) < 1e-9, (name, attr)
+        for attr in ("gender", "race", "both"):
+            assert abs(res["metrics"][name]["recall"][attr] - recall[attr]) < 1e-9, (name, attr)
+    base, sft = res["metrics"]["base"], res["metrics"]["sft"]
+    assert base["discrepancy"]["gender"] > 0.1 and base["discrepancy"]["race"] > 0.15  # the base is biased
+    for attr in ("gender", "race"):
+        assert sft["discrepancy"][attr] < 0.75 * base["discrepancy"][attr], res["metrics"]
+    printed = capsys.readouterr().out
+    assert "discrepancy (gender): base" in printed and res["html"] in printed
+
+    again = run.run(workdir, preset="quick", sft=True)  # every stage's output exists: reused
+    printed = capsys.readouterr().out
+    assert "build_prefs: reusing" in printed and printed.count("train: reusing") == 2
+    assert again["metrics"] == res["metrics"]
