@@ -385,6 +385,25 @@ def test_lora_dropout_mask_rate_and_independence():
         assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 5 / np.sqrt(a.size)
 
 
+def test_lora_dropout_mask_is_the_documented_hash_of_the_flat_index():
+    """keep[i, ...] = mix(mix(j ^ k_i0 ^ salt) ^ k_i1) >= rate 2^32, j the row-major index within row i
+    (numpy uint32 arithmetic), for 2-D to 4-D shapes."""
+    def mix(h):
+        h = h ^ (h >> np.uint32(16))
+        h = h * np.uint32(0x7FEB352D)
+        h = h ^ (h >> np.uint32(15))
+        h = h * np.uint32(0x846CA68B)
+        return h ^ (h >> np.uint32(16))
+
+    kd = np.asarray(jax.random.key_data(jax.random.split(jax.random.key(1), 3)), np.uint32)
+    for shape in [(3, 50), (3, 7, 33), (3, 4, 5, 6)]:
+        j = np.arange(int(np.prod(shape[1:])), dtype=np.uint32)[None]
+        with np.errstate(over="ignore"):
+            h = mix(mix(j ^ kd[:, :1] ^ np.uint32(1234)) ^ kd[:, -1:])
+        want = (h >= np.uint32(int(0.25 * 2**32))).reshape(shape)
+        np.testing.assert_array_equal(np.asarray(vp.hash_keep_mask(jnp.asarray(kd), 1234, 0.25, shape)), want)
+
+
 def test_crop_keeps_1_to_20_percent_and_matches_torch_resize(rel):
     keys = jax.random.split(jax.random.key(0), 4000)
     boxes = np.asarray(jax.jit(jax.vmap(lambda k: vp.crop_box(k, 256, 256)))(keys), np.float64)

@@ -100,14 +100,22 @@ def hash_keep_mask(key_data, salt: int, rate: float, shape) -> jax.Array:
 
     A counter-based hash of the element index, computed elementwise where it is used, so XLA
     fuses it into the dropout and never stores a mask (``jax.random.bernoulli`` masks were kept
-    alive across layers by XLA, ~2 GB per device at 8 layers x 8 pairs). Keep probability
-    ``1 - rate`` to within 2^-32; fresh masks per step, row and layer through the keys and salt."""
+    alive across layers by XLA, ~2 GB per device at 8 layers x 8 pairs). The index is built in
+    ``shape`` itself from one iota per axis: computed on a flat ``(rows, prod(shape[1:]))`` iota and
+    reshaped, the mask lost the activations' row sharding under FSDP, so XLA's SPMD partitioner
+    computed it in another layout and moved it with an all-to-all (a stored bool mask per LoRA'd
+    layer and pass, 0.17 GiB per LLaMA-7B layer at 8 pairs per device; bench/memory_vila_u.py).
+    Keep probability ``1 - rate`` to within 2^-32; fresh masks per step, row and layer through the
+    keys and salt."""
+    shape = tuple(shape)
     kd = key_data.astype(jnp.uint32).reshape(shape[0], -1)
-    n = math.prod(shape[1:])
-    j = jax.lax.broadcasted_iota(jnp.uint32, (shape[0], n), 1)
-    h = _mix32(j ^ kd[:, :1] ^ jnp.uint32(salt & 0xFFFFFFFF))
-    h = _mix32(h ^ kd[:, -1:])
-    return (h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))).reshape(shape)
+    row = (shape[0],) + (1,) * (len(shape) - 1)
+    j = jnp.zeros((1,) + shape[1:], jnp.uint32)  # flat index within the row, built in x's own shape (no reshape)
+    for axis in range(1, len(shape)):
+        j = j + jax.lax.broadcasted_iota(jnp.uint32, (1,) + shape[1:], axis) * jnp.uint32(math.prod(shape[axis + 1:]))
+    h = _mix32(j ^ kd[:, :1].reshape(row) ^ jnp.uint32(salt & 0xFFFFFFFF))
+    h = _mix32(h ^ kd[:, -1:].reshape(row))
+    return h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
 
 
 def _llm_hidden(vu: vila_u.VilaU, llm_params, x, mask, lora, lora_alpha, dropout, row_keys):
