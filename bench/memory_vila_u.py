@@ -2,6 +2,8 @@
 
   python bench/memory_vila_u.py                  # analytic 7B table + compiled smaller config
   python bench/memory_vila_u.py --compile-7b     # also compile (not run) the 7B step at fsdp 8
+  python bench/memory_vila_u.py --compile-7b --layers 4 --peak --skip-small   # 7B width, 4 LLaMA layers,
+                                                 # and what is live at XLA's peak (from its buffer dump)
 
 1. Sizes from ``jax.eval_shape`` of the full-size modules (no weights), side by side with the
    PyTorch reference built on the ``meta`` device: transformers ``LlamaForCausalLM`` + PEFT
@@ -23,12 +25,13 @@
    0.7 GB at 4 layers and 2.1 GB at 8 layers of the smaller config on XLA:CPU).
 4. Which GPU memory sizes fit the 7B run (analytic total <= 90% of the card).
 
-Measured (2-core CPU box): the smaller config compiles to 1.3-1.7x the analytic bytes; the 7B
-step at fsdp 8 to 55 GiB per device on XLA:CPU vs 6.4 GiB analytic. At the JAX level only each
-layer's input is saved (``jax.ad_checkpoint.print_saved_residuals``); the excess grows with depth
-(~0.1 GB per extra layer of the smaller config), i.e. XLA:CPU's scheduler, which has no memory
-budget, keeps recomputed attention activations / gathered weights alive. Measure on a GPU
-before trusting the fit table.
+Measured (2-core CPU box, see BENCHMARKS.md for the numbers): the 7B step at fsdp 8 compiles to
+~7.7x the analytic bytes on XLA:CPU. ``--peak`` (XLA's live-range dump) shows why: the peak is in
+the depth head's backward, where XLA:CPU's scheduler has already run the rematerialised forward of
+most LLaMA layers (it depends only on the saved layer inputs) and holds all of it; XLA:CPU computes
+the bf16 matmuls in float32, so those intermediates and a float32 copy of every frozen weight shard
+are stored too. Remat itself works (without it the step needs ~4.6x more per layer). Measure on a
+GPU before trusting the fit table.
 """
 
 import argparse
@@ -48,9 +51,18 @@ def main():
     p.add_argument("--head-chunk", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--layers", type=int, default=32, help="LLaMA layers of the compiled 7B-width step")
+    p.add_argument("--peak", action="store_true", help="print what is live at the compiled 7B step's peak")
+    p.add_argument("--skip-small", action="store_true", help="skip the smaller config's compiles")
     a = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
+    dump = None
+    if a.peak:
+        import tempfile
+
+        dump = tempfile.mkdtemp(prefix="memory_vila_u_")
+        os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step"
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import jax
 
@@ -88,21 +100,27 @@ def main():
         print(f"{name:<26}" + "".join(f"{yn(t[0], gb) + ' | ' + yn(t[1], gb):>12}" for t in totals.values()))
     print("(JAX preallocates 75% of a GPU by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 on the smaller cards)")
 
-    small = vila_u_small()
-    for chunk in (0, a.head_chunk):
-        compiled_table(f"smaller VILA-U (LLaMA 512 x 4 layers, depth head 256 x 2, 16384 codes), head_chunk {chunk}, "
-                       f"LoRA dropout {a.dropout}", small, a.pairs_per_device, a.prompt_len, (1, 4, 8), chunk, a.dropout)
+    if not a.skip_small:
+        small = vila_u_small()
+        for chunk in (0, a.head_chunk):
+            compiled_table(f"smaller VILA-U (LLaMA 512 x 4 layers, depth head 256 x 2, 16384 codes), head_chunk "
+                           f"{chunk}, LoRA dropout {a.dropout}", small, a.pairs_per_device, a.prompt_len, (1, 4, 8),
+                           chunk, a.dropout)
     if a.compile_7b:
-        compiled_table(f"VILA-U 7B, head_chunk {a.head_chunk}, LoRA dropout {a.dropout}", full, a.pairs_per_device,
-                       a.prompt_len, (8,), a.head_chunk, a.dropout)
+        vu = full if a.layers == 32 else vila_u_7b(a.layers)
+        compiled_table(f"VILA-U 7B{'' if a.layers == 32 else f' width, {a.layers} LLaMA layers'}, head_chunk "
+                       f"{a.head_chunk}, LoRA dropout {a.dropout}", vu, a.pairs_per_device, a.prompt_len, (8,),
+                       a.head_chunk, a.dropout)
+        if dump:
+            print_peak(dump)
 
 
 # ----------------------------------------------------------------------------- models
 
-def vila_u_7b():
+def vila_u_7b(layers=32):
     from fairjax.models import vila_u
 
-    llm = dict(vocab_size=32004, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    llm = dict(vocab_size=32004, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
     vt = {"rqtransformer": {"block_size": [16, 16, 4], "input_embed_dim_1": 1024, "input_embed_dim_2": 4096,
                             "embed_dim": 2560, "vocab_size": 16384, "head": {"block": {"n_head": 40}, "n_layer": 6}},
@@ -293,6 +311,72 @@ def compile_step(vu, fsdp, pairs, prompt_len, chunk, dropout=0.1):
     args = (with_sh(abstract, state_sh), with_sh(frozen, frozen_sh),
             {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh) for k, v in batch.items()})
     return jitted.lower(*args).compile().memory_analysis()
+
+
+# ----------------------------------------------------------------------------- what is live at the peak
+
+def print_peak(dump: str, top: int = 14) -> None:
+    """Group the buffers XLA:CPU holds at its peak (``*live-range.txt`` of the step's dump) by what made them:
+    a LLaMA layer or the depth head (from each HLO's ``op_name``, or its operands' for fused converts), the
+    pass (forward, backward, the remat recomputation inside the backward), float32 copies of bf16 values,
+    and the frozen weights (``param``) with their float32 copies."""
+    import collections
+    import glob
+    import re
+
+    files = sorted(glob.glob(os.path.join(dump, "*step*live-range.txt")), key=os.path.getsize)
+    if not files:
+        print(f"no live-range dump in {dump}")
+        return
+    live = files[-1]
+    meta, shape, operands = {}, {}, {}
+    for line in open(live.replace("-live-range.txt", ".txt")):
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ((?:\([^)]*\))|\S+?)(?:\{[^}]*\})? [\w\-]+\((.*)", line)
+        if m:
+            om = re.search(r'op_name="([^"]*)"', line)
+            meta[m.group(1)], shape[m.group(1)] = (om.group(1) if om else ""), m.group(2)
+            operands[m.group(1)] = re.findall(r"%([\w.\-]+)", m.group(3).split("calls=")[0])
+
+    def origin(name, depth=0):
+        if meta.get(name) or depth > 6:
+            return meta.get(name, ""), depth
+        for o in operands.get(name, []):
+            op, d = origin(o, depth + 1)
+            if op:
+                return op, d
+        return "", depth
+
+    def group(name):
+        op, derived = origin(name)
+        layer, block = re.search(r"layers_(\d+)", op), re.search(r"blocks_\d+|RQTransformer|rqtransformer", op)
+        part = "LLaMA layers" if layer else ("depth head" if block else "other")
+        if op.startswith(("frozen", "state")):
+            return part, "weights" + (", float32 copy" if derived else "")
+        phase = ("backward: remat recompute" if "rematted_computation" in op else
+                 "backward" if "transpose(" in op else "forward" if op else "?")
+        return part, phase + (", float32" if shape.get(name, "").startswith("f32") and derived else ""), \
+            layer.group(1) if layer else None
+
+    txt = open(live).read()
+    m = re.search(r"Live ranges at (\d+) \(peak\):\n((?:    .*\n)+?)  \S", txt)
+    rows = [(r.group(1), int(r.group(2))) for ln in m.group(2).splitlines()
+            if (r := re.match(r"\s+(\S+?)\{[^}]*\}: (\d+) bytes", ln))]
+    sizes, layers, recompute = collections.defaultdict(int), collections.defaultdict(set), collections.defaultdict(int)
+    for name, b in rows:
+        g = group(name)
+        sizes[g[:2]] += b
+        if len(g) > 2 and g[2] is not None:
+            layers[g[:2]].add(g[2])
+            if "recompute" in g[1]:
+                recompute[int(g[2])] += b
+    print(f"\nLive at the peak of {os.path.basename(live).split('.')[1]}: {sum(b for _, b in rows) / GIB:.2f} GiB in "
+          f"{len(rows)} buffers (XLA dump in {dump})")
+    for (part, phase), b in sorted(sizes.items(), key=lambda kv: -kv[1])[:top]:
+        n = len(layers[(part, phase)])
+        print(f"  {part:<14}{phase:<40}{b / GIB:8.2f} GiB" + (f"  ({n} layers)" if n else ""))
+    held = sorted(k for k, b in recompute.items() if b > GIB / 2)
+    print(f"  LLaMA layers whose recomputed forward (> 0.5 GiB each) is held at the peak: {len(held)} of "
+          f"{len({int(x) for v in layers.values() for x in v})} ({held[:1]}..{held[-1:]})")
 
 
 if __name__ == "__main__":
