@@ -285,7 +285,8 @@ class DiffusionPrefTask:
         self.config = c = config
         self.workdir = workdir
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
-        _check(int(c.get("noise_draws", 1)) >= 1, f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
+        _check(int(c.get("noise_draws", 1)) >= 1,
+               f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
         self.model_dir, data_path = str(c.model_dir), str(c.data.path)
         if c.get("tiny"):
             from fairjax.tasks import tiny_sdxl
@@ -450,8 +451,7 @@ class DiffusionPrefTask:
             ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, T) for k in range(draws)]
             noise = jnp.concatenate([n for n, _ in ks])
             t = jnp.concatenate([tt for _, tt in ks])
-            batch = {k: (jnp.concatenate([v] * draws) if k in ("latents", "encoder_hidden_states", "text_embeds")
-                         else v) for k, v in batch.items()}
+            batch = jax.tree.map(lambda v: jnp.concatenate([v] * draws), batch)  # row r of draw k: k * rows + r
 
         def mean_over_draws(x):
             return x if draws == 1 else jnp.mean(x.reshape(draws, -1), axis=0)
