@@ -309,3 +309,17 @@ def test_converter_errors(tmp_path):
     write_safetensors(tmp_path / "model.safetensors", {"layers.0.weight": np.zeros((48, 16), np.float32)})
     with ShardedReader(tmp_path, "model") as r, pytest.raises(CheckpointError, match="layers_2/kernel"):
         convert_projector(r, vu.mm_projector)
+
+
+def test_identity_projector():
+    """vila-u's ``mm_projector_type='identity'``: no params, the codebook features pass through unchanged;
+    it needs the codebook dim to equal the LLM hidden size."""
+    llm = dict(LLM, hidden_size=16, num_attention_heads=4, num_key_value_heads=2)
+    vu = vila_u.build(llm, {"rqtransformer": dict(RQ, input_embed_dim_2=16), "rqvaesiglip": RQVAE},
+                      {"mm_projector_type": "identity"})
+    params = vu.init(jax.random.key(0))
+    assert params["mm_projector"] == {}
+    x = np.random.default_rng(0).normal(size=(2, 3, 16)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(vu.mm_projector.apply({"params": params["mm_projector"]}, x)), x)
+    with pytest.raises(CheckpointError, match="'identity' needs the codebook dim 16 to equal the LLM hidden size 48"):
+        vila_u.build(LLM, {"rqtransformer": RQ, "rqvaesiglip": RQVAE}, {"mm_projector_type": "identity"})

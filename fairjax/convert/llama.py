@@ -116,7 +116,7 @@ def export_hf_llama(params: Mapping, config: Mapping[str, Any], out_dir: str, *,
 # ----------------------------------------------------------------------------- vila-u head pieces
 
 def _shapes(module, *args) -> dict:
-    return shapes_of(jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args)["params"])
+    return shapes_of(jax.eval_shape(lambda *a: module.init(jax.random.key(0), *a), *args).get("params", {}))
 
 
 def rqtransformer_shapes(module: vila_u.RQTransformer) -> dict:

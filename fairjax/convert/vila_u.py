@@ -261,6 +261,8 @@ def check_vila_u(src: str, *, siglip_config: Mapping[str, Any] | None = None):
         "mm_projector": lambda r: plan_conversion({k: r.shape(k) for k in r.keys()},
                                                   llama_convert.projector_shapes(vu.mm_projector)),
     }
+    if vu.mm_projector.config.mlp_depth == 0:
+        del checks["mm_projector"]  # 'identity' has no weights (vila-u may save none)
     for name, check in checks.items():
         try:
             with ShardedReader(sub[name], WEIGHTS_PREFIX) as r:
@@ -293,8 +295,10 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
         save_component(os.path.join(tmp, "depth_transformer"), cfgs["vision_tower"]["rqtransformer"], depth)
         summary["vision_tower"], summary["depth_transformer"] = _count(vis), _count(depth)
         del vis, depth
-        with ShardedReader(sub["mm_projector"], WEIGHTS_PREFIX) as r:
-            pj = llama_convert.convert_projector(r, vu.mm_projector, dtype=dtype)
+        pj = {}
+        if vu.mm_projector.config.mlp_depth:
+            with ShardedReader(sub["mm_projector"], WEIGHTS_PREFIX) as r:
+                pj = llama_convert.convert_projector(r, vu.mm_projector, dtype=dtype)
         save_component(os.path.join(tmp, "mm_projector"), cfgs["mm_projector"], pj)
         summary["mm_projector"] = _count(pj)
         log(f"vision_tower, depth_transformer, mm_projector: {time.time() - t0:.1f}s")

@@ -161,7 +161,9 @@ class ProjectorConfig:
         """``cfg`` is ``mm_projector/config.json``; the sizes come from the codebook dim and the LLM config."""
         out = cls(mm_hidden_size=int(mm_hidden_size), hidden_size=int(hidden_size),
                   mm_projector_type=cfg.get("mm_projector_type") or "mlp2x_gelu")
-        out.mlp_depth  # validates the type
+        if out.mlp_depth == 0 and out.mm_hidden_size != out.hidden_size:
+            raise CheckpointError(f"mm_projector config: mm_projector_type 'identity' needs the codebook dim "
+                                  f"{out.mm_hidden_size} to equal the LLM hidden size {out.hidden_size}")
         return out
 
 
@@ -320,7 +322,7 @@ class VilaU:
         emb = jnp.zeros((1, 1, d, c.embed_dim), jnp.float32)
         return {
             "llm": self.llm.init(k[0], jnp.zeros((1, 1), jnp.int32))["params"],
-            "mm_projector": self.mm_projector.init(k[1], emb[:, :, 0])["params"],
+            "mm_projector": self.mm_projector.init(k[1], emb[:, :, 0]).get("params", {}),  # identity: none
             "rqtransformer": self.rqtransformer.init(
                 k[2], jnp.zeros((1, 1, self.llm.config.hidden_size), jnp.float32), emb)["params"],
             "codebook": self.codebook.init(k[3], codes)["params"],
