@@ -1,0 +1,258 @@
+"""Where a preference-tuned diffusion model puts its implicit reward: per group and per timestep.
+
+    python -m fairjax.reward_probe --data PREFS --tuned RUN/model [--base MODEL] [--lora F] --out DIR
+
+For every record of a preference dataset (:mod:`fairjax.data.build_prefs`: latents, caption,
+attribute labels) and ``--draws`` shared ``(eps, t)`` draws, the probe computes the reward the
+PopAlign / Diffusion-DPO losses train (:mod:`fairjax.tasks.diffusion_pref`)::
+
+    g = mse_base(x_t, t, c) - mse_tuned(x_t, t, c)        (the same eps and t for both models)
+
+and averages it per attribute class (``label_<attr>`` of the record) within ``--buckets`` equal
+timestep ranges, with the standard error over records, plus the mean over all records (the
+*common* part, which PopAlign's centred loss is blind to). A tuned model whose reward favours the
+winning set's groups at the timesteps where the attribute is decided (mid to high noise) samples
+them more often; a large negative common part is a model that got worse on every image.
+
+Writes ``probe.json`` (everything), ``probe.csv`` (one row per attribute, class and bucket) and
+``reward_<attr>.png`` (reward against timestep, one line per class) under ``--out``, and prints
+the table. Each draw's timestep is stratified (``t`` uniform within every bucket in turn), so every
+bucket gets the same number of draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from fairjax.errors import UserError
+
+
+class ProbeError(UserError):
+    """Bad input to the reward probe (one-line message)."""
+
+
+def bucket_edges(num_train_timesteps: int, buckets: int) -> np.ndarray:
+    """``buckets + 1`` integer edges splitting ``[0, T)`` into equal ranges."""
+    if not 1 <= buckets <= num_train_timesteps:
+        raise ProbeError(f"--buckets {buckets} must be between 1 and the {num_train_timesteps} training timesteps")
+    return np.round(np.linspace(0, num_train_timesteps, buckets + 1)).astype(np.int64)
+
+
+def _time_ids(model_dir: str, latent_shape: Sequence[int]) -> np.ndarray:
+    """SDXL micro-conditioning for the dataset's resolution: ``(h, w, 0, 0, h, w)`` in pixels
+    (latent size x 8, or x 1 for a pixel-space model whose ``model_index.json`` says so)."""
+    from fairjax.convert.model_dir import read_json
+
+    index = os.path.join(model_dir, "model_index.json")
+    pixel = os.path.isfile(index) and bool(read_json(index).get("pixel_space"))
+    f = 1 if pixel else 8
+    h, w = int(latent_shape[-2]) * f, int(latent_shape[-1]) * f
+    return np.asarray([h, w, 0, 0, h, w], np.float32)
+
+
+def load_models(base: str, tuned: str | None, lora: str | None):
+    """``(unet module, base params, tuned params)``; tuned = ``tuned``'s UNet, or base + ``lora``."""
+    from fairjax.diffusion.pipeline import merge_lora
+    from fairjax.models import unet
+
+    if (tuned is None) == (lora is None):
+        raise ProbeError("pass exactly one of --tuned (a fine-tuned model dir) and --lora (a LoRA on --base)")
+    mod, base_params = unet.load(base)
+    if lora is not None:
+        if not os.path.isfile(lora):
+            raise ProbeError(f"{lora}: LoRA file not found")
+        tuned_params = merge_lora(base_params, lora)
+    else:
+        tmod, tuned_params = unet.load(tuned)
+        if tmod.config != mod.config:
+            raise ProbeError(f"{tuned}: its UNet config differs from the base's ({base}); probe a model against "
+                             "the base it was tuned from")
+    return mod, base_params, tuned_params
+
+
+def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None = None, *, split: str = "train",
+          draws: int = 8, buckets: int = 5, batch_size: int = 256, max_records: int = 0, seed: int = 0) -> dict:
+    """Mean reward per attribute class and timestep bucket (module docstring); returns the result dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from fairjax import text_embeds
+    from fairjax.convert.model_dir import read_json
+    from fairjax.data.prefs import PreferenceData
+    from fairjax.diffusion import schedules
+
+    if draws < 1:
+        raise ProbeError(f"--draws {draws} must be >= 1")
+    if batch_size < 1:
+        raise ProbeError(f"--batch-size {batch_size} must be >= 1")
+    data = PreferenceData(data_dir, split)
+    classes = data.info.get("metadata", {}).get("classes") or {}
+    if not data.label_names:
+        raise ProbeError(f"{data_dir} has no attribute labels; the probe groups records by them "
+                         "(build the set with fairjax.data.build_prefs)")
+    mod, p_base, p_tuned = load_models(base, tuned, lora)
+    sched = schedules.ddpm_schedule(read_json(os.path.join(base, "scheduler", "scheduler_config.json")))
+    T = sched.num_train_timesteps
+    edges = bucket_edges(T, buckets)
+    n = len(data) if not max_records else min(len(data), int(max_records))
+    rec = data.read(np.arange(n))
+    latents = np.asarray(rec["latents"], np.float32)
+    caps = [str(c) for c in rec["caption"]]
+    table = text_embeds.cached_table(base, sorted(set(caps)), None)
+    if latents.shape[1] != mod.config["in_channels"]:
+        raise ProbeError(f"the dataset's latents have {latents.shape[1]} channels but the UNet takes "
+                         f"{mod.config['in_channels']}; the dataset was made with another model")
+    cond = table.gather(table.ids(caps))
+    tids = _time_ids(base, latents.shape[1:]) if "text_embeds" in cond else None
+
+    @jax.jit
+    def rewards(x0, ctx, emb, key, lo, hi):
+        k1, k2 = jax.random.split(key)
+        eps = jax.random.normal(k1, x0.shape, jnp.float32)
+        t = jax.random.randint(k2, (x0.shape[0],), lo, hi)
+        xt = schedules.add_noise(sched, x0, eps, t)
+        target = schedules.training_target(sched, x0, eps, t)
+        added = None if emb is None else {"text_embeds": emb,
+                                          "time_ids": jnp.broadcast_to(jnp.asarray(tids), (x0.shape[0], 6))}
+
+        def mse(p):
+            d = mod.apply({"params": p}, xt, t, ctx, added).astype(jnp.float32) - target
+            return jnp.mean(d * d, axis=(1, 2, 3))
+
+        return mse(p_base) - mse(p_tuned)
+
+    key = jax.random.key(seed)
+    g = np.zeros((n, buckets), np.float64)  # per record and bucket: mean over draws
+    for b in range(buckets):
+        for d in range(draws):
+            for s in range(0, n, batch_size):
+                sl = slice(s, min(n, s + batch_size))
+                k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, b), d), s)
+                out = rewards(jnp.asarray(latents[sl]), jnp.asarray(cond["encoder_hidden_states"][sl]),
+                              None if tids is None else jnp.asarray(cond["text_embeds"][sl]), k,
+                              int(edges[b]), int(edges[b + 1]))
+                g[sl, b] += np.asarray(out, np.float64) / draws
+
+    def stats(rows):
+        m = g[rows].mean(0)
+        se = g[rows].std(0, ddof=1) / math.sqrt(len(rows)) if len(rows) > 1 else np.full(buckets, np.nan)
+        return {"n": int(len(rows)), "mean": m.tolist(), "se": se.tolist()}
+
+    result = {"data": os.path.abspath(data_dir), "base": os.path.abspath(base),
+              "tuned": os.path.abspath(tuned) if tuned else None, "lora": os.path.abspath(lora) if lora else None,
+              "draws": draws, "records": n, "bucket_edges": edges.tolist(),
+              "common": stats(np.arange(n)), "attributes": {}}
+    for attr in data.label_names:
+        lab = np.asarray(rec[f"label_{attr}"])
+        names = list(classes.get(attr) or [str(i) for i in range(int(lab.max()) + 1)])
+        result["attributes"][attr] = {names[c]: stats(np.flatnonzero(lab == c))
+                                      for c in range(len(names)) if np.any(lab == c)}
+    return result
+
+
+def table_rows(result: dict) -> list[dict]:
+    edges = result["bucket_edges"]
+    rows = []
+    groups = [("all", "all", result["common"])] + [(a, c, s) for a, cls in result["attributes"].items()
+                                                    for c, s in cls.items()]
+    for attr, cls, s in groups:
+        for b in range(len(edges) - 1):
+            rows.append({"attribute": attr, "class": cls, "t_from": edges[b], "t_to": edges[b + 1], "n": s["n"],
+                         "reward": s["mean"][b], "se": s["se"][b]})
+    return rows
+
+
+def summary_lines(result: dict) -> list[str]:
+    edges = result["bucket_edges"]
+    head = "  ".join(f"t {edges[b]:>4}-{edges[b + 1]:<4}" for b in range(len(edges) - 1))
+    lines = [f"reward g = mse_base - mse_tuned (x1e4, mean ± s.e. over records; {result['draws']} draws per "
+             f"bucket and record)", f"{'':18s} {head}"]
+
+    def fmt(s):
+        return "  ".join(f"{m * 1e4:+7.2f}±{se * 1e4:<4.2f}" for m, se in zip(s["mean"], s["se"]))
+
+    lines.append(f"{'all records':18s} {fmt(result['common'])}")
+    for attr, cls in result["attributes"].items():
+        for c, s in cls.items():
+            lines.append(f"{attr + ':' + c:18s} {fmt(s)}")
+    return lines
+
+
+def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
+    """probe.json, probe.csv and reward_<attr>.png in ``out`` (written to a temp dir, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fairjax.convert.model_dir import atomic_output_dir
+    from fairjax.fairness.report import write_csv
+
+    edges = np.asarray(result["bucket_edges"])
+    mid = (edges[:-1] + edges[1:]) / 2
+    with atomic_output_dir(out, overwrite) as tmp:
+        with open(os.path.join(tmp, "probe.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        write_csv(os.path.join(tmp, "probe.csv"), table_rows(result))
+        for attr, cls in result["attributes"].items():
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            for c, s in cls.items():
+                ax.errorbar(mid, np.asarray(s["mean"]) * 1e4, yerr=2 * np.asarray(s["se"]) * 1e4, marker="o",
+                            capsize=3, label=f"{c} (n={s['n']})")
+            ax.plot(mid, np.asarray(result["common"]["mean"]) * 1e4, "k--", label="all records")
+            ax.axhline(0, color="grey", lw=0.5)
+            ax.set_xlabel("timestep t")
+            ax.set_ylabel("reward mse_base - mse_tuned (x1e4)")
+            ax.set_title(f"implicit reward by {attr} (±2 s.e.)")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(os.path.join(tmp, f"reward_{attr}.png"), dpi=100)
+            plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fairjax.reward_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True, help="preference dataset dir (fairjax.data.build_prefs output)")
+    p.add_argument("--tuned", default=None, help="fine-tuned model dir (a training run's model/)")
+    p.add_argument("--lora", default=None, help="a fairjax LoRA file on --base (instead of --tuned)")
+    p.add_argument("--base", default=None, help="the reference model dir (default: the base_model --tuned names)")
+    p.add_argument("--out", required=True, help="output dir for probe.json, probe.csv, reward_<attr>.png")
+    p.add_argument("--split", default="train")
+    p.add_argument("--draws", type=int, default=8, help="(eps, t) draws per record and timestep bucket")
+    p.add_argument("--buckets", type=int, default=5, help="equal timestep ranges")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-records", type=int, default=0, help="probe only the first N records (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        if os.path.exists(args.out) and not args.overwrite:
+            raise ProbeError(f"{args.out} already exists; choose another --out or pass --overwrite")
+        base = args.base
+        if base is None:
+            from fairjax.evaluate import base_of
+
+            base = base_of(args.tuned) if args.tuned else None
+            if base is None:
+                raise ProbeError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
+        res = probe(args.data, base, args.tuned, args.lora, split=args.split, draws=args.draws,
+                    buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
+        write_outputs(res, args.out, args.overwrite)
+        for line in summary_lines(res):
+            print(line)
+        print(f"wrote {args.out}/probe.json, probe.csv, reward_<attr>.png")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

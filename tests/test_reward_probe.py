@@ -1,0 +1,96 @@
+"""fairjax.reward_probe: per-group, per-timestep reward of a tuned model against its base.
+
+The checks use algebra that holds whatever the UNet predicts: a tuned UNet equal to the base has
+reward exactly 0; tuned UNets whose output bias is shifted by +d and -d (on every channel) have,
+with the same (eps, t) draws, ``g(+d) + g(-d) = -2 d^2`` for every record, so for every group and
+timestep bucket — which fails if the two models do not see the same noise and timesteps.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow_datasets")
+
+from fairjax import reward_probe  # noqa: E402
+from fairjax.convert.model_dir import save_component, write_index  # noqa: E402
+from fairjax.data.prefs import write_preference_dataset  # noqa: E402
+from fairjax.models import unet  # noqa: E402
+from fairjax.toy.model import ASSET_DIR  # noqa: E402
+from fairjax.toy.world import ToyWorld, images_to_model  # noqa: E402
+
+D = 0.05
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probe")
+    w = ToyWorld()
+    recs = []
+    for i, (g, r) in enumerate([(g, r) for g in w.genders for r in w.races] * 2):
+        recs.append({"latents": images_to_model(w.render("doctor", g, r)[None])[0], "caption": "a doctor",
+                     "is_winner": i % 2 == 0, "set_id": 0,
+                     "labels": {"gender": w.genders.index(g), "race": w.races.index(r)}})
+    write_preference_dataset(root / "prefs", recs,
+                             metadata={"classes": {"gender": list(w.genders), "race": list(w.races)}})
+    cfg = json.load(open(os.path.join(ASSET_DIR, "unet", "config.json")))
+    _, params = unet.load(ASSET_DIR)
+    dirs = {}
+    for name, shift in (("same", 0.0), ("plus", D), ("minus", -D)):
+        p = {k: dict(v) for k, v in params.items()}
+        p["conv_out"] = {"kernel": np.asarray(params["conv_out"]["kernel"]),
+                         "bias": np.asarray(params["conv_out"]["bias"]) + shift}
+        d = root / name
+        save_component(str(d / "unet"), cfg, p)
+        write_index(str(d), ["unet"], base_model=ASSET_DIR)
+        dirs[name] = str(d)
+    return str(root / "prefs"), dirs, len(recs)
+
+
+def test_same_model_has_zero_reward(setup):
+    data, dirs, n = setup
+    res = reward_probe.probe(data, ASSET_DIR, dirs["same"], draws=1, buckets=3, batch_size=5)
+    assert res["records"] == n and res["bucket_edges"] == [0, 333, 667, 1000]
+    assert res["common"]["mean"] == [0.0, 0.0, 0.0]
+    assert set(res["attributes"]) == {"gender", "race"}
+    assert {c: s["n"] for c, s in res["attributes"]["race"].items()} == {"amber": 4, "cobalt": 4, "jade": 4,
+                                                                         "violet": 4}
+
+
+def test_shifted_output_bias_gives_minus_two_d_squared(setup):
+    data, dirs, _ = setup
+    kw = dict(draws=2, buckets=4, batch_size=7, seed=3)
+    plus = reward_probe.probe(data, ASSET_DIR, dirs["plus"], **kw)
+    minus = reward_probe.probe(data, ASSET_DIR, dirs["minus"], **kw)
+    groups = [("common", None)] + [(a, c) for a in ("gender", "race") for c in plus["attributes"][a]]
+    for a, c in groups:
+        sp = plus["common"] if c is None else plus["attributes"][a][c]
+        sm = minus["common"] if c is None else minus["attributes"][a][c]
+        np.testing.assert_allclose(np.add(sp["mean"], sm["mean"]), -2 * D * D, rtol=2e-4)
+        assert all(m < 0 for m in np.add(sp["mean"], sm["mean"]))
+    # a shifted bias costs the most where the UNet is otherwise most accurate: not a constant
+    assert np.ptp(plus["common"]["mean"]) > 0
+
+
+def test_cli_writes_json_csv_and_plots(setup, tmp_path, capsys):
+    data, dirs, _ = setup
+    out = tmp_path / "probe"
+    assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(out), "--draws", "1",
+                              "--buckets", "2"]) == 0  # base from the tuned dir's fairjax.json
+    assert sorted(os.listdir(out)) == ["probe.csv", "probe.json", "reward_gender.png", "reward_race.png"]
+    lines = open(out / "probe.csv").read().splitlines()
+    assert len(lines) == 1 + 2 * (1 + 2 + 4)  # header + buckets x (all, 2 genders, 4 races)
+    assert "race:violet" in capsys.readouterr().out
+    # an existing output, both or neither of --tuned/--lora, bad buckets: one line, nothing written
+    assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    assert reward_probe.main(["--data", data, "--base", ASSET_DIR, "--out", str(bad)]) == 2
+    assert "exactly one of --tuned" in capsys.readouterr().err
+    assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(bad), "--buckets", "0"]) == 2
+    assert "--buckets 0" in capsys.readouterr().err
+    assert reward_probe.main(["--data", str(tmp_path / "none"), "--tuned", dirs["plus"], "--out", str(bad)]) == 2
+    assert "no preference dataset" in capsys.readouterr().err
+    assert not bad.exists()
