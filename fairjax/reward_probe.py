@@ -8,7 +8,8 @@ PopAlign / Diffusion-DPO losses train (:mod:`fairjax.tasks.diffusion_pref`)::
 
     g = mse_base(x_t, t, c) - mse_tuned(x_t, t, c)        (the same eps and t for both models)
 
-and averages it per attribute class (``label_<attr>`` of the record) within ``--buckets`` equal
+and averages it per attribute class (``label_<attr>`` of the record) and per side (winners,
+losers) within ``--buckets`` equal
 timestep ranges, with the standard error over records, plus the mean over all records (the
 *common* part, which PopAlign's centred loss is blind to). A tuned model whose reward favours the
 winning set's groups at the timesteps where the attribute is decided (mid to high noise) samples
@@ -149,6 +150,9 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
               "tuned": os.path.abspath(tuned) if tuned else None, "lora": os.path.abspath(lora) if lora else None,
               "draws": draws, "records": n, "bucket_edges": edges.tolist(),
               "common": stats(np.arange(n)), "attributes": {}}
+    win = np.asarray(rec["is_winner"], bool)
+    result["sides"] = {side: stats(np.flatnonzero(win == (side == "winner")))
+                       for side in ("winner", "loser") if np.any(win == (side == "winner"))}
     for attr in data.label_names:
         lab = np.asarray(rec[f"label_{attr}"])
         names = list(classes.get(attr) or [str(i) for i in range(int(lab.max()) + 1)])
@@ -160,8 +164,8 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
 def table_rows(result: dict) -> list[dict]:
     edges = result["bucket_edges"]
     rows = []
-    groups = [("all", "all", result["common"])] + [(a, c, s) for a, cls in result["attributes"].items()
-                                                    for c, s in cls.items()]
+    groups = ([("all", "all", result["common"])] + [("side", c, s) for c, s in result["sides"].items()]
+              + [(a, c, s) for a, cls in result["attributes"].items() for c, s in cls.items()])
     for attr, cls, s in groups:
         for b in range(len(edges) - 1):
             rows.append({"attribute": attr, "class": cls, "t_from": edges[b], "t_to": edges[b + 1], "n": s["n"],
@@ -179,6 +183,8 @@ def summary_lines(result: dict) -> list[str]:
         return "  ".join(f"{m * 1e4:+7.2f}±{se * 1e4:<4.2f}" for m, se in zip(s["mean"], s["se"]))
 
     lines.append(f"{'all records':18s} {fmt(result['common'])}")
+    for side, s in result["sides"].items():
+        lines.append(f"{side + 's':18s} {fmt(s)}")
     for attr, cls in result["attributes"].items():
         for c, s in cls.items():
             lines.append(f"{attr + ':' + c:18s} {fmt(s)}")

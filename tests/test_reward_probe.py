@@ -54,6 +54,7 @@ def test_same_model_has_zero_reward(setup):
     res = reward_probe.probe(data, ASSET_DIR, dirs["same"], draws=1, buckets=3, batch_size=5)
     assert res["records"] == n and res["bucket_edges"] == [0, 333, 667, 1000]
     assert res["common"]["mean"] == [0.0, 0.0, 0.0]
+    assert {c: s["n"] for c, s in res["sides"].items()} == {"winner": 8, "loser": 8}
     assert set(res["attributes"]) == {"gender", "race"}
     assert {c: s["n"] for c, s in res["attributes"]["race"].items()} == {"amber": 4, "cobalt": 4, "jade": 4,
                                                                          "violet": 4}
@@ -64,10 +65,11 @@ def test_shifted_output_bias_gives_minus_two_d_squared(setup):
     kw = dict(draws=2, buckets=4, batch_size=7, seed=3)
     plus = reward_probe.probe(data, ASSET_DIR, dirs["plus"], **kw)
     minus = reward_probe.probe(data, ASSET_DIR, dirs["minus"], **kw)
-    groups = [("common", None)] + [(a, c) for a in ("gender", "race") for c in plus["attributes"][a]]
+    groups = ([("common", None), ("sides", "winner"), ("sides", "loser")]
+              + [(a, c) for a in ("gender", "race") for c in plus["attributes"][a]])
     for a, c in groups:
-        sp = plus["common"] if c is None else plus["attributes"][a][c]
-        sm = minus["common"] if c is None else minus["attributes"][a][c]
+        sp = plus["common"] if c is None else plus["sides"][c] if a == "sides" else plus["attributes"][a][c]
+        sm = minus["common"] if c is None else minus["sides"][c] if a == "sides" else minus["attributes"][a][c]
         np.testing.assert_allclose(np.add(sp["mean"], sm["mean"]), -2 * D * D, rtol=2e-4)
         assert all(m < 0 for m in np.add(sp["mean"], sm["mean"]))
     # a shifted bias costs the most where the UNet is otherwise most accurate: not a constant
@@ -81,7 +83,7 @@ def test_cli_writes_json_csv_and_plots(setup, tmp_path, capsys):
                               "--buckets", "2"]) == 0  # base from the tuned dir's fairjax.json
     assert sorted(os.listdir(out)) == ["probe.csv", "probe.json", "reward_gender.png", "reward_race.png"]
     lines = open(out / "probe.csv").read().splitlines()
-    assert len(lines) == 1 + 2 * (1 + 2 + 4)  # header + buckets x (all, 2 genders, 4 races)
+    assert len(lines) == 1 + 2 * (1 + 2 + 2 + 4)  # header + buckets x (all, 2 sides, 2 genders, 4 races)
     assert "race:violet" in capsys.readouterr().out
     # an existing output, both or neither of --tuned/--lora, bad buckets: one line, nothing written
     assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(out)]) == 2
