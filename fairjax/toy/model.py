@@ -45,7 +45,7 @@ ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file_
 MANIFEST = "manifest.json"
 MAX_LENGTH = 8  # tokens per prompt incl. BOS/EOS ("an amber female teacher" is 6)
 TEXT_DIM = 32
-BLOCK_OUT_CHANNELS = (16, 32)
+BLOCK_OUT_CHANNELS = (32, 64)
 
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
@@ -171,7 +171,7 @@ class PretrainConfig:
     """Pre-training settings (recorded in the manifest)."""
 
     seed: int = 0
-    steps: int = 3000
+    steps: int = 5000
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100

@@ -124,8 +124,11 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
 
     runs = {"popalign": copy.deepcopy(base)}
     runs["popalign"].loss = "popalign"
-    if sft:
-        runs["sft"] = copy.deepcopy(base)
+    if sft:  # the SFT baseline on the same data, with its own preset's rate and steps
+        runs["sft"] = make_config("quick_sft" if preset in ("quick", "quick_sft") else "sft")
+        if overrides:
+            apply_overrides(runs["sft"], overrides)
+        runs["sft"].model_dir = base.model_dir
         runs["sft"].loss = "sft"
     cal = calibrated_beta(summary, SCHEDULER_CONFIG, _latent_shape(prefs_dir))
     log(f"calibrate_beta: exact-likelihood beta {cal['exact']:.3f} (per attribute "
