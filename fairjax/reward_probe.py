@@ -47,15 +47,13 @@ def bucket_edges(num_train_timesteps: int, buckets: int) -> np.ndarray:
 
 
 def _time_ids(model_dir: str, latent_shape: Sequence[int]) -> np.ndarray:
-    """SDXL micro-conditioning for the dataset's resolution: ``(h, w, 0, 0, h, w)`` in pixels
-    (latent size x 8, or x 1 for a pixel-space model whose ``model_index.json`` says so)."""
-    from fairjax.convert.model_dir import read_json
+    """SDXL micro-conditioning for the dataset's resolution, in pixels (latent size x 8, or x 1 for
+    a pixel-space model such as the toy world's)."""
+    from fairjax.diffusion.pipeline import add_time_ids
+    from fairjax.toy.pipeline import is_pixel_space
 
-    index = os.path.join(model_dir, "model_index.json")
-    pixel = os.path.isfile(index) and bool(read_json(index).get("pixel_space"))
-    f = 1 if pixel else 8
-    h, w = int(latent_shape[-2]) * f, int(latent_shape[-1]) * f
-    return np.asarray([h, w, 0, 0, h, w], np.float32)
+    f = 1 if is_pixel_space(model_dir) else 8
+    return add_time_ids(int(latent_shape[-2]) * f, int(latent_shape[-1]) * f)
 
 
 def load_models(base: str, tuned: str | None, lora: str | None):
@@ -67,9 +65,7 @@ def load_models(base: str, tuned: str | None, lora: str | None):
         raise ProbeError("pass exactly one of --tuned (a fine-tuned model dir) and --lora (a LoRA on --base)")
     mod, base_params = unet.load(base)
     if lora is not None:
-        if not os.path.isfile(lora):
-            raise ProbeError(f"{lora}: LoRA file not found")
-        tuned_params = merge_lora(base_params, lora)
+        tuned_params = merge_lora(base_params, lora)  # a missing file is merge_lora's one-line error
     else:
         tmod, tuned_params = unet.load(tuned)
         if tmod.config != mod.config:
@@ -88,6 +84,7 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
     from fairjax.convert.model_dir import read_json
     from fairjax.data.prefs import PreferenceData
     from fairjax.diffusion import schedules
+    from fairjax.tasks.diffusion_pref import per_sample_mse
 
     if draws < 1:
         raise ProbeError(f"--draws {draws} must be >= 1")
@@ -124,8 +121,7 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
                                           "time_ids": jnp.broadcast_to(jnp.asarray(tids), (x0.shape[0], 6))}
 
         def mse(p):
-            d = mod.apply({"params": p}, xt, t, ctx, added).astype(jnp.float32) - target
-            return jnp.mean(d * d, axis=(1, 2, 3))
+            return per_sample_mse(mod.apply({"params": p}, xt, t, ctx, added), target)
 
         return mse(p_base) - mse(p_tuned)
 
