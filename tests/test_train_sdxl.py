@@ -193,6 +193,27 @@ def test_noise_and_timestep_shared_within_pairs(tiny):
     assert len(np.unique(np.asarray(t[:half]))) > 1 and float(jnp.abs(eps[0] - eps[1]).max()) > 0
 
 
+def test_timestep_range_is_drawn_from_and_used(tiny, rel):
+    """``config.t_min / t_max``: t ~ U{t_min..t_max-1}, still shared within pairs, and the task's
+    rewards are the denoising errors at exactly those draws."""
+    task = dp.DiffusionPrefTask(config(tiny, t_min=300, t_max=700))
+    batch, key = task.batch(0, 0, 1), jax.random.key(5)
+    many = dp.shared_noise(key, jnp.arange(4000), batch["latents"].shape[1:], 700, 300)[1]
+    assert int(many.min()) == 300 and int(many.max()) == 699  # both ends reached, nothing outside
+    eps, t = dp.shared_noise(key, batch["slot"], batch["latents"].shape[1:], 700, 300)
+    half = len(t) // 2
+    np.testing.assert_array_equal(t[:half], t[half:])
+    base, _ = task.init(jax.random.key(0))
+    rng = np.random.default_rng(1)
+    policy = jax.tree.map(lambda w: (w + 0.05 * rng.standard_normal(w.shape) * np.abs(w).mean()).astype(np.float32),
+                          base)
+    mse, ref = jax.jit(task.rewards)(policy, base, batch, key)
+    assert rel(mse, task.denoise_mse(policy, batch, eps, t)) <= 1e-6
+    assert rel(ref, task.denoise_mse(base, batch, eps, t)) <= 1e-6
+    full = dp.DiffusionPrefTask(config(tiny))  # the default range draws other timesteps from the same key
+    assert rel(jax.jit(full.rewards)(policy, base, batch, key)[0], mse) > 1e-3
+
+
 def test_noise_draws_average_independent_single_draws(tiny, rel):
     """``noise_draws = K``: each row's mse (policy and reference) is the mean of K one-draw
     evaluations with keys ``fold_in(key, k)`` (one-draw rewards are checked against diffusers above),
@@ -440,6 +461,8 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(time_ids=(128.0, 128.0, 0.0, 0.0)), ["4 time_ids", "projection_class_embeddings_input_dim is 32"]),
     (dict(model_dir="/nonexistent/model"), ["/nonexistent/model"]),
     (dict(noise_draws=0), ["config.noise_draws=0"]),
+    (dict(t_min=500, t_max=500), ["config.t_min=500", "t_min < t_max"]),
+    (dict(t_max=1001), ["config.t_max=1001", "<= 1000"]),
 ])
 def test_bad_config_is_one_line_error(tiny, over, words):
     from fairjax.errors import UserError

@@ -4,7 +4,7 @@ The model adapter of the one loss interface (DESIGN.md): a batch of latents
 becomes per-sample denoising errors, and :mod:`fairjax.losses` turns them into
 the loss.  For row ``i`` (a winner or a loser image's latents ``x0_i``)::
 
-    eps_i, t_i   shared by the two rows of a pair: eps ~ N(0, I), t ~ U{0..T-1}
+    eps_i, t_i   shared by the two rows of a pair: eps ~ N(0, I), t ~ U{t_min..t_max-1} (all T by default)
     x_t          = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                 (add_noise)
     mse_i        = mean_{C,H,W} (unet_policy(x_t, t, c_i) - eps)^2        float32
     r_i          = the same with the frozen reference UNet (the initial weights)
@@ -77,6 +77,11 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.beta = 5000.0
     c.alpha = 0.5  # PopAlign's normaliser weight (paper's alpha); popalign only
     c.noise_draws = 1  # (eps, t) draws averaged per image's mse: K draws = 1/K variance, K x compute
+    # t ~ U{t_min .. t_max - 1} (t_max 0 = the scheduler's num_train_timesteps): the reference draws
+    # every timestep; a narrower range spends the batch on the timesteps where the preferred
+    # attribute is decided (README, toy world: `python -m fairjax.reward_probe` shows where)
+    c.t_min = 0
+    c.t_max = 0
     c.model_dir = ""  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
@@ -231,15 +236,16 @@ def caption_dropout(seed: int, step: int, n: int, p: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], num_train_timesteps: int):
-    """``(eps (B, *shape) float32, t (B,) int32)``; row ``i`` draws from ``fold_in(rng, slot_i)``,
-    so rows with the same slot (the two images of a pair) get the same noise and timestep,
-    independently of how the batch is sharded."""
+def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], num_train_timesteps: int,
+                 t_min: int = 0):
+    """``(eps (B, *shape) float32, t (B,) int32)`` with ``t ~ U{t_min .. num_train_timesteps - 1}``;
+    row ``i`` draws from ``fold_in(rng, slot_i)``, so rows with the same slot (the two images of a
+    pair) get the same noise and timestep, independently of how the batch is sharded."""
 
     def one(s):
         k_eps, k_t = jax.random.split(jax.random.fold_in(rng, s))
         return (jax.random.normal(k_eps, tuple(shape), jnp.float32),
-                jax.random.randint(k_t, (), 0, num_train_timesteps, jnp.int32))
+                jax.random.randint(k_t, (), t_min, num_train_timesteps, jnp.int32))
 
     return jax.vmap(one)(slot)
 
@@ -304,6 +310,11 @@ class DiffusionPrefTask:
         except UserError as e:
             raise TaskError(str(e)) from None
         self.schedule = schedules.ddpm_schedule(sched)
+        T = self.schedule.num_train_timesteps
+        self.t_min, self.t_max = int(c.get("t_min", 0)), int(c.get("t_max", 0)) or T
+        _check(0 <= self.t_min < self.t_max <= T,
+               f"config.t_min={self.t_min} / config.t_max={c.get('t_max', 0)} need 0 <= t_min < t_max <= "
+               f"{T} (the scheduler's num_train_timesteps; t_max 0 = {T})")
         self.dtype = _compute_dtype(str(c.dtype))
         self.unet = unet_mod.UNet2DConditionModel.from_config(
             self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.remat),
@@ -444,11 +455,12 @@ class DiffusionPrefTask:
         times the UNet work. ``K = 1`` is the reference recipe (one draw per image).
         """
         draws = int(self.config.get("noise_draws", 1))
-        shape, T = batch["latents"].shape[1:], self.schedule.num_train_timesteps
+        shape = batch["latents"].shape[1:]
         if draws == 1:
-            noise, t = shared_noise(rng, batch["slot"], shape, T)
+            noise, t = shared_noise(rng, batch["slot"], shape, self.t_max, self.t_min)
         else:
-            ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, T) for k in range(draws)]
+            ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, self.t_max, self.t_min)
+                  for k in range(draws)]
             noise = jnp.concatenate([n for n, _ in ks])
             t = jnp.concatenate([tt for _, tt in ks])
             batch = jax.tree.map(lambda v: jnp.concatenate([v] * draws), batch)  # row r of draw k: k * rows + r
