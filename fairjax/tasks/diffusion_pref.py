@@ -236,16 +236,16 @@ def caption_dropout(seed: int, step: int, n: int, p: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- pure pieces
 
 
-def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], num_train_timesteps: int,
-                 t_min: int = 0):
-    """``(eps (B, *shape) float32, t (B,) int32)`` with ``t ~ U{t_min .. num_train_timesteps - 1}``;
+def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], t_max: int, t_min: int = 0):
+    """``(eps (B, *shape) float32, t (B,) int32)`` with ``t ~ U{t_min .. t_max - 1}`` (``t_max`` at
+    most the scheduler's num_train_timesteps);
     row ``i`` draws from ``fold_in(rng, slot_i)``, so rows with the same slot (the two images of a
     pair) get the same noise and timestep, independently of how the batch is sharded."""
 
     def one(s):
         k_eps, k_t = jax.random.split(jax.random.fold_in(rng, s))
         return (jax.random.normal(k_eps, tuple(shape), jnp.float32),
-                jax.random.randint(k_t, (), t_min, num_train_timesteps, jnp.int32))
+                jax.random.randint(k_t, (), t_min, t_max, jnp.int32))
 
     return jax.vmap(one)(slot)
 
