@@ -9,13 +9,14 @@ PopAlign / Diffusion-DPO losses train (:mod:`fairjax.tasks.diffusion_pref`)::
     g = mse_base(x_t, t, c) - mse_tuned(x_t, t, c)        (the same eps and t for both models)
 
 and averages it per attribute class (``label_<attr>`` of the record) and per side (winners,
-losers) within ``--buckets`` equal
-timestep ranges, with the standard error over records, plus the mean over all records (the
-*common* part, which PopAlign's centred loss is blind to). A tuned model whose reward favours the
+losers) within ``--buckets`` equal timestep ranges, with the standard error over records, plus
+the mean over all records (the *common* part, which PopAlign's centred loss is blind to), and the
+same class rows within each prompt's set (``--by-prompt`` prints them): the loss asks for a
+different direction per prompt when occupations are biased different ways. A tuned model whose reward favours the
 winning set's groups at the timesteps where the attribute is decided (mid to high noise) samples
 them more often; a large negative common part is a model that got worse on every image.
 
-Writes ``probe.json`` (everything), ``probe.csv`` (one row per attribute, class and bucket) and
+Writes ``probe.json`` (everything), ``probe.csv`` (one row per prompt or pooled, attribute, class and bucket) and
 ``reward_<attr>.png`` (reward against timestep, one line per class) under ``--out``, and prints
 the table. Each draw's timestep is stratified (``t`` uniform within every bucket in turn), so every
 bucket gets the same number of draws.
@@ -149,27 +150,36 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
     win = np.asarray(rec["is_winner"], bool)
     result["sides"] = {side: stats(np.flatnonzero(win == (side == "winner")))
                        for side in ("winner", "loser") if np.any(win == (side == "winner"))}
+    # per caption (a neutral prompt's set) as well: PopAlign's demand differs by prompt (one
+    # occupation's losers over-represent one gender, another's the other), which pooled rows average away
+    in_prompt = {cap: np.asarray(caps, dtype=object) == cap for cap in sorted(set(caps))}
+    result["prompts"] = {cap: {"n": int(m.sum()), "attributes": {}} for cap, m in in_prompt.items()}
     for attr in data.label_names:
         lab = np.asarray(rec[f"label_{attr}"])
         names = list(classes.get(attr) or [str(i) for i in range(int(lab.max()) + 1)])
         result["attributes"][attr] = {names[c]: stats(np.flatnonzero(lab == c))
                                       for c in range(len(names)) if np.any(lab == c)}
+        for cap, m in in_prompt.items():
+            result["prompts"][cap]["attributes"][attr] = {
+                names[c]: stats(np.flatnonzero(m & (lab == c))) for c in range(len(names)) if np.any(m & (lab == c))}
     return result
 
 
 def table_rows(result: dict) -> list[dict]:
     edges = result["bucket_edges"]
     rows = []
-    groups = ([("all", "all", result["common"])] + [("side", c, s) for c, s in result["sides"].items()]
-              + [(a, c, s) for a, cls in result["attributes"].items() for c, s in cls.items()])
-    for attr, cls, s in groups:
+    groups = ([("", "all", "all", result["common"])] + [("", "side", c, s) for c, s in result["sides"].items()]
+              + [("", a, c, s) for a, cls in result["attributes"].items() for c, s in cls.items()]
+              + [(p, a, c, s) for p, by in result["prompts"].items() for a, cls in by["attributes"].items()
+                 for c, s in cls.items()])
+    for prompt, attr, cls, s in groups:
         for b in range(len(edges) - 1):
-            rows.append({"attribute": attr, "class": cls, "t_from": edges[b], "t_to": edges[b + 1], "n": s["n"],
-                         "reward": s["mean"][b], "se": s["se"][b]})
+            rows.append({"prompt": prompt, "attribute": attr, "class": cls, "t_from": edges[b], "t_to": edges[b + 1],
+                         "n": s["n"], "reward": s["mean"][b], "se": s["se"][b]})
     return rows
 
 
-def summary_lines(result: dict) -> list[str]:
+def summary_lines(result: dict, by_prompt: bool = False) -> list[str]:
     edges = result["bucket_edges"]
     head = "  ".join(f"t {edges[b]:>4}-{edges[b + 1]:<4}" for b in range(len(edges) - 1))
     lines = [f"reward g = mse_base - mse_tuned (x1e4, mean ± s.e. over records; {result['draws']} draws per "
@@ -184,6 +194,12 @@ def summary_lines(result: dict) -> list[str]:
     for attr, cls in result["attributes"].items():
         for c, s in cls.items():
             lines.append(f"{attr + ':' + c:18s} {fmt(s)}")
+    if by_prompt:
+        for prompt, by in result["prompts"].items():
+            lines.append(f"{prompt} ({by['n']} records)")
+            for attr, cls in by["attributes"].items():
+                for c, s in cls.items():
+                    lines.append(f"  {attr + ':' + c:16s} {fmt(s)}")
     return lines
 
 
@@ -232,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--max-records", type=int, default=0, help="probe only the first N records (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--by-prompt", action="store_true", help="also print the rows of every prompt's set")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -247,7 +264,7 @@ def main(argv=None) -> int:
         res = probe(args.data, base, args.tuned, args.lora, split=args.split, draws=args.draws,
                     buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
         write_outputs(res, args.out, args.overwrite)
-        for line in summary_lines(res):
+        for line in summary_lines(res, by_prompt=args.by_prompt):
             print(line)
         print(f"wrote {args.out}/probe.json, probe.csv, reward_<attr>.png")
     except UserError as e:

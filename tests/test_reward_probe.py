@@ -30,8 +30,9 @@ def setup(tmp_path_factory):
     w = ToyWorld()
     recs = []
     for i, (g, r) in enumerate([(g, r) for g in w.genders for r in w.races] * 2):
-        recs.append({"latents": images_to_model(w.render("doctor", g, r)[None])[0], "caption": "a doctor",
-                     "is_winner": i % 2 == 0, "set_id": 0,
+        occ = ("doctor", "chef")[i // 8]  # two prompts' sets of 8 records
+        recs.append({"latents": images_to_model(w.render(occ, g, r)[None])[0], "caption": f"a {occ}",
+                     "is_winner": i % 2 == 0, "set_id": i // 8,
                      "labels": {"gender": w.genders.index(g), "race": w.races.index(r)}})
     write_preference_dataset(root / "prefs", recs,
                              metadata={"classes": {"gender": list(w.genders), "race": list(w.races)}})
@@ -58,6 +59,10 @@ def test_same_model_has_zero_reward(setup):
     assert set(res["attributes"]) == {"gender", "race"}
     assert {c: s["n"] for c, s in res["attributes"]["race"].items()} == {"amber": 4, "cobalt": 4, "jade": 4,
                                                                          "violet": 4}
+    assert {p: v["n"] for p, v in res["prompts"].items()} == {"a chef": 8, "a doctor": 8}
+    for v in res["prompts"].values():
+        assert {c: s["n"] for c, s in v["attributes"]["gender"].items()} == {"male": 4, "female": 4}
+        assert all(s["mean"] == [0.0, 0.0, 0.0] for s in v["attributes"]["race"].values())
 
 
 def test_shifted_output_bias_gives_minus_two_d_squared(setup):
@@ -65,11 +70,14 @@ def test_shifted_output_bias_gives_minus_two_d_squared(setup):
     kw = dict(draws=2, buckets=4, batch_size=7, seed=3)
     plus = reward_probe.probe(data, ASSET_DIR, dirs["plus"], **kw)
     minus = reward_probe.probe(data, ASSET_DIR, dirs["minus"], **kw)
-    groups = ([("common", None), ("sides", "winner"), ("sides", "loser")]
-              + [(a, c) for a in ("gender", "race") for c in plus["attributes"][a]])
-    for a, c in groups:
-        sp = plus["common"] if c is None else plus["sides"][c] if a == "sides" else plus["attributes"][a][c]
-        sm = minus["common"] if c is None else minus["sides"][c] if a == "sides" else minus["attributes"][a][c]
+    def rows(res):
+        out = [res["common"], res["sides"]["winner"], res["sides"]["loser"]]
+        out += [s for a in ("gender", "race") for s in res["attributes"][a].values()]
+        return out + [s for p in ("a chef", "a doctor") for a in ("gender", "race")
+                      for s in res["prompts"][p]["attributes"][a].values()]
+
+    assert len(rows(plus)) == 3 + 6 + 2 * 6
+    for sp, sm in zip(rows(plus), rows(minus), strict=True):
         np.testing.assert_allclose(np.add(sp["mean"], sm["mean"]), -2 * D * D, rtol=2e-4)
         assert all(m < 0 for m in np.add(sp["mean"], sm["mean"]))
     # a shifted bias costs the most where the UNet is otherwise most accurate: not a constant
@@ -83,8 +91,13 @@ def test_cli_writes_json_csv_and_plots(setup, tmp_path, capsys):
                               "--buckets", "2"]) == 0  # base from the tuned dir's fairjax.json
     assert sorted(os.listdir(out)) == ["probe.csv", "probe.json", "reward_gender.png", "reward_race.png"]
     lines = open(out / "probe.csv").read().splitlines()
-    assert len(lines) == 1 + 2 * (1 + 2 + 2 + 4)  # header + buckets x (all, 2 sides, 2 genders, 4 races)
-    assert "race:violet" in capsys.readouterr().out
+    # header + buckets x (all, 2 sides, 2 genders, 4 races, and the 2 + 4 classes of each of 2 prompts)
+    assert len(lines) == 1 + 2 * (1 + 2 + 2 + 4 + 2 * 6)
+    printed = capsys.readouterr().out
+    assert "race:violet" in printed and "a chef (8 records)" not in printed  # per-prompt rows: --by-prompt
+    assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(out), "--draws", "1",
+                              "--buckets", "2", "--by-prompt", "--overwrite"]) == 0
+    assert "a chef (8 records)" in capsys.readouterr().out
     # an existing output, both or neither of --tuned/--lora, bad buckets: one line, nothing written
     assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
