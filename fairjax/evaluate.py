@@ -211,11 +211,13 @@ def _moved(r, old: str, new: str):
 
 
 def summary_lines(report: dict) -> list[str]:
-    """Headline numbers: discrepancy / recall per model and their change."""
+    """Headline numbers per model: pooled discrepancy, mean per-prompt bias (which a shift common to
+    every prompt cannot lower the way it can lower the pooled discrepancy), recall."""
     lines = []
     res = report["results"]
     models = report["models"]
-    for key, subs in (("discrepancy", ("gender", "race")), ("recall", ("gender", "race", "both"))):
+    for key, subs in (("discrepancy", ("gender", "race")), ("bias", ("gender", "race")),
+                      ("recall", ("gender", "race", "both"))):
         for sub in subs:
             vals = [(m, (res[m].get(key) or {}).get(sub)) for m in models]
             if all(v is None for _, v in vals):

@@ -240,6 +240,32 @@ def test_noise_draws_average_independent_single_draws(tiny, rel):
     assert rel(loss, np.mean(np.logaddexp(0.0, -z))) <= 1e-5
 
 
+def test_stratified_draws_weight_one_draw_per_timestep_range(tiny, rel):
+    """``stratify_draws``: draw ``k`` is a one-draw evaluation restricted to the ``k``-th of ``K`` ranges of
+    ``[t_min, t_max)`` (key ``fold_in(key, k)``), weighted by the range's share of the timesteps."""
+    t_min, t_max, draws = 100, 900, 3  # ranges [100, 367), [367, 633), [633, 900): 267, 266, 267 timesteps
+    strat = dp.DiffusionPrefTask(config(tiny, noise_draws=draws, stratify_draws=True, t_min=t_min, t_max=t_max))
+    edges = [(100, 367), (367, 633), (633, 900)]
+    base, _ = strat.init(jax.random.key(0))
+    rng = np.random.default_rng(2)
+    policy = jax.tree.map(lambda w: (w + 0.05 * rng.standard_normal(w.shape) * np.abs(w).mean()).astype(np.float32),
+                          base)
+    batch, key = strat.batch(1, 0, 1), jax.random.key(4)
+    want_mse, want_ref = 0.0, 0.0
+    for k, (lo, hi) in enumerate(edges):
+        one = dp.DiffusionPrefTask(config(tiny, t_min=lo, t_max=hi))
+        m, r = jax.jit(one.rewards)(policy, base, batch, jax.random.fold_in(key, k))
+        want_mse = want_mse + (hi - lo) / (t_max - t_min) * np.asarray(m, np.float64)
+        want_ref = want_ref + (hi - lo) / (t_max - t_min) * np.asarray(r, np.float64)
+        _, t = dp.shared_noise(jax.random.fold_in(key, k), jnp.asarray(batch["slot"]), batch["latents"].shape[1:],
+                               hi, lo)
+        assert lo <= int(np.min(t)) and int(np.max(t)) < hi
+    mse, ref = jax.jit(strat.rewards)(policy, base, batch, key)
+    assert rel(mse, want_mse) <= 1e-6 and rel(ref, want_ref) <= 1e-6
+    independent = dp.DiffusionPrefTask(config(tiny, noise_draws=draws, t_min=t_min, t_max=t_max))
+    assert rel(jax.jit(independent.rewards)(policy, base, batch, key)[0], mse) > 1e-4  # not the unstratified draws
+
+
 # ----------------------------------------------------------------------------- data, conditioning
 
 
@@ -461,6 +487,7 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(time_ids=(128.0, 128.0, 0.0, 0.0)), ["4 time_ids", "projection_class_embeddings_input_dim is 32"]),
     (dict(model_dir="/nonexistent/model"), ["/nonexistent/model"]),
     (dict(noise_draws=0), ["config.noise_draws=0"]),
+    (dict(noise_draws=8, stratify_draws=True, t_min=10, t_max=14), ["noise_draws=8", "t_max - t_min = 4"]),
     (dict(t_min=500, t_max=500), ["config.t_min=500", "t_min < t_max"]),
     (dict(t_max=1001), ["config.t_max=1001", "<= 1000"]),
 ])

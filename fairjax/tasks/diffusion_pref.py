@@ -77,6 +77,10 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.beta = 5000.0
     c.alpha = 0.5  # PopAlign's normaliser weight (paper's alpha); popalign only
     c.noise_draws = 1  # (eps, t) draws averaged per image's mse: K draws = 1/K variance, K x compute
+    # with noise_draws = K > 1: draw k's t is uniform within the k-th of K equal ranges of
+    # [t_min, t_max) and the draws are weighted by their range's size (the same expectation as K
+    # independent draws, without the variance of where the K timesteps fall)
+    c.stratify_draws = False
     # t ~ U{t_min .. t_max - 1} (t_max 0 = the scheduler's num_train_timesteps): the reference draws
     # every timestep; a narrower range spends the batch on the timesteps where the preferred
     # attribute is decided (README, toy world: `python -m fairjax.reward_probe` shows where)
@@ -315,6 +319,16 @@ class DiffusionPrefTask:
         _check(0 <= self.t_min < self.t_max <= T,
                f"config.t_min={self.t_min} / config.t_max={c.get('t_max', 0)} need 0 <= t_min < t_max <= "
                f"{T} (the scheduler's num_train_timesteps; t_max 0 = {T})")
+        draws = int(c.get("noise_draws", 1))
+        self.draw_ranges = [(self.t_min, self.t_max)] * draws
+        if bool(c.get("stratify_draws", False)) and draws > 1:
+            _check(draws <= self.t_max - self.t_min,
+                   f"config.stratify_draws needs noise_draws={draws} <= t_max - t_min = {self.t_max - self.t_min} "
+                   "(one timestep range per draw); lower noise_draws or turn stratify_draws off")
+            edges = np.round(np.linspace(self.t_min, self.t_max, draws + 1)).astype(np.int64)
+            self.draw_ranges = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        sizes = np.asarray([b - a for a, b in self.draw_ranges], np.float64)
+        self.draw_weights = (sizes / sizes.sum()).astype(np.float32)  # equal for independent draws
         self.dtype = _compute_dtype(str(c.dtype))
         self.unet = unet_mod.UNet2DConditionModel.from_config(
             self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.remat),
@@ -452,21 +466,24 @@ class DiffusionPrefTask:
         With ``config.noise_draws = K > 1`` each row's mse is the mean over ``K`` independent
         ``(eps, t)`` draws (draw ``k`` keyed by ``fold_in(rng, k)``, still shared by the two rows
         of a pair): the same expectation as one draw, with ``1/K`` of its variance, for ``K``
-        times the UNet work. ``K = 1`` is the reference recipe (one draw per image).
+        times the UNet work. ``K = 1`` is the reference recipe (one draw per image). With
+        ``config.stratify_draws`` draw ``k``'s ``t`` is uniform within the ``k``-th of ``K`` equal
+        ranges of ``[t_min, t_max)`` and the mean is weighted by the ranges' sizes: still the
+        expectation of one uniform draw, less the variance of where the ``K`` timesteps fall.
         """
-        draws = int(self.config.get("noise_draws", 1))
+        draws = len(self.draw_ranges)
         shape = batch["latents"].shape[1:]
         if draws == 1:
             noise, t = shared_noise(rng, batch["slot"], shape, self.t_max, self.t_min)
         else:
-            ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, self.t_max, self.t_min)
-                  for k in range(draws)]
+            ks = [shared_noise(jax.random.fold_in(rng, k), batch["slot"], shape, hi, lo)
+                  for k, (lo, hi) in enumerate(self.draw_ranges)]
             noise = jnp.concatenate([n for n, _ in ks])
             t = jnp.concatenate([tt for _, tt in ks])
             batch = jax.tree.map(lambda v: jnp.concatenate([v] * draws), batch)  # row r of draw k: k * rows + r
 
         def mean_over_draws(x):
-            return x if draws == 1 else jnp.mean(x.reshape(draws, -1), axis=0)
+            return x if draws == 1 else jnp.tensordot(jnp.asarray(self.draw_weights), x.reshape(draws, -1), 1)
 
         mse = mean_over_draws(self.denoise_mse(self.policy_params(trainable, frozen), batch, noise, t))
         if self.config.loss == "sft":

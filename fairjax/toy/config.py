@@ -8,9 +8,9 @@ One ``ml_collections`` config serves every stage:
 * :mod:`fairjax.evaluate` reads ``sample`` and ``eval``;
 * :mod:`fairjax.toy.run` (the main job) runs all of them.
 
-Presets: ``popalign`` (default), ``sft``, ``dpo`` (Diffusion-DPO), ``lora`` (PopAlign with a
-rank-8 LoRA instead of the full UNet), ``quick`` (PopAlign with fewer images and steps: the
-sizes the slow test uses).
+Presets: ``popalign`` (default: PopAlign with a rank-8 LoRA), ``full`` (PopAlign on the full
+UNet), ``sft``, ``dpo`` (Diffusion-DPO, full UNet), ``quick`` / ``quick_sft`` (PopAlign / SFT with
+fewer images and steps: the sizes the slow test uses).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import ml_collections
 
 from fairjax.toy import world as world_lib
 
-PRESETS = ("popalign", "sft", "dpo", "lora", "quick", "quick_sft")
+PRESETS = ("popalign", "full", "sft", "dpo", "quick", "quick_sft")
 
 
 def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -45,7 +45,13 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibrate_beta = False  # True: beta from fairjax.losses.calibrate_beta on the dataset's group frequencies
     c.total_steps = 3000  # small steps, many of them: a step's damage grows as lr^2, its signal as lr
     c.batch_size = 64  # 32 winner/loser pairs per step (SFT: 64 winners)
-    c.optimizer.lr = 2e-5
+    # PopAlign trains a rank-8 LoRA on the attention, projection and added-embedding kernels: at the
+    # same preference data and step count it moves the discrepancies further than the full UNet
+    # (README, toy world) while keeping recall, and a step is ~1.3x faster
+    c.lora.rank = 8
+    c.lora.alpha = 8.0
+    c.lora.targets = r"(attn[12]/to_(q|k|v|out_0)|proj_(in|out)|add_embedding/linear_[12])/kernel$"
+    c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
     c.optimizer.schedule = "constant"
     c.checkpoint.every_steps = 1000
@@ -70,18 +76,16 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         neutral_template=world_lib.NEUTRAL_TEMPLATE,  # "a doctor": the same prompts as the preference sets
         identity_template=world_lib.IDENTITY_TEMPLATE,
         keywords=kw,
-        n_neutral=100,
-        n_identity=8,
+        n_neutral=400,  # 1600 neutral images: the pooled gender discrepancy's sampling error is about 0.017
+        n_identity=16,
         seed=1000,  # other seeds than build_prefs: fresh images
         classifier="toy",
         n_resamples=1000,
         grid_images=16,
     ))
-    if arg == "lora":
-        c.lora.rank = 8
-        c.lora.alpha = 8.0
-        c.lora.targets = r"(attn[12]/to_(q|k|v|out_0)|proj_(in|out)|add_embedding/linear_[12])/kernel$"
-        c.optimizer.lr = 1e-3
+    if arg in ("full", "dpo", "sft", "quick_sft"):  # the whole UNet is trained
+        c.lora.rank = 0
+        c.optimizer.lr = 2e-5
     if arg in ("sft", "quick_sft"):  # SFT has no degradation to avoid: the usual rate, fewer steps
         c.total_steps = 300
         c.optimizer.lr = 1e-4
