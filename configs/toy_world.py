@@ -6,10 +6,11 @@ biased corpus (shipped in fairjax/assets/toy/), PopAlign / SFT / Diffusion-DPO o
   python -m fairjax.train --config configs/toy_world.py --workdir runs/toy/popalign \
       --config.data.path=runs/toy/prefs
   python -m fairjax.train --config configs/toy_world.py:sft --workdir runs/toy/sft --config.data.path=runs/toy/prefs
-  python -m fairjax.evaluate --config configs/toy_world.py --model runs/toy/popalign/model \
-      --base fairjax/assets/toy --out runs/toy/report
+  python -m fairjax.evaluate --config configs/toy_world.py --model fairjax/assets/toy \
+      --lora runs/toy/popalign/unet_lora.safetensors --base fairjax/assets/toy --out runs/toy/report
 
-Presets: popalign (default), sft, dpo, lora, quick, quick_sft (see fairjax/toy/config.py).
+Presets: popalign (default: rank-8 LoRA), full (the whole UNet), sft, dpo, quick, quick_sft
+(see fairjax/toy/config.py).
 """
 
 from fairjax.toy.config import PRESETS, make_config  # noqa: F401  (PRESETS: listed by the loader)

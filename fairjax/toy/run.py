@@ -1,6 +1,6 @@
 """The main job: the whole population pipeline on the toy world, on a CPU.
 
-    python -m fairjax.toy.run --workdir runs/toy [--preset popalign|quick] [--no-sft] [--calibrated]
+    python -m fairjax.toy.run --workdir runs/toy [--preset popalign|full|quick] [--no-sft] [--calibrated]
 
 1. the pre-trained toy model (``fairjax/assets/toy``, checked against its manifest; a biased
    tiny SDXL-architecture pixel-space model, see :mod:`fairjax.toy.model`);
