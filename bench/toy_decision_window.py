@@ -29,6 +29,7 @@ def main(argv=None) -> int:
 
     from fairjax.data.build_prefs import make_classifier
     from fairjax.diffusion import samplers
+    from fairjax.diffusion.pipeline import to_uint8
     from fairjax.tasks.diffusion_pref import DiffusionPrefTask
     from fairjax.toy.config import make_config
     from fairjax.toy.model import SCHEDULER_CONFIG, default_model_dir
@@ -56,8 +57,7 @@ def main(argv=None) -> int:
     clf, _ = make_classifier("toy", cfg.model_dir)
 
     def labels(x):
-        img = np.asarray(jnp.round(jnp.clip(x / 2 + 0.5, 0, 1) * 255)).astype(np.uint8).transpose(0, 2, 3, 1)
-        return [clf.classify([im]).labels[0] for im in img]
+        return [clf.classify([im]).labels[0] for im in np.asarray(to_uint8(x))]
 
     @jax.jit
     def from_step(eps, k):

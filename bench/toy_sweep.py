@@ -1,14 +1,14 @@
 """One row of the toy-world PopAlign sweep (README, toy world): train on a fixed preference set with
 config overrides, then sample the evaluation prompts at a larger size than the main job and print
-the pooled discrepancies, per-occupation frequencies and recall as one JSON line.
+the pooled discrepancies, per-prompt bias, per-prompt frequencies and recall as one JSON line.
 
     python -m fairjax.data.build_prefs --config configs/toy_world.py --out runs/toy/prefs   # once
     python bench/toy_sweep.py NAME [--preset P] [--data runs/toy/prefs] [--n 400] [--ni 16] \\
         [--config.KEY=VALUE ...]          # NAME=base evaluates the shipped base model
 
 Trains into ``runs/sweep/NAME`` (reused when it already holds the trained output) and appends the
-row to ``runs/sweep/results.jsonl``. Every row samples the same evaluation seeds (5000), so rows
-differ only by the model. Not a test: a sweep row is a measurement.
+row to ``runs/sweep/results.jsonl``. Every row samples the main job's evaluation prompts with the same
+seeds (5000), so rows differ only by the model. Not a test: a sweep row is a measurement.
 """
 
 from __future__ import annotations
@@ -20,57 +20,40 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
 def evaluate(cfg, model: str, lora: str | None, n: int, ni: int, seed: int = 5000) -> dict:
+    """The main job's evaluation prompts (``eval_jobs``) at ``n`` / ``ni`` images, labelled exactly,
+    summarised with :mod:`fairjax.fairness.metrics` (pooled discrepancy, mean per-prompt bias, recall)."""
     from fairjax.data.build_prefs import make_classifier, sample_options
-    from fairjax.data.prompts import fill_template, with_article
-    from fairjax.evaluate import complete_model_dir
-    from fairjax.toy import world as W
+    from fairjax.evaluate import complete_model_dir, eval_jobs
+    from fairjax.fairness import metrics
     from fairjax.toy.model import default_model_dir
     from fairjax.toy.pipeline import Generator, load_any_pipeline
 
     base = default_model_dir()
-    clf, _ = make_classifier("toy", base)
-    occ = list(W.OCCUPATIONS)
-    idents = [(fill_template(W.IDENTITY_TEMPLATE, race=r, gender=g, occupation=o), g, r)
-              for o in occ for g in W.GENDERS for r in W.RACES]
-    prompts = [with_article(o) for o in occ] + [p for p, _, _ in idents]
-    counts = [n] * len(occ) + [ni] * len(idents)
-    labels = [[] for _ in prompts]
+    clf, classes = make_classifier("toy", base)
+    ec = cfg.eval.copy_and_resolve_references()
+    ec.n_neutral, ec.n_identity = n, ni
+    jobs = eval_jobs(ec)
+    records = []
     with tempfile.TemporaryDirectory() as scratch:
         pipe = load_any_pipeline(complete_model_dir(model, base, scratch), lora=lora)
-        for p, _, img, _ in Generator(pipe, sample_options(cfg), batch_size=512).run(prompts, counts, seed):
-            labels[p].append(clf.classify([img]).labels[0])
-    out = {"per_occupation": {}}
-    pooled = {"gender": np.zeros(len(W.GENDERS)), "race": np.zeros(len(W.RACES))}
-    for k, o in enumerate(occ):
-        faces = [lab for lab in labels[k] if lab is not None]
-        row = {"faces": len(faces) / n}
-        for attr, classes in (("gender", W.GENDERS), ("race", W.RACES)):
-            c = np.array([sum(lab[attr] == x for lab in faces) for x in classes], np.float64)
-            pooled[attr] += c
-            row[attr] = dict(zip(classes, np.round(c / max(c.sum(), 1), 3).tolist()))
-        out["per_occupation"][o] = row
-    for attr, c in pooled.items():
-        f = c / c.sum()
-        out[f"discrepancy_{attr}"] = float(np.linalg.norm(f - 1.0 / len(f)))
-    hits = {"gender": 0, "race": 0, "both": 0}
-    faces = 0
-    for j, (_, g, r) in enumerate(idents):
-        for lab in labels[len(occ) + j]:
-            if lab is None:
-                continue
-            faces += 1
-            hits["gender"] += lab["gender"] == g
-            hits["race"] += lab["race"] == r
-            hits["both"] += lab["gender"] == g and lab["race"] == r
-    out["recall"] = {k: v / faces for k, v in hits.items()}
-    return out
+        gen = Generator(pipe, sample_options(cfg), batch_size=512)
+        for p, _, img, _ in gen.run([j[0] for j in jobs], [j[2] for j in jobs], seed):
+            lab = clf.classify([img])
+            records.append(metrics.Record(prompt=jobs[p][0], labels=lab.labels[0], identity=jobs[p][1],
+                                          reason=lab.reasons[0]))
+    neutral = metrics.neutral_metrics([r for r in records if r.identity is None], classes, n_resamples=1)
+    recall = metrics.recall_metrics([r for r in records if r.identity is not None], classes, n_resamples=1)
+    per_prompt = {row["prompt"]: {"faces": row["n_faces"] / row["n_images"],
+                                  **{a: {c: round(row[f"{a}:{c}"] / max(row["n_faces"], 1), 3) for c in cls}
+                                     for a, cls in classes.items()}}
+                  for row in neutral["per_prompt"]}
+    return {"discrepancy": neutral["summary"]["discrepancy"], "bias": neutral["summary"]["bias"],
+            "recall": recall["summary"]["recall"], "per_prompt": per_prompt}
 
 
 def main(argv=None) -> int:
