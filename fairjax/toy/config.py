@@ -50,7 +50,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibrate_beta = False  # True: beta from fairjax.losses.calibrate_beta on the dataset's group frequencies
     c.batch_size = 64  # 32 winner/loser pairs per step (SFT: 64 winners)
     # each image's reward averaged over 2 (eps, t) draws, 1500 steps: the UNet work of 3000 one-draw
-    # steps. In three runs race discrepancy fell 29-45%; gender varied from run to run (README, toy world)
+    # steps. In three runs at beta 2000 race discrepancy fell 29-45%; gender varied from run to run (README)
     c.noise_draws = 2
     c.total_steps = 1500
     # PopAlign trains a rank-8 LoRA on the attention, projection and added-embedding kernels: at the
