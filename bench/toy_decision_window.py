@@ -66,11 +66,10 @@ def main(argv=None) -> int:
         def body(i, x):
             out = task.unet.apply({"params": params}, x, jnp.full((n,), sch.timesteps[i]),
                                   cond["encoder_hidden_states"], added)
-            y = samplers.ddim_step(out, x, sch.alphas_cumprod_t[i], sch.alphas_cumprod_prev[i], "epsilon",
-                                   sch.clip_sample_range)
-            return jnp.where(i >= k, y, x)
+            return samplers.ddim_step(out, x, sch.alphas_cumprod_t[i], sch.alphas_cumprod_prev[i], "epsilon",
+                                      sch.clip_sample_range)
 
-        return jax.lax.fori_loop(0, steps, body, x)
+        return jax.lax.fori_loop(k, steps, body, x)  # steps k .. end (a traced k: one compiled loop)
 
     original = labels(x0)
     print("step  t    kept gender  kept race")

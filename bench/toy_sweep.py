@@ -28,7 +28,7 @@ def evaluate(cfg, model: str, lora: str | None, n: int, ni: int, seed: int = 500
     """The main job's evaluation prompts (``eval_jobs``) at ``n`` / ``ni`` images, labelled exactly,
     summarised with :mod:`fairjax.fairness.metrics` (pooled discrepancy, mean per-prompt bias, recall)."""
     from fairjax.data.build_prefs import make_classifier, sample_options
-    from fairjax.evaluate import complete_model_dir, eval_jobs
+    from fairjax.evaluate import complete_model_dir, eval_jobs, generate_records
     from fairjax.fairness import metrics
     from fairjax.toy.model import default_model_dir
     from fairjax.toy.pipeline import Generator, load_any_pipeline
@@ -38,14 +38,10 @@ def evaluate(cfg, model: str, lora: str | None, n: int, ni: int, seed: int = 500
     ec = cfg.eval.copy_and_resolve_references()
     ec.n_neutral, ec.n_identity = n, ni
     jobs = eval_jobs(ec)
-    records = []
     with tempfile.TemporaryDirectory() as scratch:
         pipe = load_any_pipeline(complete_model_dir(model, base, scratch), lora=lora)
         gen = Generator(pipe, sample_options(cfg), batch_size=512)
-        for p, _, img, _ in gen.run([j[0] for j in jobs], [j[2] for j in jobs], seed):
-            lab = clf.classify([img])
-            records.append(metrics.Record(prompt=jobs[p][0], labels=lab.labels[0], identity=jobs[p][1],
-                                          reason=lab.reasons[0]))
+        records = generate_records(gen, jobs, seed, clf, os.path.join(scratch, "images"), log=lambda _: None)
     neutral = metrics.neutral_metrics([r for r in records if r.identity is None], classes, n_resamples=1)
     recall = metrics.recall_metrics([r for r in records if r.identity is not None], classes, n_resamples=1)
     per_prompt = {row["prompt"]: {"faces": row["n_faces"] / row["n_images"],
