@@ -130,6 +130,7 @@ def built(tmp_path_factory):
 
 def test_build_prefs_end_to_end(built):
     from fairjax.data.prefs import PreferenceData
+    from fairjax.data.prompts import augment
 
     cfg, out, summary, caught = built
     assert any("'a male pilot' (male)" in str(w.message) for w in caught)
@@ -148,6 +149,14 @@ def test_build_prefs_end_to_end(built):
         mine = (rows["set_id"] == s["set_id"]) & rows["is_winner"]
         cnt = collections.Counter(zip(rows["label_gender"][mine], rows["label_race"][mine]))
         assert len(set(cnt.values())) <= 1
+    genders, races = data.info["metadata"]["classes"]["gender"], data.info["metadata"]["classes"]["race"]
+    for i in range(len(data)):  # each record keeps the prompt it was generated from
+        cap, prompt = rows["caption"][i], rows["prompt"][i]
+        if rows["is_winner"][i]:  # its identity prompt, naming the identity its labels found
+            g, r = genders[rows["label_gender"][i]], races[rows["label_race"][i]]
+            assert prompt == augment(cap, g, r, cfg.prefs.identity_template), (prompt, g, r)
+        else:
+            assert prompt == cap
     with pytest.raises(UserError, match="already exists"):
         bp.build_prefs(cfg, out)
 

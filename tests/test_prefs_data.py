@@ -139,6 +139,19 @@ def test_no_images_no_labels_and_float16(tmp_path):
         PreferenceData(tmp_path / "d")
 
 
+def test_prompt_field_round_trips_and_old_datasets_have_none(tmp_path, dataset):
+    """``prompt`` (the prompt a sample was generated from) is optional, all records or none."""
+    recs = make_records(n_sets=2, per_side=2)
+    for r in recs:
+        r["prompt"] = f"an amber female doctor #{r['latents'][0, 0, 0]:.0f} ✓" if r["is_winner"] else r["caption"]
+    write_preference_dataset(tmp_path / "d", recs)
+    data = PreferenceData(tmp_path / "d")
+    assert data.has_prompt and data[0]["prompt"] == "an amber female doctor #0 ✓"
+    assert list(data.read([5, 2, 1])["prompt"]) == [recs[5]["prompt"], recs[2]["caption"], recs[1]["prompt"]]
+    old = PreferenceData(dataset[0])  # written without prompts
+    assert not old.has_prompt and "prompt" not in old.read([0]) and "prompt" not in old[0]
+
+
 def test_non_rgb_png_is_stored_as_rgb(tmp_path):
     recs = make_records(n_sets=1, per_side=1, labels=False)
     recs[0]["image"] = _png(9, mode="L")
@@ -162,6 +175,9 @@ def _one_line(e):
     (lambda r: r[0].update(is_winner=1), "record 0: is_winner must be a bool"),
     (lambda r: r[5].update(extra=1), "record 5 has unknown fields ['extra']"),
     (lambda r: r[5]["latents"].__setitem__((0, 0, 0), np.nan), "record 5: latents hold NaN/inf"),
+    (lambda r: r[0].update(prompt="a female doctor"), "record 1: no prompt, unlike record 0"),
+    (lambda r: r[3].update(prompt="a female doctor"), "record 3: a prompt, unlike record 0"),
+    (lambda r: [x.update(prompt="p") for x in r] and r[2].update(prompt=7), "record 2: prompt must be a str"),
 ])
 def test_bad_records_are_one_line_errors_and_leave_nothing(tmp_path, mutate, words):
     recs = make_records(n_sets=1, per_side=3)

@@ -183,6 +183,85 @@ def test_loss_matches_diffusers_reference(tiny, rel):
     assert 0.0 < float(jnp.abs(jnp.asarray(ref - mse)).max())  # the policy differs from the reference
 
 
+def _prompted(tiny):
+    """The micro records with a ``prompt`` per record: a winner's is the next caption (the
+    "identity prompt" it was generated from), a loser's its own caption."""
+    caps = list(tiny_sdxl.CAPTIONS)
+    recs = _records(tiny)
+    for r in recs:
+        r["prompt"] = caps[(caps.index(r["caption"]) + 1) % len(caps)] if r["is_winner"] else r["caption"]
+    return recs
+
+
+def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny, rel):
+    """``anchor_weight = w``: loss = the preference loss, unchanged, + w * mean over each winner
+    at two draws of mean (eps_policy - eps_ref)^2 under the winner's own prompt; draw ``c`` of
+    pair slot ``i`` keyed ``fold_in(fold_in(key, 0x7A4C), i + c * pairs)``. Predictions from
+    diffusers' UNet (float64) with the same weights."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    recs = _prompted(tiny)
+    src = dp.ArrayPrefs.from_records(recs)
+    w = 30.0
+    plain = dp.DiffusionPrefTask(config(tiny, beta=20.0), source=src)
+    task = dp.DiffusionPrefTask(config(tiny, beta=20.0, anchor_weight=w), source=src)
+    base, _ = task.init(jax.random.key(0))
+    rng = np.random.default_rng(4)
+    policy = jax.tree.map(lambda v: (v + 0.05 * rng.standard_normal(v.shape) * np.abs(v).mean()).astype(np.float32),
+                          base)
+    step, key = 1, jax.random.key(11)
+    batch = task.batch(step, 0, 1)
+    loss, m = jax.jit(task.loss)(policy, base, batch, key)
+    pref, _ = jax.jit(plain.loss)(policy, base, plain.batch(step, 0, 1), key)
+
+    # the winners of global batch `step` and their prompts, straight from the records
+    pairs = src.pairs()
+    units = dp.step_units(len(pairs), task.per_step, task.config.seed, step)
+    winners = [recs[i] for i in pairs[units, 0]]
+    n = len(winners)
+    assert n == 8 and all(r["prompt"] != r["caption"] for r in winners)
+    table, _ = text_embeds.read_cache(tiny[2])
+    rows = [table.captions.index(r["prompt"]) for r in winners] * 2
+    sub = jax.random.fold_in(key, 0x7A4C)
+    eps, t = [], []
+    for j in range(2 * n):
+        k_eps, k_t = jax.random.split(jax.random.fold_in(sub, j))  # j = slot i + copy c * n
+        eps.append(np.asarray(jax.random.normal(k_eps, (4, 8, 8), jnp.float32), np.float64))
+        t.append(int(jax.random.randint(k_t, (), 0, 1000, jnp.int32)))
+    (pol_t, ref_t), sched = _torch_pieces(task, [policy, base])
+    d = lambda x: torch.from_numpy(np.asarray(x, np.float64))  # noqa: E731
+    tt = torch.tensor(t)
+    noisy = sched.add_noise(d(np.stack([r["latents"] for r in winners] * 2)), d(np.stack(eps)), tt)
+    added = {"text_embeds": d(table.text_embeds[rows]), "time_ids": d(task.time_ids).repeat(2 * n, 1)}
+    with torch.no_grad():
+        a = pol_t(noisy, tt, d(table.encoder_hidden_states[rows]), added_cond_kwargs=added).sample
+        b = ref_t(noisy, tt, d(table.encoder_hidden_states[rows]), added_cond_kwargs=added).sample
+    want = float((a - b).pow(2).mean())
+    assert want > 0 and rel(m["anchor"], want) <= 1e-4
+    assert rel(m["preference_loss"], pref) <= 1e-6
+    assert rel(loss, float(pref) + w * want) <= 1e-5
+
+
+def test_identity_anchor_pulls_identity_prompts_back_to_the_reference(tiny, tmp_path):
+    """Trained LoRA, same data and steps: with the anchor the winners' own prompts end nearer to
+    the reference's predictions (the anchor metric measured on fresh draws after training)."""
+    src = dp.ArrayPrefs.from_records(_prompted(tiny))
+    over = {"lora.rank": 4, "lora.alpha": 4.0, "optimizer.lr": 3e-2, "optimizer.warmup_steps": 0, "beta": 2000.0,
+            "total_steps": 12}
+    probe = dp.DiffusionPrefTask(config(tiny, anchor_weight=1.0, **over), source=src)
+    _, base = probe.init(jax.random.key(0))
+    dist = {}
+    for w in (0.0, 3000.0):
+        cfg = config(tiny, anchor_weight=w, **over)
+        wd = tmp_path / f"w{w:g}"
+        trainer.train(cfg, dp.DiffusionPrefTask(cfg, str(wd), source=src), str(wd))
+        trained, _ = lora_lib.load(str(wd / "unet_lora.safetensors"))
+        trained = jax.tree.map(jnp.asarray, trained)
+        dist[w] = np.mean([float(jax.jit(probe.loss)(trained, base, probe.batch(s, 0, 1), jax.random.key(100 + s))[1]
+                                 ["anchor"]) for s in range(4)])
+    assert dist[0.0] > 0 and dist[3000.0] < 0.5 * dist[0.0], dist
+
+
 def test_noise_and_timestep_shared_within_pairs(tiny):
     task = dp.DiffusionPrefTask(config(tiny))
     batch = task.batch(0, 0, 1)
@@ -490,6 +569,8 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(noise_draws=8, stratify_draws=True, t_min=10, t_max=14), ["noise_draws=8", "t_max - t_min = 4"]),
     (dict(t_min=500, t_max=500), ["config.t_min=500", "t_min < t_max"]),
     (dict(t_max=1001), ["config.t_max=1001", "<= 1000"]),
+    (dict(anchor_weight=-1.0), ["config.anchor_weight=-1.0", ">= 0"]),
+    (dict(anchor_weight=1.0), ["no 'prompt' field", "build_prefs", "anchor_weight=0"]),
 ])
 def test_bad_config_is_one_line_error(tiny, over, words):
     from fairjax.errors import UserError
@@ -497,6 +578,13 @@ def test_bad_config_is_one_line_error(tiny, over, words):
     with pytest.raises(UserError) as e:
         dp.DiffusionPrefTask(config(tiny, **over))
     _one_line(e, *words)
+
+
+def test_identity_anchor_needs_a_reference(tiny):
+    src = dp.ArrayPrefs.from_records(_prompted(tiny))
+    with pytest.raises(dp.TaskError) as e:
+        dp.DiffusionPrefTask(config(tiny, "sft", anchor_weight=1.0), source=src)
+    _one_line(e, "anchor_weight", "SFT has no")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):

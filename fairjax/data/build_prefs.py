@@ -16,11 +16,13 @@ For each neutral prompt ``P`` (one preference set, ``set_id`` = its index):
    balanced count);
 4. winners = identity images balanced over the (gender, race) groups (the same number per
    group, the largest that every group present can give, interleaved group by group);
-   losers = ``P``'s own (biased) generations with a face. Every record is captioned ``P``.
+   losers = ``P``'s own (biased) generations with a face. Every record is captioned ``P`` and
+   keeps the prompt it was generated from (``prompt``: a winner's identity prompt), which the
+   trainer's identity anchor (``config.anchor_weight``) conditions on.
 
 Output (written to a temporary folder, renamed at the end): ``OUT`` is a
 :mod:`fairjax.data.prefs` dataset (TFDS array_record: latents, PNG image, caption,
-is_winner, set_id, labels as class indices) that ``python -m fairjax.train`` reads with
+is_winner, set_id, labels as class indices, prompt) that ``python -m fairjax.train`` reads with
 ``--config.data.path=OUT``, plus ``OUT/summary.json``: kept / dropped counts by reason per set
 and in total, group frequencies of winners and losers, prompts that are not identity-neutral.
 
@@ -215,7 +217,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def _record(x: Labelled, caption: str, set_id: int, is_winner: bool, index) -> dict:
     return {"latents": np.asarray(x.item.latents, np.float32), "caption": caption, "is_winner": bool(is_winner),
-            "set_id": int(set_id), "image": png_bytes(x.item.image),
+            "set_id": int(set_id), "image": png_bytes(x.item.image), "prompt": str(x.item.prompt),
             "labels": {a: int(index[a][v]) for a, v in x.labels.items()}}
 
 

@@ -5,7 +5,9 @@ A record is one generated sample::
     {"latents": float array (same shape in every record), "caption": str,
      "is_winner": bool, "set_id": int,
      "image": PNG bytes (optional; all records or none),
-     "labels": {name: int} (optional; the same names in every record)}
+     "labels": {name: int} (optional; the same names in every record),
+     "prompt": str (optional; all records or none: the prompt the sample was generated
+               from, e.g. a winner's identity prompt, where the caption is its set's neutral prompt)}
 
 Writing (:func:`write_preference_dataset`) goes through a ``tfds.core.GeneratorBasedBuilder``
 with ``file_format='array_record'`` and ``disable_shuffling=True`` (record ``i`` of the
@@ -82,7 +84,7 @@ def dataset_dir(out_dir: str) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _features(latent_shape, latent_dtype, label_names, has_image):
+def _features(latent_shape, latent_dtype, label_names, has_image, has_prompt=False):
     tfds = _tfds()
     f = {
         "latents": tfds.features.Tensor(shape=tuple(latent_shape), dtype=latent_dtype),
@@ -94,6 +96,8 @@ def _features(latent_shape, latent_dtype, label_names, has_image):
         f["labels"] = tfds.features.FeaturesDict({n: tfds.features.Scalar(dtype=np.int64) for n in label_names})
     if has_image:
         f["image"] = tfds.features.Image(shape=(None, None, 3), encoding_format="png")
+    if has_prompt:
+        f["prompt"] = tfds.features.Text()
     return tfds.features.FeaturesDict(f)
 
 
@@ -107,15 +111,17 @@ class _Schema:
         self.latent_dtype = np.dtype(latent_dtype)
         self.label_names = tuple(sorted((first.get("labels") or {}).keys()))
         self.has_image = first.get("image") is not None
+        self.has_prompt = first.get("prompt") is not None
 
     def check(self, i: int, r: Mapping[str, Any]) -> dict:
         """Validate record ``i`` and return it in TFDS form."""
         missing = [k for k in ("latents", "caption", "is_winner", "set_id") if k not in r]
         if missing:
             raise PrefsDataError(f"record {i} lacks {missing}; every record needs latents, caption, is_winner, set_id")
-        extra = sorted(set(r) - {"latents", "caption", "is_winner", "set_id", "image", "labels"})
+        extra = sorted(set(r) - {"latents", "caption", "is_winner", "set_id", "image", "labels", "prompt"})
         if extra:
-            raise PrefsDataError(f"record {i} has unknown fields {extra}; allowed: latents, caption, is_winner, set_id, image, labels")
+            raise PrefsDataError(f"record {i} has unknown fields {extra}; allowed: latents, caption, is_winner, set_id, "
+                                 "image, labels, prompt")
         lat = np.asarray(r["latents"])
         if lat.shape != self.latent_shape:
             raise PrefsDataError(f"record {i}: latents shape {lat.shape} differs from record 0's {self.latent_shape}")
@@ -146,6 +152,14 @@ class _Schema:
             if not isinstance(img, (bytes, bytearray)) or not bytes(img[:8]) == _PNG_MAGIC:
                 raise PrefsDataError(f"record {i}: image must be PNG bytes")
             out["image"] = _png_rgb(bytes(img), i)
+        prompt = r.get("prompt")
+        if (prompt is not None) != self.has_prompt:
+            raise PrefsDataError(f"record {i}: {'no' if prompt is None else 'a'} prompt, unlike record 0; give prompts "
+                                 "for all records or none")
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise PrefsDataError(f"record {i}: prompt must be a str, got {type(prompt).__name__}")
+            out["prompt"] = prompt
         return out
 
 
@@ -236,7 +250,8 @@ def write_preference_dataset(
         gens[name] = _checked(schema, itertools.chain([first], it), columns[name])
 
     with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
-        features = _features(schema.latent_shape, schema.latent_dtype, schema.label_names, schema.has_image)
+        features = _features(schema.latent_shape, schema.latent_dtype, schema.label_names, schema.has_image,
+                             schema.has_prompt)
         cls = _builder_class()
         b = cls(feature_spec=features, split_records=gens, description=description,
                 data_dir=tmp, file_format="array_record")
@@ -256,6 +271,7 @@ def write_preference_dataset(
             "latent_dtype": schema.latent_dtype.name,
             "label_names": list(schema.label_names),
             "has_image": schema.has_image,
+            "has_prompt": schema.has_prompt,
             "metadata": dict(metadata or {}),
         }
         with open(os.path.join(vdir, INDEX_FILE), "w") as f:
@@ -317,6 +333,7 @@ class PreferenceData:
         if split not in self.info["counts"]:
             raise PrefsDataError(f"{self.out_dir} has no split {split!r}; it has {sorted(self.info['counts'])}")
         self.has_image = bool(self.info["has_image"])
+        self.has_prompt = bool(self.info.get("has_prompt", False))  # datasets written before the field: none
         self.label_names = list(self.info["label_names"])
         tfds = _tfds()
         decoders = {"image": tfds.decode.SkipDecoding()} if self.has_image and not decode_images else None
@@ -373,6 +390,9 @@ class PreferenceData:
         out = dict(r)
         cap = out["caption"]
         out["caption"] = cap.decode("utf-8") if isinstance(cap, bytes) else str(cap)
+        if "prompt" in out:
+            pr = out["prompt"]
+            out["prompt"] = pr.decode("utf-8") if isinstance(pr, bytes) else str(pr)
         out["is_winner"] = bool(out["is_winner"])
         out["set_id"] = int(out["set_id"])
         if "labels" in out:
@@ -381,7 +401,8 @@ class PreferenceData:
 
     def read(self, idx: Sequence[int]) -> dict[str, np.ndarray]:
         """Records ``idx`` stacked: ``latents (n, ...)``, ``caption (n,) str``, ``is_winner (n,)``,
-        ``set_id (n,)``, ``label_<name> (n,)``, ``image`` ((n,) PNG bytes, or (n, H, W, 3) uint8 decoded)."""
+        ``set_id (n,)``, ``label_<name> (n,)``, ``image`` ((n,) PNG bytes, or (n, H, W, 3) uint8 decoded),
+        ``prompt (n,) str`` (when the dataset has prompts)."""
         rows = self._get(idx)
         out = {
             "latents": np.stack([r["latents"] for r in rows]),
@@ -391,6 +412,8 @@ class PreferenceData:
         }
         for name in self.label_names:
             out[f"label_{name}"] = np.asarray([r["labels"][name] for r in rows], np.int64)
+        if self.has_prompt:
+            out["prompt"] = np.asarray([r["prompt"] for r in rows], dtype=object)
         if self.has_image:
             imgs = [r["image"] for r in rows]
             out["image"] = np.stack(imgs) if self.decode_images else np.asarray(imgs, dtype=object)

@@ -15,6 +15,16 @@ the loss.  For row ``i`` (a winner or a loser image's latents ``x0_i``)::
 * ``diffusion_dpo``: ``losses.diffusion_dpo(g_w, g_l, beta)`` over the pairs;
 * ``sft``: ``losses.sft(mse)`` on winners only, no reference.
 
+Identity anchor (``config.anchor_weight = w > 0``; popalign / diffusion_dpo): every winner was
+generated from an identity prompt (``a female doctor``) and is trained under its set's neutral
+caption (``a doctor``). The anchor adds ``w * mean_i mean_{C,H,W} (unet_policy(x'_i, t'_i, p_i) -
+sg(unet_ref(x'_i, t'_i, p_i)))^2`` over the pairs' winners conditioned on their own prompts
+``p_i`` (the dataset's ``prompt`` field), each winner at two fresh ``(eps', t')`` draws: it
+holds the identity prompts' predictions at the reference's, so that the population shift the
+preference term asks of neutral prompts does not carry over to prompts that name an identity
+(the recall on identity-specific prompts). For a Gaussian step this is the KL from the
+reference's step to the policy's, up to t's weighting.
+
 Conditioning ``c_i``: the pair's caption (the winner's), dropped to ``""`` with probability
 ``data.caption_dropout`` (both rows of a pair together), as precomputed per caption by
 :mod:`fairjax.text_embeds`; SDXL's ``time_ids`` come from ``config.time_ids``.
@@ -86,6 +96,10 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     # attribute is decided (README, toy world: `python -m fairjax.reward_probe` shows where)
     c.t_min = 0
     c.t_max = 0
+    # identity anchor (module docstring): > 0 adds w * |eps_policy - eps_ref|^2 on the winners under
+    # their identity prompts (the dataset's `prompt` field, written by fairjax.data.build_prefs);
+    # 0 = off (the reference recipe). It costs one more policy and reference pass per image.
+    c.anchor_weight = 0.0
     c.model_dir = ""  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
@@ -152,25 +166,29 @@ class ArrayPrefs:
     :class:`fairjax.data.prefs.PreferenceData`: within a ``set_id`` the k-th winner is paired with
     the k-th loser."""
 
-    def __init__(self, latents, captions, is_winner, set_id):
+    def __init__(self, latents, captions, is_winner, set_id, prompts=None):
         self.latents = np.asarray(latents)
         self.captions = [str(c) for c in captions]
+        self.prompts = None if prompts is None else [str(p) for p in prompts]
+        self.has_prompt = prompts is not None
         self.is_winner = np.asarray(is_winner, bool)
         self.set_id = np.asarray(set_id, np.int64)
         n = len(self.latents)
         if not n:
             raise TaskError("the preference dataset is empty; it needs winner and loser records")
-        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == n:
+        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == len(self.prompts or self.captions) == n:
             raise TaskError(f"ArrayPrefs: {n} latents but {len(self.captions)} captions, "
-                            f"{len(self.is_winner)} is_winner, {len(self.set_id)} set_id")
+                            f"{len(self.is_winner)} is_winner, {len(self.set_id)} set_id"
+                            + ("" if self.prompts is None else f", {len(self.prompts)} prompts"))
         self.latent_shape = tuple(self.latents.shape[1:])
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "ArrayPrefs":
         if not records:
             raise TaskError("the preference dataset is empty; it needs winner and loser records")
+        prompts = [r["prompt"] for r in records] if all("prompt" in r for r in records) else None
         return cls(np.stack([r["latents"] for r in records]), [r["caption"] for r in records],
-                   [r["is_winner"] for r in records], [r["set_id"] for r in records])
+                   [r["is_winner"] for r in records], [r["set_id"] for r in records], prompts)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -186,10 +204,16 @@ class ArrayPrefs:
 
     def read(self, idx) -> dict[str, np.ndarray]:
         idx = np.asarray(idx, np.int64)
-        return {"latents": self.latents[idx], "caption": np.asarray([self.captions[i] for i in idx], dtype=object)}
+        out = {"latents": self.latents[idx], "caption": np.asarray([self.captions[i] for i in idx], dtype=object)}
+        if self.prompts is not None:
+            out["prompt"] = np.asarray([self.prompts[i] for i in idx], dtype=object)
+        return out
 
-    def all_captions(self) -> list[str]:
-        return sorted(set(self.captions))
+    def all_captions(self, prompts: bool = False) -> list[str]:
+        caps = set(self.captions)
+        if prompts:
+            caps.update(p for p, w in zip(self.prompts or [], self.is_winner) if w)
+        return sorted(caps)
 
 
 def open_source(path: str, split: str = "train") -> PairSource:
@@ -209,14 +233,19 @@ def latent_shape(source) -> tuple[int, ...]:
     return tuple(source.info["latent_shape"])
 
 
-def all_captions(source, chunk: int = 256) -> list[str]:
-    """Every distinct caption of a source (its ``all_captions()`` when it has one, else one pass of reads)."""
+def all_captions(source, chunk: int = 256, prompts: bool = False) -> list[str]:
+    """Every distinct caption of a source, and with ``prompts`` every winner's ``prompt`` too (its
+    ``all_captions()`` when it has one, else one pass of reads)."""
     if hasattr(source, "all_captions"):
-        return list(source.all_captions())
+        return list(source.all_captions(prompts=prompts))
     caps: set[str] = set()
-    n = len(source.is_winner)
+    win = np.asarray(source.is_winner, bool)
+    n = len(win)
     for start in range(0, n, chunk):
-        caps.update(str(c) for c in source.read(np.arange(start, min(n, start + chunk)))["caption"])
+        rec = source.read(np.arange(start, min(n, start + chunk)))
+        caps.update(str(c) for c in rec["caption"])
+        if prompts:
+            caps.update(str(p) for p, w in zip(rec["prompt"], win[start:start + chunk]) if w)
     return sorted(caps)
 
 
@@ -269,6 +298,9 @@ def by_slot(g: jax.Array, is_winner: jax.Array, slot: jax.Array, num_pairs: int)
 
 
 # ----------------------------------------------------------------------------- the task
+
+
+_ANCHOR_STREAM = 0x7A4C  # fold_in key of the anchor's (eps', t') draws; the preference draws use 0..K-1
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -338,6 +370,14 @@ class DiffusionPrefTask:
         self.lora_alpha = float(c.lora.alpha)
 
         self.source = source if source is not None else open_source(data_path, str(c.data.split))
+        self.anchor_weight = float(c.get("anchor_weight", 0.0))
+        _check(self.anchor_weight >= 0, f"config.anchor_weight={self.anchor_weight} must be >= 0 (0 = no identity anchor)")
+        if self.anchor_weight:
+            _check(c.loss != "sft", "config.anchor_weight needs a reference model; SFT has none: set it to 0 for sft")
+            _check(bool(getattr(self.source, "has_prompt", False)),
+                   "config.anchor_weight > 0 needs each winner's identity prompt, but the preference dataset has no "
+                   "'prompt' field (written before it existed): rebuild it with python -m fairjax.data.build_prefs, "
+                   "or set anchor_weight=0")
         self.k = int(c.get("grad_accum_steps", 1) or 1)
         self._set_up_units()
         self._check_latents()
@@ -345,7 +385,7 @@ class DiffusionPrefTask:
             from fairjax import text_embeds
 
             cache = str(c.text_embeds.path) or (os.path.join(workdir, "text_embeds.safetensors") if workdir else None)
-            table = text_embeds.cached_table(self.model_dir, all_captions(self.source), cache,
+            table = text_embeds.cached_table(self.model_dir, all_captions(self.source, prompts=self.anchor_weight > 0), cache,
                                              batch_size=int(c.text_embeds.batch_size))
         self.table = table
         self._check_conditioning()
@@ -435,8 +475,12 @@ class DiffusionPrefTask:
             is_w = np.arange(2 * per) < per
             drop, slot = np.tile(drop, 2), np.tile(slot, 2)
         ids = np.where(drop, 0, self.table.ids(caps))
-        return {"latents": np.asarray(latents, np.float32), "is_winner": is_w, "slot": slot,
-                **self.table.gather(ids)}
+        out = {"latents": np.asarray(latents, np.float32), "is_winner": is_w, "slot": slot, **self.table.gather(ids)}
+        if self.anchor_weight:  # each winner twice under its own prompt (rows line up with the pair layout)
+            emb = self.table.gather(np.tile(self.table.ids(w["prompt"]), 2))
+            out["anchor_latents"] = np.tile(np.asarray(w["latents"], np.float32), (2,) + (1,) * (w["latents"].ndim - 1))
+            out.update({f"anchor_{k}": v for k, v in emb.items()})
+        return out
 
     def policy_params(self, trainable, frozen):
         if self.rank == 0:
@@ -445,8 +489,8 @@ class DiffusionPrefTask:
 
         return lora.merge(frozen, trainable, self.lora_alpha)
 
-    def denoise_mse(self, params, batch, noise, t) -> jax.Array:
-        """Per-row float32 mse of the UNet with ``params`` against the training target."""
+    def predict(self, params, batch, noise, t) -> tuple[jax.Array, jax.Array]:
+        """``(prediction, training target)`` of the UNet with ``params`` at ``x_t`` of ``batch['latents']``."""
         from fairjax.diffusion import schedules
 
         x0 = batch["latents"].astype(jnp.float32)
@@ -457,8 +501,24 @@ class DiffusionPrefTask:
             rows = x0.shape[0]
             added = {"text_embeds": batch["text_embeds"],
                      "time_ids": jnp.broadcast_to(jnp.asarray(self.time_ids), (rows, self.time_ids.shape[0]))}
-        pred = self.unet.apply({"params": params}, xt, t, batch["encoder_hidden_states"], added)
-        return per_sample_mse(pred, target)
+        return self.unet.apply({"params": params}, xt, t, batch["encoder_hidden_states"], added), target
+
+    def denoise_mse(self, params, batch, noise, t) -> jax.Array:
+        """Per-row float32 mse of the UNet with ``params`` against the training target."""
+        return per_sample_mse(*self.predict(params, batch, noise, t))
+
+    def anchor(self, trainable, frozen, anchor_batch, is_winner, slot, rng) -> jax.Array:
+        """The identity anchor (module docstring): mean over rows of ``mean_{C,H,W} (eps_policy -
+        sg(eps_ref))^2`` on ``anchor_batch`` (the winners under their prompts, twice). Row ``r``'s
+        ``(eps', t')`` is keyed by ``slot`` (+ the pair count on the second copy), independent of
+        the preference term's draws and of the sharding."""
+        n_pairs = slot.shape[0] // 2
+        aslot = slot + jnp.where(is_winner.astype(bool), 0, n_pairs)
+        shape = anchor_batch["latents"].shape[1:]
+        noise, t = shared_noise(jax.random.fold_in(rng, _ANCHOR_STREAM), aslot, shape, self.t_max, self.t_min)
+        pol, _ = self.predict(self.policy_params(trainable, frozen), anchor_batch, noise, t)
+        ref, _ = self.predict(jax.lax.stop_gradient(frozen), anchor_batch, noise, t)
+        return jnp.mean(per_sample_mse(pol, jax.lax.stop_gradient(ref)))
 
     def rewards(self, trainable, frozen, batch, rng) -> tuple[jax.Array, jax.Array | None]:
         """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT).
@@ -493,6 +553,8 @@ class DiffusionPrefTask:
 
     def loss(self, trainable, frozen, batch, rng):
         c = self.config
+        anchor_batch = {k[len("anchor_"):]: v for k, v in batch.items() if k.startswith("anchor_")}
+        batch = {k: v for k, v in batch.items() if not k.startswith("anchor_")}
         mse, ref = self.rewards(trainable, frozen, batch, rng)
         if c.loss == "sft":
             return losses.sft(mse)
@@ -505,6 +567,11 @@ class DiffusionPrefTask:
             loss, m = losses.diffusion_dpo(g_w, g_l, float(c.beta))
         m["mse_policy"] = jax.lax.stop_gradient(jnp.mean(mse))
         m["mse_ref"] = jax.lax.stop_gradient(jnp.mean(ref))
+        if anchor_batch:
+            a = self.anchor(trainable, frozen, anchor_batch, batch["is_winner"], batch["slot"], rng)
+            m["preference_loss"] = jax.lax.stop_gradient(loss)
+            m["anchor"] = jax.lax.stop_gradient(a)
+            loss = loss + self.anchor_weight * a
         return loss, m
 
     def finish(self, trainable, frozen, workdir: str) -> dict:
