@@ -3,9 +3,11 @@ build_prefs -> PopAlign and SFT through the trainer -> evaluate, with the headli
 recomputed here from the PNGs the evaluation wrote (decoded with the toy world's exact decoder,
 pooled counts, L2 to uniform in numpy), and a re-run that reuses every stage.
 
-What is asserted about the methods is what the toy world shows (README, "Toy world"): SFT on the
-balanced winners cuts both discrepancies; PopAlign's effect is reported, not asserted, because
-at the settings tried it does not reach the issue's target (see README).
+At the ``quick`` sizes what is asserted about the methods is that SFT on the balanced winners cuts
+both discrepancies. ``test_main_job_meets_the_population_target`` runs the main job at its
+default sizes (about 13 minutes on 2 cores) and asserts the toy world's target: PopAlign halves
+the base's gender and race discrepancy and keeps at least 95% of its identity-specific recall,
+with the SFT baseline reported beside it (README, "Toy world").
 """
 
 from __future__ import annotations
@@ -81,3 +83,42 @@ def test_main_job_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "build_prefs: reusing" in printed and printed.count("train: reusing") == 2
     assert again["metrics"] == res["metrics"]
+
+
+@pytest.mark.slow
+def test_main_job_meets_the_population_target(tmp_path, capsys):
+    """The main job as README runs it (default preset, default sizes): PopAlign's pooled gender and
+    race discrepancy at most half the base's, its recall on identity prompts (both attributes
+    right) at least 95% of the base's; the SFT baseline is in the same report. The numbers are
+    recomputed from the evaluation's PNGs with the toy world's exact decoder."""
+    from fairjax.toy import run
+
+    world = W.ToyWorld()
+    res = run.run(str(tmp_path / "toy"), sft=True)
+    report = json.loads(open(res["report"]).read())
+    assert report["models"] == ["base", "popalign", "sft"]
+    out_dir = os.path.dirname(os.path.dirname(res["report"]))
+    got = {name: _recompute(os.path.join(out_dir, f"records_{name}.jsonl"), world) for name in report["models"]}
+    (base_disc, base_recall), (pop_disc, pop_recall) = got["base"], got["popalign"]
+    summary = {name: (d, r["both"]) for name, (d, r) in got.items()}
+    for attr in ("gender", "race"):
+        assert pop_disc[attr] <= 0.5 * base_disc[attr], summary
+    assert pop_recall["both"] >= 0.95 * base_recall["both"], summary
+    assert base_disc["gender"] > 0.1 and base_disc["race"] > 0.2, summary  # a biased base to fix
+    printed = capsys.readouterr().out
+    assert "sft" in printed and res["html"] in printed
+
+
+def test_reused_preference_set_without_prompts_is_a_one_line_error(tmp_path, capsys):
+    """A workdir whose preference set predates the ``prompt`` field cannot feed the identity
+    anchor: the main job says so (and how to go on) before training anything."""
+    from fairjax.data.prefs import write_preference_dataset
+    from fairjax.toy import run
+
+    recs = [{"latents": np.zeros((3, 8, 8), np.float32), "caption": "a doctor", "is_winner": w, "set_id": 0}
+            for w in (True, False)]
+    write_preference_dataset(tmp_path / "toy" / "prefs", recs)
+    assert run.main(["--workdir", str(tmp_path / "toy"), "--preset", "quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "anchor_weight=100" in err and "--overwrite" in err, err
+    assert sorted(os.listdir(tmp_path / "toy")) == ["prefs"]  # nothing trained or written

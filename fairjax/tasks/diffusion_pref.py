@@ -176,7 +176,7 @@ class ArrayPrefs:
         n = len(self.latents)
         if not n:
             raise TaskError("the preference dataset is empty; it needs winner and loser records")
-        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == len(self.prompts or self.captions) == n:
+        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == (n if self.prompts is None else len(self.prompts)) == n:
             raise TaskError(f"ArrayPrefs: {n} latents but {len(self.captions)} captions, "
                             f"{len(self.is_winner)} is_winner, {len(self.set_id)} set_id"
                             + ("" if self.prompts is None else f", {len(self.prompts)} prompts"))

@@ -119,6 +119,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         build_prefs(base, prefs_dir, overwrite=overwrite, log=log)
     else:
         log(f"build_prefs: reusing {prefs_dir}")
+        _check_prompts(prefs_dir, float(base.get("anchor_weight", 0.0)))
     summary = read_summary(prefs_dir)
     times["build_prefs"] = time.perf_counter() - t0
 
@@ -149,8 +150,9 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
                 import shutil
 
                 shutil.rmtree(wd)
-            log(f"train: {name} (loss {cfg.loss}, beta {cfg.beta:g}, {cfg.total_steps} steps of {cfg.batch_size}) "
-                f"-> {wd}")
+            anchor = f", identity anchor {cfg.anchor_weight:g}" if cfg.get("anchor_weight", 0.0) else ""
+            log(f"train: {name} (loss {cfg.loss}, beta {cfg.beta:g}{anchor}, {cfg.total_steps} steps of "
+                f"{cfg.batch_size}) -> {wd}")
             res = train_one(cfg, wd)
             log(f"train: {name} done: loss {res.get('loss', float('nan')):.4f}")
         else:
@@ -175,6 +177,18 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
     log(f"times (s): {result['times']}")
     log(f"report: {report['html']}")
     return result
+
+
+def _check_prompts(prefs_dir: str, anchor_weight: float) -> None:
+    """A reused preference set written before records kept their prompts cannot feed the anchor."""
+    from fairjax.data.prefs import dataset_dir, INDEX_FILE
+
+    with open(os.path.join(dataset_dir(prefs_dir), INDEX_FILE)) as f:
+        has_prompt = bool(json.load(f).get("has_prompt", False))
+    if anchor_weight and not has_prompt:
+        raise UserError(f"{prefs_dir} was built before preference records kept the prompt each image was generated "
+                        f"from, which the identity anchor (anchor_weight={anchor_weight:g}) needs: re-run with "
+                        "--overwrite, or pass --config.anchor_weight=0")
 
 
 def _latent_shape(prefs_dir: str):
