@@ -388,11 +388,9 @@ class PreferenceData:
                 "rewrite the dataset"
             )
         out = dict(r)
-        cap = out["caption"]
-        out["caption"] = cap.decode("utf-8") if isinstance(cap, bytes) else str(cap)
-        if "prompt" in out:
-            pr = out["prompt"]
-            out["prompt"] = pr.decode("utf-8") if isinstance(pr, bytes) else str(pr)
+        for key in ("caption", "prompt"):  # prompt: only in datasets that have it
+            if key in out:
+                out[key] = out[key].decode("utf-8") if isinstance(out[key], bytes) else str(out[key])
         out["is_winner"] = bool(out["is_winner"])
         out["set_id"] = int(out["set_id"])
         if "labels" in out:

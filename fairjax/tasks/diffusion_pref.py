@@ -170,7 +170,6 @@ class ArrayPrefs:
         self.latents = np.asarray(latents)
         self.captions = [str(c) for c in captions]
         self.prompts = None if prompts is None else [str(p) for p in prompts]
-        self.has_prompt = prompts is not None
         self.is_winner = np.asarray(is_winner, bool)
         self.set_id = np.asarray(set_id, np.int64)
         n = len(self.latents)
@@ -189,6 +188,10 @@ class ArrayPrefs:
         prompts = [r["prompt"] for r in records] if all("prompt" in r for r in records) else None
         return cls(np.stack([r["latents"] for r in records]), [r["caption"] for r in records],
                    [r["is_winner"] for r in records], [r["set_id"] for r in records], prompts)
+
+    @property
+    def has_prompt(self) -> bool:
+        return self.prompts is not None
 
     def __len__(self) -> int:
         return len(self.latents)

@@ -179,23 +179,24 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
     return result
 
 
-def _check_prompts(prefs_dir: str, anchor_weight: float) -> None:
-    """A reused preference set written before records kept their prompts cannot feed the anchor."""
+def _index(prefs_dir: str) -> dict:
+    """The preference dataset's index (``fairjax.data.prefs.INDEX_FILE``)."""
     from fairjax.data.prefs import dataset_dir, INDEX_FILE
 
     with open(os.path.join(dataset_dir(prefs_dir), INDEX_FILE)) as f:
-        has_prompt = bool(json.load(f).get("has_prompt", False))
-    if anchor_weight and not has_prompt:
+        return json.load(f)
+
+
+def _check_prompts(prefs_dir: str, anchor_weight: float) -> None:
+    """A reused preference set written before records kept their prompts cannot feed the anchor."""
+    if anchor_weight and not _index(prefs_dir).get("has_prompt", False):
         raise UserError(f"{prefs_dir} was built before preference records kept the prompt each image was generated "
                         f"from, which the identity anchor (anchor_weight={anchor_weight:g}) needs: re-run with "
                         "--overwrite, or pass --config.anchor_weight=0")
 
 
 def _latent_shape(prefs_dir: str):
-    from fairjax.data.prefs import dataset_dir, INDEX_FILE
-
-    with open(os.path.join(dataset_dir(prefs_dir), INDEX_FILE)) as f:
-        return tuple(json.load(f)["latent_shape"])
+    return tuple(_index(prefs_dir)["latent_shape"])
 
 
 def main(argv=None) -> int:
