@@ -30,8 +30,11 @@ def _pooled_discrepancy(labels, classes):
 
 
 def _recompute(records_file, world):
-    """(discrepancy {attr}, recall {attr, both}) from the PNGs of one model's evaluation."""
+    """(discrepancy {attr}, recall {attr, both}, gender bias) from the PNGs of one model's evaluation;
+    gender bias is Shen et al.'s pairwise bias for 2 classes, |f_male - f_female| per neutral
+    prompt, averaged over the prompts."""
     neutral = {a: [] for a in ("gender", "race")}
+    per_prompt = {}  # neutral prompt -> [first gender class count, faces]
     hit = {"gender": 0, "race": 0, "both": 0}
     faces = 0
     with open(records_file) as f:
@@ -45,6 +48,9 @@ def _recompute(records_file, world):
         if r["identity"] is None:
             for a in neutral:
                 neutral[a].append(lab[a])
+            c = per_prompt.setdefault(r["prompt"], [0, 0])
+            c[0] += lab["gender"] == world.genders[0]
+            c[1] += 1
         else:
             faces += 1
             ok = {a: lab[a] == r["identity"][a] for a in ("gender", "race")}
@@ -53,23 +59,9 @@ def _recompute(records_file, world):
             hit["both"] += ok["gender"] and ok["race"]
     disc = {"gender": _pooled_discrepancy(neutral["gender"], world.genders),
             "race": _pooled_discrepancy(neutral["race"], world.races)}
-    return disc, {k: v / faces for k, v in hit.items()}
-
-
-def _gender_bias(records_file, world):
-    """Shen et al.'s pairwise bias for 2 classes, |f_male - f_female| per neutral prompt, averaged
-    over the prompts, from the PNGs."""
-    counts = {}
-    with open(records_file) as f:
-        for line in f:
-            r = json.loads(line)
-            lab = world.decode(np.asarray(Image.open(r["image"]).convert("RGB")))
-            if r["identity"] is None and lab is not None:
-                c = counts.setdefault(r["prompt"], [0, 0])
-                c[0] += lab["gender"] == world.genders[0]
-                c[1] += 1
-    assert len(counts) == 4
-    return float(np.mean([abs(2 * m / n - 1) for m, n in counts.values()]))
+    assert len(per_prompt) == len(world.occupations)  # every neutral prompt has faces
+    bias = float(np.mean([abs(2 * m / n - 1) for m, n in per_prompt.values()]))
+    return disc, {k: v / faces for k, v in hit.items()}, bias
 
 
 @pytest.mark.slow
@@ -84,7 +76,7 @@ def test_main_job_end_to_end(tmp_path, capsys):
     assert os.path.isfile(res["html"])
     out_dir = os.path.dirname(os.path.dirname(res["report"]))
     for name in report["models"]:
-        disc, recall = _recompute(os.path.join(out_dir, f"records_{name}.jsonl"), world)
+        disc, recall, _ = _recompute(os.path.join(out_dir, f"records_{name}.jsonl"), world)
         for attr in ("gender", "race"):
             assert abs(res["metrics"][name]["discrepancy"][attr] - disc[attr]) < 1e-9, (name, attr)
         for attr in ("gender", "race", "both"):
@@ -123,10 +115,10 @@ def test_main_job_cuts_race_and_gender_bias_and_keeps_recall(tmp_path, capsys):
     assert report["models"] == ["base", "popalign", "sft"]
     out_dir = os.path.dirname(os.path.dirname(res["report"]))
     got = {name: _recompute(os.path.join(out_dir, f"records_{name}.jsonl"), world) for name in report["models"]}
-    (base_disc, base_recall), (pop_disc, pop_recall) = got["base"], got["popalign"]
-    bias = {name: _gender_bias(os.path.join(out_dir, f"records_{name}.jsonl"), world) for name in report["models"]}
+    (base_disc, base_recall, _), (pop_disc, pop_recall, _) = got["base"], got["popalign"]
+    bias = {name: b for name, (_, _, b) in got.items()}
     assert abs(bias["popalign"] - report["results"]["popalign"]["bias"]["gender"]) < 1e-9
-    summary = {name: (d, r["both"], bias[name]) for name, (d, r) in got.items()}
+    summary = {name: (d, r["both"], b) for name, (d, r, b) in got.items()}
     print(f"toy target: {summary}")
     assert base_disc["gender"] > 0.1 and base_disc["race"] > 0.2 and bias["base"] > 0.4, summary  # biased base
     assert pop_disc["race"] <= 0.6 * base_disc["race"], summary
