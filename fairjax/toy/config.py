@@ -59,15 +59,15 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # time of the 1500 anchor-free steps before it)
     c.noise_draws = 2
     c.total_steps = 1100
-    # PopAlign trains a rank-8 LoRA on the prompt-dependent path only: the cross-attention keys and
-    # values (what the text tokens contribute) and the pooled-text embedding, so its change is a
-    # function of the prompt. With the anchor it met the target in the three sweep runs at beta
-    # 250-300, where the LoRA on the attention, projection and added-embedding kernels met it in two
-    # of five at beta 200-300; it has a quarter of the parameters (11904 against 44672) and ran at
-    # 2.4-3.0 steps/s against 1.9-2.5 (README, toy world)
+    # PopAlign trains a rank-8 LoRA on the cross-attention keys and values only: what the prompt's
+    # tokens contribute, so its change is a function of the prompt, and (unlike the pooled-text
+    # embedding, which every neutral prompt shares a part of) mostly of the occupation's own tokens.
+    # In the sweep (README, toy world) adding the pooled-text embedding let chefs overshoot to 44%
+    # "male" while teachers stayed at 28% (pooled gender cut 38%); the attention, projection and
+    # added-embedding kernels together met the target in two of five runs at beta 200-300.
     c.lora.rank = 8
     c.lora.alpha = 8.0
-    c.lora.targets = r"(attn2/to_(k|v)|add_embedding/linear_[12])/kernel$"
+    c.lora.targets = r"attn2/to_(k|v)/kernel$"
     c.optimizer.lr = 3e-3
     c.optimizer.warmup_steps = 20
     c.optimizer.schedule = "constant"
