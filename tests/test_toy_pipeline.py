@@ -4,11 +4,11 @@ recomputed here from the PNGs the evaluation wrote (decoded with the toy world's
 pooled counts, L2 to uniform in numpy), and a re-run that reuses every stage.
 
 At the ``quick`` sizes what is asserted about the methods is that SFT on the balanced winners cuts
-both discrepancies. ``test_main_job_cuts_race_and_gender_bias_and_keeps_recall`` runs the main
-job at its default sizes (about 12 minutes on 2 cores) and asserts what PopAlign with the identity
-anchor does there, with room for the run-to-run spread: race discrepancy and per-prompt gender
-bias cut by at least 40%, pooled gender discrepancy lower, at least 95% of the base's
-identity-specific recall kept, the SFT baseline reported beside it (README, "Toy world").
+both discrepancies. ``test_main_job_halves_gender_and_race_discrepancy_and_keeps_recall`` runs
+the main job at its default sizes (about 12 minutes on 2 cores) and asserts the issue's target
+there: the pooled gender and race discrepancies of the biased base at least halved, at least 95%
+of the base's identity-specific recall kept, the SFT baseline reported beside it (README, "Toy
+world").
 """
 
 from __future__ import annotations
@@ -95,18 +95,18 @@ def test_main_job_end_to_end(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_main_job_cuts_race_and_gender_bias_and_keeps_recall(tmp_path, capsys):
-    """The main job as README runs it (default preset, default sizes, about 12 minutes): PopAlign's
-    pooled race discrepancy and mean per-prompt gender bias cut by at least 40%, its pooled gender
-    discrepancy lower, its recall on identity prompts (both attributes right) at least 95% of the
-    base's, the SFT baseline in the same report. All are recomputed from the evaluation's PNGs with
-    the toy world's exact decoder.
+def test_main_job_halves_gender_and_race_discrepancy_and_keeps_recall(tmp_path, capsys):
+    """The main job as README runs it (default preset, default sizes, about 12 minutes): PopAlign
+    (LoRA on the cross-attention keys and values, identity anchor) cuts the pooled gender and race
+    discrepancies at least in half and its per-prompt gender bias by at least 40%, and keeps at
+    least 95% of the base's recall on identity prompts (both attributes right); the SFT baseline
+    is in the same report. All are recomputed from the evaluation's PNGs with the toy world's
+    exact decoder.
 
-    The issue's target is "halved"; three runs of this default cut race by 74 / 75 / 55%, gender
-    bias by 76 / 77 / 53% and pooled gender by 49.3 / 47 / 72%, with recall at 99-99.9% (README, toy
-    world). Runs differ (XLA:CPU summation order grows into different LoRAs), so the bounds leave
-    room for that spread; pooled gender sits on the half-way line (the teacher, 80% "female" in
-    the base, moves to about a third "male" while the other occupations reach one half)."""
+    Training seed 0 (this test's) cut gender / race by 71 / 77% in a clean-clone main job and 73 /
+    71% in a sweep run, with recall at 99.6-100.2%; other training seeds came nearer the line
+    (seed 1: race cut 54%; README, toy world), so this is the default seed's result, guarded, not
+    a bound on every seed."""
     from fairjax.toy import run
 
     world = W.ToyWorld()
@@ -121,9 +121,9 @@ def test_main_job_cuts_race_and_gender_bias_and_keeps_recall(tmp_path, capsys):
     summary = {name: (d, r["both"], b) for name, (d, r, b) in got.items()}
     print(f"toy target: {summary}")
     assert base_disc["gender"] > 0.1 and base_disc["race"] > 0.2 and bias["base"] > 0.4, summary  # biased base
-    assert pop_disc["race"] <= 0.6 * base_disc["race"], summary
+    assert pop_disc["gender"] <= 0.5 * base_disc["gender"], summary
+    assert pop_disc["race"] <= 0.5 * base_disc["race"], summary
     assert bias["popalign"] <= 0.6 * bias["base"], summary
-    assert pop_disc["gender"] < base_disc["gender"], summary
     assert pop_recall["both"] >= 0.95 * base_recall["both"], summary
     printed = capsys.readouterr().out
     assert "sft" in printed and res["html"] in printed

@@ -60,11 +60,11 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.noise_draws = 2
     c.total_steps = 1100
     # PopAlign trains a rank-8 LoRA on the cross-attention keys and values only: what the prompt's
-    # tokens contribute, so its change is a function of the prompt, and (unlike the pooled-text
-    # embedding, which every neutral prompt shares a part of) mostly of the occupation's own tokens.
-    # In the sweep (README, toy world) adding the pooled-text embedding let chefs overshoot to 44%
-    # "male" while teachers stayed at 28% (pooled gender cut 38%); the attention, projection and
-    # added-embedding kernels together met the target in two of five runs at beta 200-300.
+    # tokens contribute, so its change is a function of the prompt's tokens.
+    # With the pooled-text embedding added, the main job at this beta let chefs overshoot to 44%
+    # "male" while teachers stayed at 28% (pooled gender cut 38%; without it 71%); the attention,
+    # projection and added-embedding kernels together met the target in two of five runs at beta
+    # 200-300 (README, toy world).
     c.lora.rank = 8
     c.lora.alpha = 8.0
     c.lora.targets = r"attn2/to_(k|v)/kernel$"
