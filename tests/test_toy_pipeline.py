@@ -98,15 +98,14 @@ def test_main_job_end_to_end(tmp_path, capsys):
 def test_main_job_halves_gender_and_race_discrepancy_and_keeps_recall(tmp_path, capsys):
     """The main job as README runs it (default preset, default sizes, about 12 minutes): PopAlign
     (LoRA on the cross-attention keys and values, identity anchor) cuts the pooled gender and race
-    discrepancies at least in half and its per-prompt gender bias by at least 40%, and keeps at
-    least 95% of the base's recall on identity prompts (both attributes right); the SFT baseline
-    is in the same report. All are recomputed from the evaluation's PNGs with the toy world's
-    exact decoder.
+    discrepancies and its per-prompt gender bias at least in half, and keeps at least 95% of the
+    base's recall on identity prompts (both attributes right); the SFT baseline is in the same
+    report. All are recomputed from the evaluation's PNGs with the toy world's exact decoder.
 
-    Training seed 0 (this test's) cut gender / race by 71 / 77% in a clean-clone main job and 73 /
-    71% in a sweep run, with recall at 99.6-100.2%; other training seeds came nearer the line
-    (seed 1: race cut 54%; README, toy world), so this is the default seed's result, guarded, not
-    a bound on every seed."""
+    Training seed 0 (this test's) cut gender / race by 71 / 77% (gender bias 73%) in a clean-clone
+    main job and 73 / 71% (75%) in a sweep run, with recall at 99.6-100.2%; other training seeds
+    came nearer the line (seed 1: race cut 54%, gender bias 57%; README, toy world), so this is the
+    default seed's result, guarded, not a bound on every seed."""
     from fairjax.toy import run
 
     world = W.ToyWorld()
@@ -123,7 +122,7 @@ def test_main_job_halves_gender_and_race_discrepancy_and_keeps_recall(tmp_path, 
     assert base_disc["gender"] > 0.1 and base_disc["race"] > 0.2 and bias["base"] > 0.4, summary  # biased base
     assert pop_disc["gender"] <= 0.5 * base_disc["gender"], summary
     assert pop_disc["race"] <= 0.5 * base_disc["race"], summary
-    assert bias["popalign"] <= 0.6 * bias["base"], summary
+    assert bias["popalign"] <= 0.5 * bias["base"], summary
     assert pop_recall["both"] >= 0.95 * base_recall["both"], summary
     printed = capsys.readouterr().out
     assert "sft" in printed and res["html"] in printed
