@@ -25,7 +25,7 @@ from fairjax.fairness import classifiers as C
 
 
 def _attr_model(path, weight, bias):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     k = weight.shape[1]
@@ -45,7 +45,7 @@ def _attr_model(path, weight, bias):
 
 def _centerface_model(path, size=64):
     """CenterFace's outputs '537' heatmap, '538' log-scale, '539' offset, '540' landmarks at stride 4."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     h = size // 4
@@ -85,8 +85,8 @@ _RACE_CENTROIDS_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 
 
 @pytest.fixture(scope="module")
 def deepface_home(tmp_path_factory):
-    pytest.importorskip("deepface")
-    pytest.importorskip("onnxruntime")
+    import deepface  # noqa: F401
+    import onnxruntime  # noqa: F401
     home = tmp_path_factory.mktemp("deepface_home")
     weights = home / ".deepface" / "weights"
     weights.mkdir(parents=True)

@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from _torch_util import randomize_ as _randomize_  # noqa: E402
 from fairjax.convert import clip as clip_convert  # noqa: E402

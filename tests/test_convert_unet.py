@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("peft")
+import torch
+import diffusers
+import peft  # noqa: F401
 
 from safetensors.torch import load_file as load_torch  # noqa: E402
 from test_unet import DictReader, flax_unet, inputs, tiny_sdxl_config, torch_forward, torch_unet  # noqa: E402

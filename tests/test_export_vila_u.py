@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers
+import peft
 
 import jax  # noqa: E402
 

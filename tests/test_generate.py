@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch
+import diffusers  # noqa: F401
 
 from fairjax import generate  # noqa: E402
 from fairjax.convert.safetensors_io import SafetensorsReader  # noqa: E402

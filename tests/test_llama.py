@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from fairjax.convert.core import convert_checkpoint, export_state, plan_conversion  # noqa: E402
 from fairjax.convert.llama import export_hf_llama, load_hf_llama  # noqa: E402

@@ -62,7 +62,7 @@ def hand_merged(w, a, b):
 # ----------------------------------------------------------------------------- init
 
 def test_init_selects_kernels_with_peft_init(setup):
-    torch = pytest.importorskip("torch")
+    import torch
     _, params = setup
     lora = L.init(params, TARGETS, RANK, ALPHA, jax.random.PRNGKey(2))
     assert sorted(lora) == ["attn1/to_q/kernel", "attn1/to_v/kernel", "conv_in/kernel", "proj/kernel"]
@@ -117,7 +117,7 @@ def test_zero_b_merge_is_identity(setup):
 
 
 def test_merge_matches_hand_and_torch(setup, rel):
-    torch = pytest.importorskip("torch")
+    import torch
     x, params = setup
     lora = randomise_b(L.init(params, TARGETS, RANK, ALPHA, jax.random.PRNGKey(2)))
     merged = jax.jit(lambda p, l: L.merge(p, l, ALPHA))(params, lora)
@@ -151,8 +151,8 @@ def test_merge_matches_hand_and_torch(setup, rel):
 
 def test_layout_matches_peft(setup, rel):
     """The documented PEFT layout: lora_A = a reshaped to (r, in, kh, kw) / (r, in), lora_B = b.T."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    import torch
+    import peft
     x, params = setup
     lora = randomise_b(L.init(params, TARGETS, RANK, ALPHA, jax.random.PRNGKey(2)), seed=4)
 

@@ -16,9 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import torch
+import diffusers
+import transformers
 
 from fairjax.diffusion import pipeline as pl  # noqa: E402
 

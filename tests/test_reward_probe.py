@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets  # noqa: F401
 
 from fairjax import reward_probe  # noqa: E402
 from fairjax.convert.model_dir import save_component, write_index  # noqa: E402

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
+import torch
+import diffusers
+import transformers
 
 import _vila_u_torch as ref  # noqa: E402
 from _torch_util import DictReader, randomize_  # noqa: E402

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 
 from _torch_util import DictReader, randomize_  # noqa: E402
 from fairjax.convert.core import convert_checkpoint, plan_conversion  # noqa: E402

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
 from fairjax.models.tokenizer import CLIPTokenizer, load_sdxl_tokenizers  # noqa: E402

@@ -131,8 +131,8 @@ def _torch_pieces(task, params_list):
 def test_loss_matches_diffusers_reference(tiny, rel):
     """PopAlign and Diffusion-DPO losses (and per-row mse) of the task == the reference code's
     formulas on diffusers' UNet (float64) with the same weights, noise, timesteps and embeddings."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
+    import torch
+    import diffusers  # noqa: F401
     import torch.nn.functional as F
 
     beta = 20.0
@@ -198,8 +198,8 @@ def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny
     at two draws of mean (eps_policy - eps_ref)^2 under the winner's own prompt; draw ``c`` of
     pair slot ``i`` keyed ``fold_in(fold_in(key, 0x7A4C), i + c * pairs)``. Predictions from
     diffusers' UNet (float64) with the same weights."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
+    import torch
+    import diffusers  # noqa: F401
     recs = _prompted(tiny)
     src = dp.ArrayPrefs.from_records(recs)
     w = 30.0
@@ -378,8 +378,8 @@ def test_batches_follow_the_dataset(tiny):
 def test_text_embeddings_match_transformers(tiny, tmp_path, rel):
     """The cached SDXL conditioning == transformers' CLIP encoders (penultimate states, pooled
     projection) on the same weights and token ids; a changed encoder file invalidates the cache."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     from fairjax.convert import clip as clip_convert
     from fairjax.convert.model_dir import read_json
 
@@ -483,9 +483,9 @@ def test_lora_keeps_base_bit_identical_and_optimizer_state_lora_only(lora_run):
 def test_trained_lora_exports_to_diffusers(lora_run, tmp_path, rel):
     """tools/export_diffusers.py: the LoRA trained above, loaded with load_lora_adapter, moves the
     PyTorch UNet's output exactly as the Flax merge moves the Flax UNet's."""
-    torch = pytest.importorskip("torch")
-    diffusers = pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
+    import torch
+    import diffusers
+    import peft  # noqa: F401
     tool_path = os.path.join(ROOT, "tools", "export_diffusers.py")
     spec = importlib.util.spec_from_file_location("export_diffusers", tool_path)
     tool = importlib.util.module_from_spec(spec)

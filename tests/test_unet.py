@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from _torch_util import SDXL_UNET_CONFIG, DictReader, randomize_  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402

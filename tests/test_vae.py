@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from _torch_util import randomize_  # noqa: E402
 from fairjax.convert import vae as vae_convert  # noqa: E402

@@ -10,8 +10,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("sentencepiece")
+import transformers  # noqa: F401
+import sentencepiece  # noqa: F401
 
 import _vila_u_torch as ref  # noqa: E402
 from fairjax import vila_u_generate as vg  # noqa: E402

@@ -318,7 +318,9 @@ class DeepFaceClassifier(AttributeClassifier):
                 for name in ("Gender", "Race"):  # build now: a bad weight file fails here, not mid-run
                     modeling.build_model(task="facial_attribute", model_name=name)
         except ImportError as e:
-            raise UserError(f"DeepFaceClassifier needs deepface and onnxruntime: pip install 'fairjax[eval]' ({e})") from None
+            missing = getattr(e, "name", None) or str(e)
+            raise UserError(f"DeepFaceClassifier cannot import {missing!r} ({e}); pip install 'fairjax[eval]' "
+                            "installs deepface, onnxruntime and what deepface imports without declaring") from None
         return DeepFace.analyze
 
     def label_image(self, image: np.ndarray) -> Labels | None:
