@@ -66,7 +66,7 @@ class _Random:
 
 def write_source(folder: str) -> int:
     from fairjax.convert import unet as unet_convert
-    from fairjax.convert.safetensors_io import write_safetensors
+    from fairjax.io.safetensors import write_safetensors
 
     os.makedirs(folder, exist_ok=True)
     shapes = unet_convert.target_shapes(SDXL_CONFIG)

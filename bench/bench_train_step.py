@@ -3,7 +3,7 @@
 
     python bench/bench_train_step.py [--preset tiny] [--steps 7] [--root /tmp/fairjax_bench_tiny]
 
-Both sides train the same tiny random SDXL-shaped UNet (``fairjax.tasks.tiny_sdxl`` preset,
+Both sides train the same tiny random SDXL-shaped UNet (``fairjax.diffusion.tiny`` preset,
 built once under ``--root``) on the same batch of 8 winner/loser pairs (16 latents, their
 precomputed text embeddings, SDXL time_ids), float32, one CPU process:
 
@@ -42,12 +42,12 @@ import torch.nn.functional as F  # noqa: E402
 
 def build_task(root: str, preset: str, loss: str):
     from fairjax.tasks import diffusion_pref as dp
-    from fairjax.tasks import tiny_sdxl
+    from fairjax.diffusion import tiny as tiny_sdxl
 
     model_dir, data_dir = tiny_sdxl.ensure(os.path.join(root, preset), preset)
     c = dp.make_config(loss, "tiny")
     c.tiny = ""
-    c.model_dir, c.data.path = model_dir, data_dir
+    c.model.dir, c.data.path = model_dir, data_dir
     c.text_embeds.path = os.path.join(root, f"{preset}_text_embeds.safetensors")
     c.mesh = dict(data=1)
     return dp.DiffusionPrefTask(c), c
@@ -56,7 +56,8 @@ def build_task(root: str, preset: str, loss: str):
 def fairjax_step(task, cfg):
     """(run(), compile seconds): the trainer's step on one device."""
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from fairjax import parallel, trainer
 
@@ -89,7 +90,7 @@ def torch_step(task, cfg, batch):
 
     from fairjax.convert import unet as unet_convert
     from fairjax.convert.core import export_state
-    from fairjax.tasks import tiny_sdxl
+    from fairjax.diffusion import tiny as tiny_sdxl
 
     trainable, frozen = task.init(jax.random.key(0))
     base = frozen if task.rank else trainable

@@ -190,8 +190,8 @@ def estimate(n_params, n_lora, n_adapted, act_bytes_per_image, images, fsdp, lor
 def _paper_model_dir(root: str, unet_cfg: dict) -> str:
     """A model dir with the UNet config and the SDXL scheduler but no weights: the task's
     constructor only reads configs; params.safetensors is an empty placeholder never read."""
-    from fairjax.convert.model_dir import write_json
-    from fairjax.tasks import tiny_sdxl
+    from fairjax.io.model_dir import write_json
+    from fairjax.diffusion import tiny as tiny_sdxl
 
     os.makedirs(os.path.join(root, "unet"), exist_ok=True)
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
@@ -210,18 +210,20 @@ def abstract_step(unet_cfg: dict, latent: int, pairs: int, lora_rank: int, dtype
     import numpy as np
     import optax
 
-    from fairjax import parallel, text_embeds, trainer
+    from fairjax import parallel, trainer
+    from fairjax.data import pairs
+    from fairjax.diffusion import text_embeds
     from fairjax.models import unet as unet_mod
     from fairjax.tasks import diffusion_pref as dp
 
     root = _paper_model_dir(tempfile.mkdtemp(prefix="fairjax_paper_"), unet_cfg)
     c = dp.make_config("popalign")
-    c.model_dir, c.dtype, c.remat, c.batch_size = root, dtype, os.environ.get("FJ_REMAT", "1") == "1", 2 * pairs
+    c.model.dir, c.model.dtype, c.model.remat, c.batch_size = root, dtype, os.environ.get("FJ_REMAT", "1") == "1", 2 * pairs
     c.time_ids, c.lora.rank, c.lora.alpha = tuple(time_ids), lora_rank, float(max(lora_rank, 1))
     c.mesh = mesh_spec
     ctx_d, pooled = text_dims
     n = 2 * pairs
-    src = dp.ArrayPrefs(np.zeros((n, 4, latent, latent), np.float32), ["x"] * n, [True, False] * pairs,
+    src = pairs.ArrayPrefs(np.zeros((n, 4, latent, latent), np.float32), ["x"] * n, [True, False] * pairs,
                         np.repeat(np.arange(pairs), 2))
     table = text_embeds.TextTable(["", "x"], np.zeros((2, 77, ctx_d), np.float32), np.zeros((2, pooled), np.float32))
     task = dp.DiffusionPrefTask(c, source=src, table=table)
@@ -262,7 +264,7 @@ def calibrate(latent: int = 64):
     import numpy as np
 
     from fairjax.models.unet import UNetConfig
-    from fairjax.tasks import tiny_sdxl
+    from fairjax.diffusion import tiny as tiny_sdxl
 
     cfg = tiny_sdxl.unet_config("tiny")
     t = tiny_sdxl.PRESETS["tiny"]["text"]
@@ -338,7 +340,7 @@ def main():
     saved_x, top_x = activation_elements(ucfg, a.latent, a.latent, False)
     scores = 2 * score_elements(ucfg, a.latent, a.latent) * images  # bf16
     variants = [
-        ("flash attention (cuDNN; config.attention_implementation='cudnn')", 2 * (saved_f * images + top_f)),
+        ("flash attention (cuDNN; config.model.attention='cudnn')", 2 * (saved_f * images + top_f)),
         (f"XLA attention, {k:.1f} score-sized buffers per self-attention block live at once (as the CPU "
          f"compile of the tiny model does; one block's scores would add only {2 * (top_x - top_f) / GB:.1f} GB)",
          2 * (saved_x * images + top_x) + k * scores),

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="noise draws per image and step")
     args = p.parse_args(argv)
     cfg = make_config("full")
-    cfg.model_dir = default_model_dir()
+    cfg.model.dir = default_model_dir()
     cfg.data.path = os.path.abspath(args.data)
     with tempfile.TemporaryDirectory() as wd:
         task = DiffusionPrefTask(cfg, wd)
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     added = {"text_embeds": cond["text_embeds"], "time_ids": jnp.broadcast_to(jnp.asarray(task.time_ids), (n, 6))}
     steps = int(cfg.sample.steps)
     sch = samplers.ddim_schedule(SCHEDULER_CONFIG, steps)
-    clf, _ = make_classifier("toy", cfg.model_dir)
+    clf, _ = make_classifier("toy", cfg.model.dir)
 
     def labels(x):
         return [clf.classify([im]).labels[0] for im in np.asarray(to_uint8(x))]

@@ -28,10 +28,10 @@ def evaluate(cfg, model: str, lora: str | None, n: int, ni: int, seed: int = 500
     """The main job's evaluation prompts (``eval_jobs``) at ``n`` / ``ni`` images, labelled exactly,
     summarised with :mod:`fairjax.fairness.metrics` (pooled discrepancy, mean per-prompt bias, recall)."""
     from fairjax.data.build_prefs import make_classifier, sample_options
+    from fairjax.diffusion.generator import Generator, load_any_pipeline
     from fairjax.evaluate import complete_model_dir, eval_jobs, generate_records
     from fairjax.fairness import metrics
     from fairjax.toy.model import default_model_dir
-    from fairjax.toy.pipeline import Generator, load_any_pipeline
 
     base = default_model_dir()
     clf, classes = make_classifier("toy", base)
@@ -69,11 +69,11 @@ def main(argv=None) -> int:
     args = p.parse_args(rest)
     cfg = make_config(args.preset)
     apply_overrides(cfg, overrides)
-    cfg.model_dir = default_model_dir()
+    cfg.model.dir = default_model_dir()
     cfg.data.path = os.path.abspath(args.data)
     t0 = time.perf_counter()
     if args.name == "base":
-        model, lora = cfg.model_dir, None
+        model, lora = cfg.model.dir, None
     else:
         wd = os.path.join(args.out, args.name)
         model, lora = tuned_model(cfg, wd)

@@ -3,7 +3,7 @@ g = mse_ref - mse_policy; otherwise PopAlign's recipe (beta 5000, lr 5e-7 after 
 steps, AdamW, clip 1.0, 750 steps of 8 pairs, 20% caption dropout).
 
   python -m fairjax.train --config configs/dpo_sdxl.py --workdir runs/dpo \
-      --config.model_dir=models/sdxl --config.data.path=data/prefs
+      --config.model.dir=models/sdxl --config.data.path=data/prefs
   python -m fairjax.train --config configs/dpo_sdxl.py:tiny --workdir runs/dpo_tiny   # CPU, offline
 
 Presets: full (default), lora, tiny, tiny_lora (see configs/popalign_sdxl.py).

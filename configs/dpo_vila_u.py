@@ -2,10 +2,10 @@
 model without LoRA (no second copy of the weights).
 
   python -m fairjax.train --config configs/dpo_vila_u.py --workdir runs/dpo \
-      --config.model.dir=models/vila-u-7b-256 --config.data.dir=data/dpo_pairs
+      --config.model.dir=models/vila-u-7b-256 --config.data.path=data/dpo_pairs
   python -m fairjax.train --config configs/dpo_vila_u.py:tiny --workdir runs/dpo_tiny
 
-Data: a 'pairs' dataset with half a = chosen, half b = rejected (fairjax.data.vila_u_data.pairs_from_sets
+Data: a 'pairs' dataset with half a = chosen, half b = rejected (fairjax.vila_u.data.pairs_from_sets
 pairs winning and losing sets per prompt). The log-probability of an image is the SUM over its
 256 x 4 codes (dpo_average_logp=True: the mean). There is no released DPO recipe for VILA-U:
 beta 0.1, lr 5e-6, 1 epoch and the BPO LoRA settings (r 32, alpha 32, dropout 0.1) are our choices.

@@ -1,18 +1,18 @@
 """mDPO for VILA-U understanding: answers conditioned on an image, with mDPO's corrupted-image term.
 
   python -m fairjax.train --config configs/mdpo_vila_u.py --workdir runs/mdpo \
-      --config.model.dir=models/vila-u-7b-256 --config.data.dir=data/mdpo
+      --config.model.dir=models/vila-u-7b-256 --config.data.path=data/mdpo
   python -m fairjax.train --config configs/mdpo_vila_u.py:tiny --workdir runs/mdpo_tiny
 
 loss = -ls(b((c-rc)-(r-rr))) - ls(b((c-rc)-(c'-rc'))) - ls(b(c-rc)) (fairjax.losses.mdpo), c / r =
 summed log-prob of the chosen / rejected answer given the image, c' = chosen given the corrupted
 image (random resized crop keeping 1-20% of the area, resized back, re-encoded by the vision
-tower every step), r* = the same without LoRA. REFERENCE.md / luka-group/mDPO: beta 0.1, LoRA r 64,
+tower every step), r* = the same without LoRA. docs/reference.md / luka-group/mDPO: beta 0.1, LoRA r 64,
 alpha 128, lr 1e-5; the rest from its bunny/config.yaml: 3 epochs, global batch 32 (4 x 8
 accumulation), AdamW b2 0.98, weight decay 0.05, warm-up 10% then cosine, LoRA dropout 0.05
 (run_mdpo_bunny.py's default). Its LoRA covers all linear layers; here q/k/v/o/gate/up/down of
 the LLaMA layers (lm_head, projector, depth head and vision tower frozen).
-Data: an 'mdpo' dataset (fairjax.data.vila_u_data; images at the vision tower's resolution).
+Data: an 'mdpo' dataset (fairjax.vila_u.data; images at the vision tower's resolution).
 """
 
 from fairjax.tasks.vila_u_pref import default_config

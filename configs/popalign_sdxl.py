@@ -1,10 +1,10 @@
-"""PopAlign fine-tuning of SDXL (REFERENCE.md's recipe: beta 5000, alpha 0.5, lr 5e-7 after 200
+"""PopAlign fine-tuning of SDXL (docs/reference.md's recipe: beta 5000, alpha 0.5, lr 5e-7 after 200
 warm-up steps, AdamW, clip 1.0, 750 steps of 8 winner/loser pairs, 20% caption dropout).
 
   python -m fairjax.train --config configs/popalign_sdxl.py --workdir runs/popalign \
-      --config.model_dir=models/sdxl --config.data.path=data/prefs
+      --config.model.dir=models/sdxl --config.data.path=data/prefs
   python -m fairjax.train --config configs/popalign_sdxl.py:lora --workdir runs/popalign_lora \
-      --config.model_dir=models/sdxl --config.data.path=data/prefs
+      --config.model.dir=models/sdxl --config.data.path=data/prefs
   python -m fairjax.train --config configs/popalign_sdxl.py:tiny --workdir runs/popalign_tiny   # CPU, offline
 
 Presets: full (default), lora (rank 32 on attention q/k/v/out), tiny, tiny_lora (a tiny random

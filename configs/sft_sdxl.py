@@ -2,7 +2,7 @@
 (batch_size = 16 winner images per step; otherwise PopAlign's recipe).
 
   python -m fairjax.train --config configs/sft_sdxl.py --workdir runs/sft \
-      --config.model_dir=models/sdxl --config.data.path=data/prefs
+      --config.model.dir=models/sdxl --config.data.path=data/prefs
   python -m fairjax.train --config configs/sft_sdxl.py:tiny --workdir runs/sft_tiny   # CPU, offline
 
 Presets: full (default), lora, tiny, tiny_lora (see configs/popalign_sdxl.py).

@@ -31,13 +31,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(UserError, RuntimeError):
-    """No checkpoint could be restored (one-line message naming the directory)."""
 
 
 def _ocp():

@@ -22,13 +22,20 @@ from typing import Any
 
 import ml_collections
 
-from fairjax.errors import UserError
+from fairjax.errors import ConfigError
 
 CONFIG_FILE = "config.json"
 
-
-class ConfigError(UserError):
-    """An experiment config cannot be loaded, overridden or resumed."""
+# keys of the two schemas before they became one (every task: model.{dir, dtype, param_dtype, remat,
+# attention}, data.{path, split}, lora.*, optimizer.*, mesh.*, checkpoint.*): old -> new
+RENAMED = {
+    "model_dir": "model.dir",
+    "dtype": "model.dtype",
+    "remat": "model.remat",
+    "attention_implementation": "model.attention",
+    "model.attention_impl": "model.attention",
+    "data.dir": "data.path",
+}
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -97,6 +104,9 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -
         parts = key.split(".")
         for i, part in enumerate(parts):
             if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+                if key in RENAMED:
+                    raise ConfigError(f"config key '{key}' was renamed to '{RENAMED[key]}': use "
+                                      f"--config.{RENAMED[key]}={text}")
                 where = ".".join(parts[:i]) or "the config"
                 known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
                 raise ConfigError(f"unknown config key '{key}' (keys of {where}: {', '.join(known)})")
@@ -150,6 +160,14 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix]
 
 
+def _has_key(d: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return False
+        d = d[part]
+    return True
+
+
 def check_or_save(cfg: ml_collections.ConfigDict, workdir: str, allow_change: bool = False) -> list[str]:
     """Save the resolved config in ``workdir``, or compare with the one there.
 
@@ -167,6 +185,13 @@ def check_or_save(cfg: ml_collections.ConfigDict, workdir: str, allow_change: bo
         except json.JSONDecodeError:
             raise ConfigError(f"{path} is not valid JSON; use a fresh --workdir") from None
         changed = _diff(old, new)
+        renamed = [k for k in RENAMED if _has_key(old, k) and not _has_key(new, k)]
+        if changed and renamed and not allow_change:
+            raise ConfigError(
+                f"workdir {workdir} holds a run saved with config keys renamed since "
+                f"({', '.join(f'{k} -> {RENAMED[k]}' for k in renamed)}); use a new --workdir, or pass "
+                "--allow-config-change to resume it under the new keys"
+            )
         if changed and not allow_change:
             raise ConfigError(
                 f"workdir {workdir} holds a run with a different config (differs in: {', '.join(changed)}); "

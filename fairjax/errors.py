@@ -1,10 +1,39 @@
-"""Errors caused by bad input (a file, a flag, a config value, a dataset).
+"""The one error hierarchy: errors caused by bad input (a file, a flag, a config value, a dataset).
 
-Command-line entry points print a :class:`UserError` as one line
-(``error: <message>``) and exit with status 2, without a traceback; anything
-else is a bug and keeps its traceback.
+Command-line entry points print a :class:`UserError` as one line (``error: <message>``) and exit
+with status 2, without a traceback; anything else is a bug and keeps its traceback. Every message
+says what is wrong and what to do.
+
+    UserError
+      ConfigError         a config file, preset, key or value; a model config this port does not implement
+      CheckpointError     a model dir, safetensors file, orbax checkpoint or conversion source
+      DataError           a preference / VILA-U dataset, a record, a prompt file, a text-embedding cache
+      ShardingError       a mesh, partition rule or batch that does not fit the devices
+      NonFiniteLossError  the loss or gradient became NaN/inf (also a FloatingPointError)
 """
 
 
 class UserError(ValueError):
     """Bad input: the message says what is wrong and what to do."""
+
+
+class ConfigError(UserError):
+    """An experiment config that cannot be loaded, overridden, validated or resumed, or a model
+    config value this port does not implement (the message names the key)."""
+
+
+class CheckpointError(UserError):
+    """A model directory, safetensors file, training checkpoint or conversion source that is missing,
+    truncated, corrupt or does not fit the model (the message names the file and the key)."""
+
+
+class DataError(UserError):
+    """A dataset, record, prompt file or cache that cannot be written or read."""
+
+
+class ShardingError(UserError):
+    """A mesh, rule or batch that does not fit the devices / shapes."""
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss (or gradient) became NaN/inf; training stopped without saving the bad state."""

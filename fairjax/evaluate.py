@@ -28,7 +28,6 @@ report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -48,7 +47,7 @@ def default_config() -> ml_collections.ConfigDict:
     from fairjax.data.prompts import EVAL_IDENTITY_TEMPLATE, EVAL_TEMPLATE, GENDERS, RACES, eval_occupations
 
     c = ml_collections.ConfigDict()
-    c.model_dir = ""
+    c.model = ml_collections.ConfigDict(dict(dir=""))
     c.sample = ml_collections.ConfigDict(dict(sampler="euler", steps=50, guidance_scale=5.0, batch_size=8))
     c.eval = ml_collections.ConfigDict(dict(
         occupations=eval_occupations(), neutral_template=EVAL_TEMPLATE, identity_template=EVAL_IDENTITY_TEMPLATE,
@@ -79,7 +78,7 @@ def eval_jobs(ec) -> list[tuple[str, dict | None, int]]:
 
 def base_of(model_dir: str) -> str | None:
     """The ``base_model`` a fine-tuning output's ``fairjax.json`` names (None if it names none)."""
-    from fairjax.convert.model_dir import INDEX_FILE, read_json
+    from fairjax.io.model_dir import INDEX_FILE, read_json
 
     index = os.path.join(model_dir, INDEX_FILE)
     return read_json(index).get("base_model") if os.path.isfile(index) else None
@@ -152,10 +151,10 @@ def evaluate(config, models: dict[str, tuple[str, str | None]], out: str, *, bas
              overwrite: bool = False, log=print) -> dict:
     """Evaluate ``{name: (model_dir, lora file | None)}`` (the first is the baseline of the deltas)
     and write ``out`` (see module docstring); returns the report dict."""
-    from fairjax.convert.model_dir import atomic_output_dir
     from fairjax.data.build_prefs import make_classifier, sample_options
+    from fairjax.diffusion.generator import Generator, load_any_pipeline
     from fairjax.fairness.report import write_records, write_report
-    from fairjax.toy.pipeline import Generator, load_any_pipeline
+    from fairjax.io.model_dir import atomic_output_dir
 
     ec = config.eval
     out = os.path.abspath(out)

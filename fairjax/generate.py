@@ -12,7 +12,7 @@ lines skipped) and image i, ``images.jsonl`` with one row per image ({"prompt", 
 float32 latents before VAE decoding, NCHW as diffusers). Image (p, i) is a function of
 (model, prompt, seed, p, i, settings) only: the same with any batch size or device count.
 A VILA-U model dir (``tools/convert_vila_u.py``, ``model_type: vila_u``) goes to
-:mod:`fairjax.vila_u_generate` (``--steps``/``--sampler`` ignored: it draws the model's 16x16x4
+:mod:`fairjax.vila_u.generate` (``--steps``/``--sampler`` ignored: it draws the model's 16x16x4
 codes; ``--save-latents`` saves those codes).
 OUT is written to a temporary folder and renamed at the end; an existing OUT is refused unless
 ``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2.
@@ -28,6 +28,7 @@ import sys
 import numpy as np
 
 from fairjax.errors import UserError
+from fairjax.io.images import image_stem, write_png
 
 DTYPES = ("float32", "bfloat16")
 
@@ -68,16 +69,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"{args.lora}: LoRA file not found")
 
 
-def image_stem(prompt_index: int, image_index: int) -> str:
-    return f"{prompt_index:05d}_{image_index:04d}"
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-    from PIL import Image
-
-    Image.fromarray(np.asarray(image, np.uint8)).save(path)
-
-
 def run(argv=None) -> dict:
     """Parse ``argv``, generate, return a summary (raises UserError on bad input)."""
     args = parse_args(argv)
@@ -86,9 +77,9 @@ def run(argv=None) -> dict:
 
     prompts = read_prompt_file(args.prompts)
 
-    from fairjax import vila_u_generate
+    from fairjax.vila_u import generate as vila_u_generate
 
-    if vila_u_generate.is_vila_u(args.model):  # VILA-U: see fairjax/vila_u_generate.py for the flag differences
+    if vila_u_generate.is_vila_u(args.model):  # VILA-U: see fairjax/vila_u/generate.py for the flag differences
         return vila_u_generate.run(args, prompts)
     if args.cfg is None:
         args.cfg = 5.0
@@ -96,9 +87,9 @@ def run(argv=None) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from fairjax.convert.model_dir import atomic_output_dir
-    from fairjax.convert.safetensors_io import write_safetensors
     from fairjax.diffusion import pipeline as pl
+    from fairjax.io.model_dir import atomic_output_dir
+    from fairjax.io.safetensors import write_safetensors
 
     pipe = pl.load_pipeline(args.model, dtype=getattr(jnp, args.dtype), lora=args.lora)
     options = pl.SampleOptions(sampler=args.sampler, steps=args.steps, guidance_scale=args.cfg,

@@ -1,6 +1,6 @@
 """Pure preference losses over per-sample implicit-reward terms.
 
-One interface for every model (DESIGN.md): a model adapter turns a batch into
+One interface for every model (docs/design.md): a model adapter turns a batch into
 per-sample terms and a loss here turns those into ``(loss, metrics)``; a loss
 never sees a model.
 
@@ -244,7 +244,7 @@ def bpo(lp_a, lp_b, beta=1.0, variant="v1", eps=1e-6) -> tuple[jax.Array, Metric
 def calibrate_beta(ref_freqs, win_freqs, lose_freqs) -> float:
     """The beta at which PopAlign's fixed point is balanced across the groups.
 
-    PopAlign's fixed point (REFERENCE.md) is, for each group ``j`` present in
+    PopAlign's fixed point (docs/reference.md) is, for each group ``j`` present in
     both the winning and the losing sets,
     ``log p_j = log ref_j + k + d_j / beta`` with ``d_j = log(w_j / l_j)``.
     Balance asks ``log p_j`` to be equal for all ``j``, i.e.

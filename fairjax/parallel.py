@@ -25,16 +25,14 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fairjax.errors import UserError
+from fairjax.errors import ShardingError
+from fairjax.io.tree import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
-
-
-class ShardingError(UserError):
-    """A mesh, rule or batch that does not fit the devices / shapes (one-line message)."""
 
 
 # ----------------------------------------------------------------------------- start-up
@@ -180,19 +178,6 @@ def make_mesh(spec: Mapping[str, int] | None = None, devices: Sequence[Any] | No
 
 
 # ----------------------------------------------------------------------------- params
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """'/'-joined key path of a pytree leaf: ``('unet', 'conv_in', 'kernel') -> 'unet/conv_in/kernel'``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def _norm_spec(spec: Any) -> P:

@@ -66,11 +66,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fairjax import parallel
 from fairjax.checkpoint import Checkpointer, PreemptionGuard
-from fairjax.errors import UserError
+from fairjax.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ class Task(Protocol):  # pragma: no cover - documentation of the contract
     def loss(self, trainable, frozen, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def finish(self, trainable, frozen, workdir: str) -> dict: ...
-
-
-class NonFiniteLossError(UserError, FloatingPointError):
-    """The loss (or gradient) became NaN/inf; training stopped without saving the bad state."""
-
-
-class ConfigError(UserError):
-    """A trainer config value that cannot work (one-line message naming the key)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -129,20 +122,27 @@ def default_train_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _get(cfg, key, default):
+def _get(cfg, key: str, section: tuple[str, ...] = ()):
+    """``cfg[key]``; when ``cfg`` lacks it (or holds None), :func:`default_train_config`'s value at
+    ``section/key``: the only fallback, so it can never differ from the documented default."""
     try:
-        v = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+        v = cfg.get(key) if hasattr(cfg, "get") else getattr(cfg, key, None)
     except (AttributeError, KeyError):
-        v = default
-    return default if v is None else v
+        v = None
+    if v is None:
+        node = default_train_config()
+        for part in section:
+            node = node[part]
+        v = node[key]
+    return v
 
 
 def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
     """``lr(s)``: ``lr * s / warmup`` for ``s < warmup``, then ``lr`` (constant) or
     ``lr * 0.5 * (1 + cos(pi * (s - warmup) / (total - warmup)))`` (cosine)."""
     lr = float(opt_cfg.lr)
-    warmup = int(_get(opt_cfg, "warmup_steps", 0))
-    kind = str(_get(opt_cfg, "schedule", "constant"))
+    warmup = int(_get(opt_cfg, "warmup_steps", ("optimizer",)))
+    kind = str(_get(opt_cfg, "schedule", ("optimizer",)))
     if kind == "constant":
         after = optax.constant_schedule(lr)
     elif kind == "cosine":
@@ -157,18 +157,18 @@ def make_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``optax.chain(clip_by_global_norm?, adamw|adam|sgd(schedule))`` and the schedule."""
     schedule = make_schedule(opt_cfg, total_steps)
-    name = str(_get(opt_cfg, "name", "adamw"))
-    b1, b2, eps = float(_get(opt_cfg, "b1", 0.9)), float(_get(opt_cfg, "b2", 0.999)), float(_get(opt_cfg, "eps", 1e-8))
+    name = str(_get(opt_cfg, "name", ("optimizer",)))
+    b1, b2, eps = float(_get(opt_cfg, "b1", ("optimizer",))), float(_get(opt_cfg, "b2", ("optimizer",))), float(_get(opt_cfg, "eps", ("optimizer",)))
     if name == "adamw":
-        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=float(_get(opt_cfg, "weight_decay", 0.0)))
+        opt = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=float(_get(opt_cfg, "weight_decay", ("optimizer",))))
     elif name == "adam":
         opt = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
     elif name == "sgd":
-        m = float(_get(opt_cfg, "momentum", 0.0))
+        m = float(_get(opt_cfg, "momentum", ("optimizer",)))
         opt = optax.sgd(schedule, momentum=m if m > 0 else None)
     else:
         raise ConfigError(f"optimizer.name={name!r} is not one of adamw, adam, sgd")
-    clip = float(_get(opt_cfg, "grad_clip", 0.0))
+    clip = float(_get(opt_cfg, "grad_clip", ("optimizer",)))
     parts = ([optax.clip_by_global_norm(clip)] if clip > 0 else []) + [opt]
     return optax.chain(*parts), schedule
 
@@ -240,7 +240,7 @@ def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum
 
 
 def _rules(config, task) -> list[tuple[str, Any]]:
-    rules = [tuple(r) for r in list(_get(config, "sharding_rules", []) or [])]
+    rules = [tuple(r) for r in list(_get(config, "sharding_rules") or [])]
     if hasattr(task, "param_partition_rules"):
         rules += [tuple(r) for r in task.param_partition_rules()]
     return rules
@@ -259,8 +259,8 @@ class _Setup:
     """Mesh, shardings and the initial/restored state of a run."""
 
     def __init__(self, config, task, workdir):
-        self.mesh = parallel.make_mesh(dict(_get(config, "mesh", {"data": -1})))
-        self.k = int(_get(config, "grad_accum_steps", 1))
+        self.mesh = parallel.make_mesh(dict(_get(config, "mesh")))
+        self.k = int(_get(config, "grad_accum_steps"))
         if self.k < 1:
             raise ConfigError(f"grad_accum_steps={self.k} must be >= 1")
         self.batch_size = int(config.batch_size)
@@ -269,7 +269,7 @@ class _Setup:
         self.total_steps = int(config.total_steps)
         self.tx, self.schedule = make_optimizer(config.optimizer, self.total_steps)
         self.rules = _rules(config, task)
-        base = jax.random.key(int(_get(config, "seed", 0)))
+        base = jax.random.key(int(_get(config, "seed")))
         self.init_key, self.train_key = jax.random.split(base)
         self.task = task
 
@@ -329,7 +329,7 @@ def _summary_writer(logdir: str):
     if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # makes tensorboardX's `try: import torch` take its ImportError path
         try:
-            import tensorboardX
+            pass
         finally:
             del sys.modules["torch"]
     from tensorboardX import SummaryWriter
@@ -420,12 +420,12 @@ def train(config, task, workdir: str) -> dict:
     """
     os.makedirs(workdir, exist_ok=True)
     s = _Setup(config, task, workdir)
-    ck_cfg = _get(config, "checkpoint", {})
+    ck_cfg = _get(config, "checkpoint")
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"),
-        every_steps=int(_get(ck_cfg, "every_steps", 0)),
-        keep=_get(ck_cfg, "keep", 3),
-        async_save=bool(_get(ck_cfg, "async", False)),
+        every_steps=int(_get(ck_cfg, "every_steps", ("checkpoint",))),
+        keep=_get(ck_cfg, "keep", ("checkpoint",)),
+        async_save=bool(_get(ck_cfg, "async", ("checkpoint",))),
     )
     restored = ckpt.restore(s.abstract)
     state, frozen = s.initial(fresh=restored is None)
@@ -442,8 +442,8 @@ def train(config, task, workdir: str) -> dict:
         out_shardings=(s.state_sh, rep),
         donate_argnums=(0,),
     )
-    log_every = int(_get(config, "log_every_steps", 50))
-    logger = _Logger(workdir, s.total_steps, start, bool(_get(config, "progress_bar", True)))
+    log_every = int(_get(config, "log_every_steps"))
+    logger = _Logger(workdir, s.total_steps, start, bool(_get(config, "progress_bar")))
     if start:
         logger.message(f"resumed from {ckpt.directory}/{start}")
     pidx, pcount = jax.process_index(), jax.process_count()

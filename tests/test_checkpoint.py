@@ -16,7 +16,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fairjax import parallel
-from fairjax.checkpoint import CheckpointError, Checkpointer, PreemptionGuard, abstract_like
+from fairjax.errors import CheckpointError
+from fairjax.checkpoint import Checkpointer, PreemptionGuard, abstract_like
 from fairjax.errors import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,8 +11,10 @@ import transformers
 
 from _torch_util import randomize_ as _randomize_  # noqa: E402
 from fairjax.convert import clip as clip_convert  # noqa: E402
-from fairjax.convert.core import flatten, plan_conversion, flax_to_torch_key  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError, write_safetensors  # noqa: E402
+from fairjax.io.tree import flatten  # noqa: E402
+from fairjax.convert.core import plan_conversion, flax_to_torch_key  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.safetensors import write_safetensors  # noqa: E402
 from fairjax.models import clip_text  # noqa: E402
 
 VOCAB = 1000
@@ -210,7 +212,7 @@ def test_mismatched_checkpoint_is_one_error(tmp_path):
 
 
 def test_load_from_model_dir(tmp_path, rel):
-    from fairjax.convert.model_dir import save_component
+    from fairjax.io.model_dir import save_component
 
     cfg = tiny_config(hidden_act="gelu")
     tm = randomize_(transformers.CLIPTextModelWithProjection(cfg), seed=7)

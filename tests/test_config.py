@@ -78,3 +78,46 @@ def test_workdir_holds_other_run(cfg_file, tmp_path):
     assert cl.check_or_save(c2, wd, allow_change=True) == ["steps"]
     assert json.load(open(os.path.join(wd, "config.json")))["steps"] == 10
     assert json.load(open(os.path.join(wd, "config.resumed.json")))["steps"] == 20
+
+
+def test_old_schema_key_names_the_new_key():
+    """Keys of the two schemas before they became one are refused with the key to use instead."""
+    from fairjax.tasks.diffusion_pref import make_config
+
+    for old, new in [("model_dir", "model.dir"), ("dtype", "model.dtype"), ("remat", "model.remat"),
+                     ("attention_implementation", "model.attention")]:
+        with pytest.raises(cl.ConfigError, match=f"'{old}' was renamed to '{new}'") as e:
+            cl.apply_overrides(make_config("popalign"), {old: "x"})
+        assert "\n" not in str(e.value)
+    from fairjax.tasks.vila_u_pref import default_config
+
+    for old, new in [("data.dir", "data.path"), ("model.attention_impl", "model.attention")]:
+        with pytest.raises(cl.ConfigError, match=f"'{old}' was renamed to '{new}'"):
+            cl.apply_overrides(default_config(), {old: "x"})
+
+
+def test_every_task_config_uses_the_one_schema():
+    """model.{dir, dtype, param_dtype, remat, attention}, data.{path, split}, lora.{rank, alpha, targets, dropout}."""
+    from fairjax.tasks.diffusion_pref import make_config
+    from fairjax.tasks.vila_u_pref import default_config
+    from fairjax.toy.config import make_config as toy_config
+
+    for c in (make_config("popalign"), make_config("sft", "lora"), default_config(), toy_config()):
+        for key in ("dir", "dtype", "param_dtype", "remat", "attention"):
+            assert key in c.model, (c.task, key)
+        for key in ("path", "split"):
+            assert key in c.data, (c.task, key)
+        for key in ("rank", "alpha", "targets", "dropout"):
+            assert key in c.lora, (c.task, key)
+        for old in ("model_dir", "dtype", "remat", "attention_implementation"):
+            assert old not in c, (c.task, old)
+
+
+def test_resuming_a_workdir_saved_under_old_keys_names_the_rename(tmp_path):
+    import json
+
+    from fairjax.tasks.diffusion_pref import make_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_dir": "m", "dtype": "auto", "loss": "popalign"}))
+    with pytest.raises(cl.ConfigError, match="model_dir -> model.dir"):
+        cl.check_or_save(make_config("popalign"), str(tmp_path))

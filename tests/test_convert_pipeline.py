@@ -25,8 +25,8 @@ from test_pipeline import (  # noqa: E402
 
 from fairjax.convert import clip as clip_convert  # noqa: E402
 from fairjax.convert import vae as vae_convert  # noqa: E402
-from fairjax.convert.core import flatten  # noqa: E402
-from fairjax.convert.model_dir import load_params, read_json  # noqa: E402
+from fairjax.io.tree import flatten  # noqa: E402
+from fairjax.io.model_dir import load_params, read_json  # noqa: E402
 from fairjax.diffusion import pipeline as pl  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

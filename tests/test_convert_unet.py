@@ -22,8 +22,9 @@ from test_unet import DictReader, flax_unet, inputs, tiny_sdxl_config, torch_for
 
 from fairjax import lora as lora_lib  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
-from fairjax.convert.core import convert_checkpoint, flatten, shapes_of  # noqa: E402
-from fairjax.convert.model_dir import read_json  # noqa: E402
+from fairjax.convert.core import convert_checkpoint  # noqa: E402
+from fairjax.io.tree import flatten, shapes_of  # noqa: E402
+from fairjax.io.model_dir import read_json  # noqa: E402
 from fairjax.models import unet as unet_mod  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,8 @@ import transformers
 import _vila_u_torch as ref  # noqa: E402
 from fairjax.convert import vila_u as conv  # noqa: E402
 from fairjax.convert.core import plan_conversion  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.safetensors import SafetensorsReader, write_safetensors  # noqa: E402
 from fairjax.models import llama, vila_u  # noqa: E402
 
 sys_path_tools = os.path.join(os.path.dirname(__file__), "..", "tools")
@@ -135,8 +136,8 @@ def test_converts_with_no_missing_or_unexpected_keys_and_loads_back(src, tmp_pat
 def test_one_loader_reads_both_layouts(src, tmp_path):
     """conv.load on the vila-u folder (converted in memory) and on its converted dir: the same modules and
     the same arrays; vision_tower=False reads the generation path only; anything else is one line."""
-    from fairjax.convert.core import flatten
-    from fairjax.convert.model_dir import write_index
+    from fairjax.io.tree import flatten
+    from fairjax.io.model_dir import write_index
 
     out = str(tmp_path / "out")
     conv.convert_vila_u(src["root"], out, siglip_config=SIGLIP, log=lambda *_: None)
@@ -233,7 +234,7 @@ def test_tokenizer_files(src, tmp_path):
     tokenizer.model only -> tokenizer.json written (ids: test_vila_u_generate); a tokenizer that does not
     fit the LLM or cannot be read -> one line, nothing written."""
     import sentencepiece  # noqa: F401
-    from fairjax import vila_u_generate as vg
+    from fairjax.vila_u import generate as vg
 
     notes = []
     conv.convert_vila_u(src["root"], str(tmp_path / "none"), siglip_config=SIGLIP, log=notes.append)

@@ -40,8 +40,8 @@ def test_eval_jobs():
 
 
 def test_unet_only_model_gets_the_base_components(tmp_path):
-    from fairjax.convert.model_dir import write_index
-    from fairjax.toy.pipeline import load_any_pipeline
+    from fairjax.io.model_dir import write_index
+    from fairjax.diffusion.generator import load_any_pipeline
 
     tuned = tmp_path / "tuned"
     shutil.copytree(os.path.join(ASSET_DIR, "unet"), tuned / "unet")

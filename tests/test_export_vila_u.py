@@ -21,7 +21,7 @@ import jax  # noqa: E402
 
 from fairjax import lora as lora_lib  # noqa: E402
 from fairjax.convert.llama import load_hf_llama  # noqa: E402
-from fairjax.convert.model_dir import save_component, write_index  # noqa: E402
+from fairjax.io.model_dir import save_component, write_index  # noqa: E402
 from fairjax.models import llama  # noqa: E402
 
 LLM = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,

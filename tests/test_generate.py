@@ -13,7 +13,7 @@ import torch
 import diffusers  # noqa: F401
 
 from fairjax import generate  # noqa: E402
-from fairjax.convert.safetensors_io import SafetensorsReader  # noqa: E402
+from fairjax.io.safetensors import SafetensorsReader  # noqa: E402
 from test_pipeline import PROMPTS, SDXL_DEFAULT, diffusers_images, max_pixel_diff, noise_for, tiny  # noqa: E402,F401
 
 
@@ -68,7 +68,7 @@ def test_cli_lora_matches_diffusers_with_the_adapter_loaded(tiny, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     from fairjax import lora as lora_lib
-    from fairjax.convert.core import flatten, path_str
+    from fairjax.io.tree import flatten, path_str
     from fairjax.convert.unet import lora_state
 
     ref, pipe, model_dir, diffusers_dir = tiny

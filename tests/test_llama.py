@@ -15,7 +15,8 @@ import transformers
 
 from fairjax.convert.core import convert_checkpoint, export_state, plan_conversion  # noqa: E402
 from fairjax.convert.llama import export_hf_llama, load_hf_llama  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.safetensors import SafetensorsReader, write_safetensors  # noqa: E402
 from fairjax.models import llama  # noqa: E402
 
 TOL = 1e-5

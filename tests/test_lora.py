@@ -15,8 +15,9 @@ import optax
 import pytest
 
 from fairjax import lora as L
-from fairjax.convert.core import flatten
-from fairjax.convert.safetensors_io import CheckpointError, write_safetensors
+from fairjax.io.tree import flatten
+from fairjax.errors import CheckpointError
+from fairjax.io.safetensors import write_safetensors
 from fairjax.errors import UserError
 
 ALPHA = 6.0

@@ -1,6 +1,6 @@
 """The 1-D population experiment (PopAlign sec. 5) trained through the real entry point.
 
-Expected values come from the fixed-point analysis in REFERENCE.md, written
+Expected values come from the fixed-point analysis in docs/reference.md, written
 out here from the dataset's own group frequencies:
 ``p1/p3 = (ref1/ref3) * exp((log(w1/l1) - log(w3/l3)) / beta)``.
 """

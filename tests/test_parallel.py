@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from fairjax import parallel
 from fairjax.errors import UserError
-from fairjax.parallel import ShardingError
+from fairjax.errors import ShardingError
 
 
 def test_mesh_shape_fills_minus_one():

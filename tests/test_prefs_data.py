@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fairjax.data.prefs import (
-    NAME,
-    VERSION,
-    PreferenceBatches,
-    PreferenceData,
-    PrefsDataError,
-    dataset_dir,
-    write_preference_dataset,
-)
+from fairjax.data.prefs import NAME, VERSION, PreferenceBatches, PreferenceData, dataset_dir, write_preference_dataset
+from fairjax.errors import DataError
 from fairjax.errors import UserError
 
 
@@ -135,7 +128,7 @@ def test_no_images_no_labels_and_float16(tmp_path):
     data = PreferenceData(tmp_path / "d", split="val")
     x = data.read([0, 1, 2])
     assert set(x) == {"latents", "caption", "is_winner", "set_id"} and x["latents"].dtype == np.float16
-    with pytest.raises(PrefsDataError, match="has no split 'train'; it has \\['val'\\]"):
+    with pytest.raises(DataError, match="has no split 'train'; it has \\['val'\\]"):
         PreferenceData(tmp_path / "d")
 
 
@@ -182,18 +175,18 @@ def _one_line(e):
 def test_bad_records_are_one_line_errors_and_leave_nothing(tmp_path, mutate, words):
     recs = make_records(n_sets=1, per_side=3)
     mutate(recs)
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         write_preference_dataset(tmp_path / "d", recs)
     assert words in _one_line(e)
     assert os.listdir(tmp_path) == []  # nothing half-written
 
 
 def test_empty_dataset_and_existing_dir(tmp_path):
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         write_preference_dataset(tmp_path / "d", [])
     assert "split 'train' has no records" in _one_line(e)
     write_preference_dataset(tmp_path / "d", make_records(n_sets=1, per_side=1, image=False))
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         write_preference_dataset(tmp_path / "d", make_records(n_sets=1, per_side=1, image=False))
     assert "already exists" in _one_line(e)
     counts = write_preference_dataset(tmp_path / "d", make_records(n_sets=2, per_side=1, image=False), overwrite=True)
@@ -201,18 +194,18 @@ def test_empty_dataset_and_existing_dir(tmp_path):
 
 
 def test_reader_errors(tmp_path):
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         PreferenceData(tmp_path / "nothing")
     assert "no preference dataset at" in _one_line(e) and "dataset_info.json" in str(e.value)
     recs = make_records(n_sets=1, per_side=2, image=False)
     write_preference_dataset(tmp_path / "d", recs)
     data = PreferenceData(tmp_path / "d")
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         PreferenceBatches(data, batch_size=8)
     assert "has 4 records, fewer than the global batch 8" in _one_line(e)
     only_w = [dict(r, is_winner=True) for r in recs]
     write_preference_dataset(tmp_path / "w", only_w)
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         PreferenceBatches(PreferenceData(tmp_path / "w"), batch_size=1, unit="pair")
     assert "no winner/loser pairs" in _one_line(e)
 
@@ -225,6 +218,6 @@ def test_truncated_array_record_is_one_line_error(tmp_path):
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.truncate(size // 2)
-    with pytest.raises(PrefsDataError) as e:
+    with pytest.raises(DataError) as e:
         PreferenceData(tmp_path / "d")
     assert "rewrite the dataset" in _one_line(e)

@@ -1,4 +1,4 @@
-"""fairjax.reward_probe: per-group, per-timestep reward of a tuned model against its base.
+"""fairjax.analysis.reward_probe: per-group, per-timestep reward of a tuned model against its base.
 
 The checks use algebra that holds whatever the UNet predicts: a tuned UNet equal to the base has
 reward exactly 0; tuned UNets whose output bias is shifted by +d and -d (on every channel) have,
@@ -14,8 +14,8 @@ import pytest
 
 import tensorflow_datasets  # noqa: F401
 
-from fairjax import reward_probe  # noqa: E402
-from fairjax.convert.model_dir import save_component, write_index  # noqa: E402
+from fairjax.analysis import reward_probe  # noqa: E402
+from fairjax.io.model_dir import save_component, write_index  # noqa: E402
 from fairjax.data.prefs import write_preference_dataset  # noqa: E402
 from fairjax.models import unet  # noqa: E402
 from fairjax.toy.model import ASSET_DIR  # noqa: E402

@@ -14,8 +14,9 @@ import transformers
 import _vila_u_torch as ref  # noqa: E402
 from _torch_util import DictReader, randomize_  # noqa: E402
 from diffusers.models.autoencoders.vae import Decoder as DiffusersDecoder  # noqa: E402
-from fairjax.convert.core import convert_checkpoint, shapes_of  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
+from fairjax.convert.core import convert_checkpoint  # noqa: E402
+from fairjax.io.tree import shapes_of  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
 from fairjax.convert.vila_u import rename_vision_tower_key  # noqa: E402
 from fairjax.models import rqvae  # noqa: E402
 from fairjax.models.vila_u import CodebookConfig  # noqa: E402

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 
 from fairjax.diffusion import samplers as M
-from fairjax.diffusion.schedules import ScheduleConfigError
+from fairjax.errors import ConfigError
 from test_schedules import SDXL_SCHEDULER
 
 EULER_CONFIGS = {
@@ -224,7 +224,7 @@ def test_same_step_count_does_not_recompile():
     ],
 )
 def test_unsupported_config_is_a_one_line_error(kind, cfg, key):
-    with pytest.raises(ScheduleConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         M.make_schedule(kind, cfg, 10)
     assert key in str(err.value) and "\n" not in str(err.value)
 

@@ -121,7 +121,7 @@ def test_sample_timesteps_uniform_on_train_range():
     ],
 )
 def test_unsupported_config_is_a_one_line_error_naming_the_key(cfg, key):
-    with pytest.raises(S.ScheduleConfigError) as err:
+    with pytest.raises(S.ConfigError) as err:
         S.ddpm_schedule(cfg)
     msg = str(err.value)
     assert key in msg and "\n" not in msg

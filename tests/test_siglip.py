@@ -11,7 +11,7 @@ import transformers
 
 from _torch_util import DictReader, randomize_  # noqa: E402
 from fairjax.convert.core import convert_checkpoint, plan_conversion  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
 from fairjax.convert.vila_u import SIGLIP_VISION_CONFIGS  # noqa: E402
 from fairjax.models import rqvae, siglip  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 
 import transformers
 
-from fairjax.convert.safetensors_io import CheckpointError  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
 from fairjax.models.tokenizer import CLIPTokenizer, load_sdxl_tokenizers  # noqa: E402
 
 

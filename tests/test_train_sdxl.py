@@ -1,5 +1,5 @@
 """The SDXL preference task (PopAlign / Diffusion-DPO / SFT) through the trainer, on a tiny
-random SDXL-shaped model (``fairjax.tasks.tiny_sdxl`` preset ``micro``) on CPU.
+random SDXL-shaped model (``fairjax.diffusion.tiny`` preset ``micro``) on CPU.
 
 References come from outside the task: a hand-written single-device step (plain JAX + optax,
 per the trainer's documented key schedule), diffusers' PyTorch UNet and DDPMScheduler with
@@ -20,12 +20,15 @@ import optax
 import pytest
 
 from fairjax import lora as lora_lib
-from fairjax import text_embeds, trainer
+from fairjax.diffusion import text_embeds
+from fairjax import trainer
 from fairjax.config import load_config_file
-from fairjax.convert.core import export_state, flatten, path_str, shapes_of
-from fairjax.convert.model_dir import load_params
+from fairjax.convert.core import export_state
+from fairjax.io.tree import flatten, path_str, shapes_of
+from fairjax.io.model_dir import load_params
 from fairjax.tasks import diffusion_pref as dp
-from fairjax.tasks import tiny_sdxl
+from fairjax.diffusion import tiny as tiny_sdxl
+from fairjax.data import pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +47,7 @@ def config(tiny, loss="popalign", **over):
     model_dir, data_dir, cache = tiny
     c = dp.make_config(loss, "tiny")
     c.tiny = ""
-    c.model_dir, c.data.path, c.text_embeds.path = model_dir, data_dir, cache
+    c.model.dir, c.data.path, c.text_embeds.path = model_dir, data_dir, cache
     c.total_steps, c.progress_bar, c.log_every_steps = 1, False, 1
     c.checkpoint.every_steps = 0
     for k, v in over.items():
@@ -173,7 +176,7 @@ def test_loss_matches_diffusers_reference(tiny, rel):
     want_dpo = -F.logsigmoid(inside).mean()
     assert rel(l_dpo, want_dpo.numpy()) <= 1e-5
     assert float(m_dpo["accuracy"]) == float((inside > 0).double().mean())
-    # PopAlign (REFERENCE.md): g = ref - model, s = +-1, k = 0.5 mean g_w + 0.5 mean g_l
+    # PopAlign (docs/reference.md): g = ref - model, s = +-1, k = 0.5 mean g_w + 0.5 mean g_l
     g = ref_losses - model_losses
     s = torch.cat([torch.ones(n // 2), -torch.ones(n // 2)]).double()
     k = 0.5 * g[: n // 2].mean() + 0.5 * g[n // 2:].mean()
@@ -201,7 +204,7 @@ def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny
     import torch
     import diffusers  # noqa: F401
     recs = _prompted(tiny)
-    src = dp.ArrayPrefs.from_records(recs)
+    src = pairs.ArrayPrefs.from_records(recs)
     w = 30.0
     plain = dp.DiffusionPrefTask(config(tiny, beta=20.0), source=src)
     task = dp.DiffusionPrefTask(config(tiny, beta=20.0, anchor_weight=w), source=src)
@@ -245,7 +248,7 @@ def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny
 def test_identity_anchor_pulls_identity_prompts_back_to_the_reference(tiny, tmp_path):
     """Trained LoRA, same data and steps: with the anchor the winners' own prompts end nearer to
     the reference's predictions (the anchor metric measured on fresh draws after training)."""
-    src = dp.ArrayPrefs.from_records(_prompted(tiny))
+    src = pairs.ArrayPrefs.from_records(_prompted(tiny))
     over = {"lora.rank": 4, "lora.alpha": 4.0, "optimizer.lr": 3e-2, "optimizer.warmup_steps": 0, "beta": 2000.0,
             "total_steps": 12}
     probe = dp.DiffusionPrefTask(config(tiny, anchor_weight=1.0, **over), source=src)
@@ -381,7 +384,7 @@ def test_text_embeddings_match_transformers(tiny, tmp_path, rel):
     import torch
     import transformers
     from fairjax.convert import clip as clip_convert
-    from fairjax.convert.model_dir import read_json
+    from fairjax.io.model_dir import read_json
 
     model_dir, _, cache = tiny
     table, fp = text_embeds.read_cache(cache)
@@ -468,7 +471,7 @@ def test_lora_keeps_base_bit_identical_and_optimizer_state_lora_only(lora_run):
     meta_tree = ocp.StandardCheckpointer().metadata(os.path.join(workdir, "checkpoints", "2", "state"))
     tree = getattr(meta_tree, "item_metadata", meta_tree)
     tree = getattr(tree, "tree", tree)
-    from fairjax.parallel import path_str as key_path
+    from fairjax.io.tree import path_str as key_path
 
     leaves = {key_path(p): tuple(v.shape) for p, v in
               jax.tree_util.tree_leaves_with_path(dict(tree), is_leaf=lambda x: hasattr(x, "shape"))}
@@ -540,21 +543,21 @@ def _one_line(excinfo, *words):
 
 
 def test_latents_that_do_not_fit_the_unet(tiny):
-    src = dp.ArrayPrefs.from_records(_records(tiny, channels=3))
-    with pytest.raises(dp.TaskError) as e:
+    src = pairs.ArrayPrefs.from_records(_records(tiny, channels=3))
+    with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny), source=src)
     _one_line(e, "(3, 8, 8)", "(4, H, W)")
 
 
 def test_empty_or_pairless_dataset(tiny):
-    with pytest.raises(dp.TaskError) as e:
-        dp.ArrayPrefs.from_records([])
+    with pytest.raises(dp.ConfigError) as e:
+        pairs.ArrayPrefs.from_records([])
     _one_line(e, "empty")
     winners_only = [r for r in _records(tiny) if r["is_winner"]]
-    with pytest.raises(dp.TaskError) as e:
-        dp.DiffusionPrefTask(config(tiny), source=dp.ArrayPrefs.from_records(winners_only))
+    with pytest.raises(dp.ConfigError) as e:
+        dp.DiffusionPrefTask(config(tiny), source=pairs.ArrayPrefs.from_records(winners_only))
     _one_line(e, "no winner/loser pairs")
-    with pytest.raises(dp.TaskError) as e:
+    with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny, batch_size=64))
     _one_line(e, "16 winner/loser pairs, fewer than the 32 per step")
 
@@ -564,7 +567,9 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(batch_size=15), ["batch_size=15 must be even"]),
     (dict(batch_size=16, grad_accum_steps=3), ["grad_accum_steps=3"]),
     (dict(time_ids=(128.0, 128.0, 0.0, 0.0)), ["4 time_ids", "projection_class_embeddings_input_dim is 32"]),
-    (dict(model_dir="/nonexistent/model"), ["/nonexistent/model"]),
+    ({"model.dir": "/nonexistent/model"}, ["/nonexistent/model"]),
+    ({"lora.dropout": 0.1}, ["config.lora.dropout=0.1", "set lora.dropout=0"]),
+    ({"model.param_dtype": "int8"}, ["config.model.param_dtype='int8'"]),
     (dict(noise_draws=0), ["config.noise_draws=0"]),
     (dict(noise_draws=8, stratify_draws=True, t_min=10, t_max=14), ["noise_draws=8", "t_max - t_min = 4"]),
     (dict(t_min=500, t_max=500), ["config.t_min=500", "t_min < t_max"]),
@@ -581,8 +586,8 @@ def test_bad_config_is_one_line_error(tiny, over, words):
 
 
 def test_identity_anchor_needs_a_reference(tiny):
-    src = dp.ArrayPrefs.from_records(_prompted(tiny))
-    with pytest.raises(dp.TaskError) as e:
+    src = pairs.ArrayPrefs.from_records(_prompted(tiny))
+    with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny, "sft", anchor_weight=1.0), source=src)
     _one_line(e, "anchor_weight", "SFT has no")
 
@@ -594,7 +599,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     recs[winners[9]]["latents"] = np.full_like(recs[0]["latents"], np.nan)  # winner record 9: batch 1 of 8
     cfg = config(tiny, "sft", total_steps=3, batch_size=8, **{"data.shuffle": False, "checkpoint.every_steps": 1})
     cfg.mesh = dict(data=8)
-    task = dp.DiffusionPrefTask(cfg, source=dp.ArrayPrefs.from_records(recs))
+    task = dp.DiffusionPrefTask(cfg, source=pairs.ArrayPrefs.from_records(recs))
     with pytest.raises(trainer.NonFiniteLossError) as e:
         trainer.train(cfg, task, str(tmp_path))
     _one_line(e, "at step 1", f"{tmp_path}/checkpoints/1 is kept")

@@ -17,7 +17,7 @@ from _toy_task import ToyTask, toy_config
 
 from fairjax import trainer
 from fairjax.errors import UserError
-from fairjax.parallel import ShardingError
+from fairjax.errors import ShardingError
 
 
 def reference_run(task, cfg, steps):

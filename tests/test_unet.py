@@ -17,9 +17,11 @@ import diffusers
 
 from _torch_util import SDXL_UNET_CONFIG, DictReader, randomize_  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
-from fairjax.convert.core import convert_checkpoint, shapes_of  # noqa: E402
+from fairjax.convert.core import convert_checkpoint  # noqa: E402
+from fairjax.io.tree import shapes_of  # noqa: E402
 from fairjax.models import unet as unet_mod  # noqa: E402
-from fairjax.models.unet import ConfigError, UNet2DConditionModel, UNetConfig  # noqa: E402
+from fairjax.errors import ConfigError  # noqa: E402
+from fairjax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
 SDXL_CONFIG = SDXL_UNET_CONFIG  # the real SDXL base 1.0 unet/config.json
 SDXL_PARAMS, SDXL_ARRAYS = 2_567_463_684, 1_680

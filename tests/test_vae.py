@@ -14,8 +14,10 @@ import diffusers
 
 from _torch_util import randomize_  # noqa: E402
 from fairjax.convert import vae as vae_convert  # noqa: E402
-from fairjax.convert.core import flatten, flax_to_torch_key, plan_conversion  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError, write_safetensors  # noqa: E402
+from fairjax.io.tree import flatten  # noqa: E402
+from fairjax.convert.core import flax_to_torch_key, plan_conversion  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.safetensors import write_safetensors  # noqa: E402
 from fairjax.models import vae  # noqa: E402
 
 TINY = dict(in_channels=3, out_channels=3, block_out_channels=[8, 16, 16], layers_per_block=1,
@@ -203,7 +205,7 @@ def test_missing_weights_file_is_one_line_error(tmp_path):
 
 
 def test_load_from_model_dir(tmp_path, rel):
-    from fairjax.convert.model_dir import save_component
+    from fairjax.io.model_dir import save_component
 
     tm, folder = torch_vae(TINY, seed=9, tmp_path=tmp_path)
     config, params = vae_convert.convert_vae(folder)

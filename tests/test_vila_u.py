@@ -22,7 +22,8 @@ from fairjax.convert.core import plan_conversion  # noqa: E402
 from fairjax.convert.llama import (  # noqa: E402
     convert_codebook, convert_projector, convert_rqtransformer, rqtransformer_shapes)
 from fairjax.convert.vila_u import load  # noqa: E402
-from fairjax.convert.safetensors_io import CheckpointError, ShardedReader, write_safetensors  # noqa: E402
+from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.safetensors import ShardedReader, write_safetensors  # noqa: E402
 from fairjax.models import vila_u  # noqa: E402
 
 TOL = 1e-5

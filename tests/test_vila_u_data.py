@@ -14,8 +14,9 @@ import transformers  # noqa: F401
 import sentencepiece  # noqa: F401
 
 import _vila_u_torch as ref  # noqa: E402
-from fairjax import vila_u_generate as vg  # noqa: E402
-from fairjax.data import vila_u_data as vd  # noqa: E402
+from fairjax.vila_u import generate as vg  # noqa: E402
+from fairjax.vila_u import data as vd  # noqa: E402
+from fairjax.models import vila_u_tokenizer as vtok  # noqa: E402
 
 IMAGE_TOKEN_INDEX = -200  # vila-u constants.IMAGE_TOKEN_INDEX
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -50,8 +51,8 @@ def vila_u_conversation(messages):
 
 
 def test_loader_is_the_generation_loader():
-    assert not hasattr(vd, "load_tokenizer")  # one loader: fairjax.vila_u_generate.load_tokenizer
-    assert vd.VICUNA_SYSTEM is vg.VICUNA_SYSTEM and vd.generation_prompt("x") == vg.conversation_prompt("x")
+    assert not hasattr(vd, "load_tokenizer")  # one loader: fairjax.vila_u.generate.load_tokenizer
+    assert vd.VICUNA_SYSTEM is vtok.VICUNA_SYSTEM and vd.generation_prompt("x") == vtok.conversation_prompt("x")
 
 
 def test_generation_and_unconditional_ids_match_vila_u(toks):

@@ -24,10 +24,11 @@ import jax.numpy as jnp  # noqa: E402
 import _vila_u_torch as ref  # noqa: E402
 from fairjax import generate as cli_module  # noqa: E402
 from fairjax import lora as lora_lib  # noqa: E402
-from fairjax import vila_u_generate as vg  # noqa: E402
-from fairjax.convert.safetensors_io import SafetensorsReader  # noqa: E402
+from fairjax.vila_u import generate as vg  # noqa: E402
+from fairjax.io.safetensors import SafetensorsReader  # noqa: E402
 from fairjax.diffusion.pipeline import local_mesh  # noqa: E402
 from fairjax.models import llama, vila_u  # noqa: E402
+from fairjax.models import vila_u_tokenizer as vtok  # noqa: E402
 from test_convert_vila_u import DEC, RQT, RQVAE, SIGLIP, TEXT, VT_CFG, write_folder  # noqa: E402
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -158,7 +159,7 @@ def test_converter_writes_tokenizer_json_with_vila_u_slow_tokenizer_ids(tiny):
         got = tok.prompt_ids(message)
         assert got == want, message
         assert got[0] == slow.bos_token_id and got[-1] == slow.convert_tokens_to_ids("<im_start>")
-    assert vg.conversation_prompt(" ") == cases[" "] and tok.unconditional_ids() == tok.prompt_ids(" ")
+    assert vtok.conversation_prompt(" ") == cases[" "] and tok.unconditional_ids() == tok.prompt_ids(" ")
     # pieces vila-u tokenises on their own (the chunks around an <image>; answers), where the leading-space and
     # special-token rules of the slow tokenizer show: text starting with <im_end>, a space, "▁", or empty
     for text in ["<im_end>\nwhat is this person's job? ASSISTANT:", "the person is a doctor", " x", "   a\tb",
@@ -182,7 +183,7 @@ def test_tokenizer_json_folder_matches_transformers(tmp_path):
     tok = vg.load_tokenizer(folder)
     hf = transformers.AutoTokenizer.from_pretrained(folder, legacy=False)
     for message in ["a photo of a doctor", "  portrait  of a firefighter\t", "caf\u00e9 \U0001f600 <im_end> x", " "]:
-        assert tok.prompt_ids(message) == hf(vg.conversation_prompt(message)).input_ids, message
+        assert tok.prompt_ids(message) == hf(vtok.conversation_prompt(message)).input_ids, message
 
 
 # ----------------------------------------------------------------------------- CLI and sampling

@@ -25,11 +25,12 @@ from test_vila_u import LLM, RQ, RQVAE, tiny_torch_parts, vision_tower_state  # 
 from fairjax import lora as lora_lib  # noqa: E402
 from fairjax import trainer  # noqa: E402
 from fairjax.convert.vila_u import load  # noqa: E402
-from fairjax.convert.safetensors_io import write_safetensors  # noqa: E402
-from fairjax.data import vila_u_data as vd  # noqa: E402
+from fairjax.io.safetensors import write_safetensors  # noqa: E402
+from fairjax.vila_u import data as vd  # noqa: E402
 from fairjax.errors import UserError  # noqa: E402
 from fairjax.models import rqvae, siglip  # noqa: E402
 from fairjax.tasks import vila_u_pref as vp  # noqa: E402
+from fairjax.vila_u import augment  # noqa: E402
 
 TOL = 1e-5
 N, D, V = 6, 4, 50  # image positions (2 x 3), depths, codebook size of test_vila_u's tiny model
@@ -170,7 +171,7 @@ def pair_dataset(path, n=16, seed=0):
 def task_config(loss, data_dir, **kw):
     c = vp.default_config()
     c.loss = loss
-    c.data.dir = str(data_dir)
+    c.data.path = str(data_dir)
     c.lora.rank, c.lora.alpha, c.lora.dropout = 4, 8.0, 0.1
     c.total_steps, c.warmup_ratio = 2, 0.0
     c.batch_size = 8
@@ -377,8 +378,8 @@ def test_mdpo_terms_and_corrupted_image(tiny, mdpo_setup, rel):
 
 def test_lora_dropout_mask_rate_and_independence():
     kd = jax.random.key_data(jax.random.split(jax.random.key(0), 8))
-    m = np.asarray(jax.jit(vp.hash_keep_mask, static_argnums=(1, 2, 3))(kd, 7, 0.1, (8, 200, 64)))
-    m2 = np.asarray(vp.hash_keep_mask(kd, 8, 0.1, (8, 200, 64)))
+    m = np.asarray(jax.jit(lora_lib.hash_keep_mask, static_argnums=(1, 2, 3))(kd, 7, 0.1, (8, 200, 64)))
+    m2 = np.asarray(lora_lib.hash_keep_mask(kd, 8, 0.1, (8, 200, 64)))
     n = m[0].size
     assert np.all(np.abs(m.mean(axis=(1, 2)) - 0.9) < 5 * np.sqrt(0.09 / n))  # per row, binomial 5 sigma
     for a, b in ((m, m2), (m[0], m[1]), (m[0, :, :-1], m[0, :, 1:])):  # layers (salts), rows, neighbours
@@ -401,12 +402,12 @@ def test_lora_dropout_mask_is_the_documented_hash_of_the_flat_index():
         with np.errstate(over="ignore"):
             h = mix(mix(j ^ kd[:, :1] ^ np.uint32(1234)) ^ kd[:, -1:])
         want = (h >= np.uint32(int(0.25 * 2**32))).reshape(shape)
-        np.testing.assert_array_equal(np.asarray(vp.hash_keep_mask(jnp.asarray(kd), 1234, 0.25, shape)), want)
+        np.testing.assert_array_equal(np.asarray(lora_lib.hash_keep_mask(jnp.asarray(kd), 1234, 0.25, shape)), want)
 
 
 def test_crop_keeps_1_to_20_percent_and_matches_torch_resize(rel):
     keys = jax.random.split(jax.random.key(0), 4000)
-    boxes = np.asarray(jax.jit(jax.vmap(lambda k: vp.crop_box(k, 256, 256)))(keys), np.float64)
+    boxes = np.asarray(jax.jit(jax.vmap(lambda k: augment.crop_box(k, 256, 256)))(keys), np.float64)
     t, l, h, w = boxes.T
     frac = h * w / 256**2
     slack = (0.5 * (h + w) + 0.25) / 256**2  # rounding h and w to whole pixels
@@ -444,17 +445,17 @@ def one_line(excinfo, *words):
 def test_bad_pairs_are_one_line_errors(tmp_path):
     ids = vd.generation_ids(TOK, "a photo of a doctor")
     a = {"id": 3, "prompt": "a photo of a doctor", "prompt_ids": ids, "codes": random_codes((N, D), 0)}
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.pair_record(a, dict(a, prompt="a photo of a nurse"))
     one_line(e, "different prompts", "a photo of a nurse")
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.pair_record(a, dict(a, id=4))
     one_line(e, "different ids", "3 vs 4")
     f = tmp_path / "pairs.jsonl"
     half = {"id": 1, "prompt": "a chef", "codes": random_codes((N, D), 1).tolist()}
     f.write_text(json.dumps({"a": half, "b": dict(half, group="f")}) + "\n" +
                  json.dumps({"a": half, "b": dict(half, prompt="a pilot")}) + "\n")
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.read_pair_manifest(str(f), TOK)
     one_line(e, f"{f}:2", "different prompts")
     f.write_text(json.dumps({"a": half, "b": dict(half, group="f")}) + "\n")
@@ -465,17 +466,17 @@ def test_bad_pairs_are_one_line_errors(tmp_path):
 
 def test_empty_and_out_of_range_data_are_one_line_errors(tiny, mdpo_setup, tmp_path):
     _, vu, params = tiny
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.write_dataset(tmp_path / "empty", "pairs", [], codebook_size=V)
     one_line(e, "no 'pairs' records")
     assert not (tmp_path / "empty").exists()
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.VilaUData(tmp_path / "nothing")
     one_line(e, "no VILA-U dataset")
     rec = {"id": 0, "prompt": "p", "prompt_ids": prompts(1)[0], "codes_a": random_codes((N, D), 0),
            "codes_b": random_codes((N, D), 1), "group_a": "m", "group_b": "f"}
     bad = dict(rec, codes_b=np.where(np.arange(N * D).reshape(N, D) == 5, V, rec["codes_b"]))
-    with pytest.raises(vd.VilaUDataError) as e:
+    with pytest.raises(vd.DataError) as e:
         vd.write_dataset(tmp_path / "range", "pairs", [rec, bad], codebook_size=V)
     one_line(e, "record 1", "codes_b", f"code {V}", f"[0, {V})")
     assert not (tmp_path / "range").exists()

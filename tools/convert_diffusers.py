@@ -37,9 +37,8 @@ import numpy as np
 
 from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
-from fairjax.convert.model_dir import atomic_output_dir, read_json, write_index
-from fairjax.convert.safetensors_io import CheckpointError
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, UserError
+from fairjax.io.model_dir import atomic_output_dir, read_json, write_index
 
 #: pipeline subfolder name -> converter(src, out, *, dtype, variant) -> summary dict
 CONVERTERS: dict[str, Callable[..., dict]] = {

@@ -24,9 +24,8 @@ import json
 import sys
 
 from fairjax.convert import vila_u as vila_u_convert
-from fairjax.convert.model_dir import read_json
-from fairjax.convert.safetensors_io import CheckpointError
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, UserError
+from fairjax.io.model_dir import read_json
 
 DTYPES = ("float32", "bfloat16", "float16", "as-stored")
 

@@ -40,9 +40,8 @@ import numpy as np
 
 from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
-from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
-from fairjax.convert.safetensors_io import CheckpointError
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, UserError
+from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
 
 #: component name -> exporter(fairjax component folder, diffusers out folder, *, dtype, lora, alpha) -> summary
 EXPORTERS: dict[str, Callable[..., dict]] = {

@@ -38,10 +38,18 @@ from collections.abc import Mapping
 import numpy as np
 
 from fairjax.convert.core import flax_to_torch_key
-from fairjax.convert.model_dir import (CONFIG_FILE, INDEX_FILE, PARAMS_FILE, atomic_output_dir, component_dir,
-                                       load_params, read_json, write_json)
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, UserError
+from fairjax.io.model_dir import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    PARAMS_FILE,
+    atomic_output_dir,
+    component_dir,
+    load_params,
+    read_json,
+    write_json,
+)
+from fairjax.io.safetensors import SafetensorsReader, write_safetensors
 
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

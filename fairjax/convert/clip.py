@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fairjax.convert.core import convert_checkpoint, export_state
-from fairjax.convert.model_dir import CONFIG_FILE, read_json, write_json
-from fairjax.convert.safetensors_io import ShardedReader, write_safetensors
+from fairjax.io.model_dir import CONFIG_FILE, read_json, write_json
+from fairjax.io.safetensors import ShardedReader, write_safetensors
 from fairjax.models import clip_text
 
 WEIGHTS_PREFIX = "model"  # model.safetensors / model.safetensors.index.json
@@ -62,7 +62,7 @@ def export_clip_text(folder: str, config: Mapping, params: Mapping, *, dtype=Non
     """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` loads.
 
     Each file is written to a temp path and renamed; use
-    :func:`fairjax.convert.model_dir.atomic_output_dir` for the whole folder.
+    :func:`fairjax.io.model_dir.atomic_output_dir` for the whole folder.
     """
     os.makedirs(folder, exist_ok=True)
     items = [(k, np.asarray(v)) for k, v in export_clip_text_state(params, dtype=dtype)]

@@ -25,43 +25,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
 
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
+from fairjax.io.tree import Path, flatten, path_str, unflatten
 
-Path = tuple[str, ...]
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
 _TRAILING_INDEX = re.compile(r"(.+)_(\d+)")
-
-
-# ----------------------------------------------------------------------------- trees
-
-def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
-    """Nested dict -> ``{path tuple: leaf}``."""
-    out: dict[Path, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> dict:
-    """``{path tuple: leaf}`` -> nested dict."""
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
-def path_str(path: Path) -> str:
-    return "/".join(path)
 
 
 # ----------------------------------------------------------------------------- names
@@ -187,7 +158,7 @@ def convert_checkpoint(
     """Stream a PyTorch-layout checkpoint into a nested Flax param dict.
 
     ``reader`` maps torch keys to arrays with ``keys()``, ``shape(key)`` and
-    ``reader[key]`` (see :class:`~fairjax.convert.safetensors_io.ShardedReader`);
+    ``reader[key]`` (see :class:`~fairjax.io.safetensors.ShardedReader`);
     ``target_shapes`` is ``{flax path: shape}`` (from ``jax.eval_shape``).
     Everything is validated from the header first; then tensors are read,
     transposed and cast one at a time, so peak memory is the output tree plus
@@ -214,8 +185,3 @@ def export_state(params: Mapping, *, literal: Iterable[str] = (), dtype=None,
         if dtype is not None:
             a = a.astype(dtype)
         yield key, np.ascontiguousarray(a)
-
-
-def shapes_of(tree: Mapping) -> dict[Path, tuple[int, ...]]:
-    """``{path: shape}`` of a param tree or of ``jax.eval_shape`` output."""
-    return {p: tuple(v.shape) for p, v in flatten(tree).items()}

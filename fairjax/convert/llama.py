@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from fairjax.convert.core import convert_checkpoint, export_state, flatten, shapes_of, unflatten
-from fairjax.convert.model_dir import atomic_output_dir, read_json, write_json
-from fairjax.convert.safetensors_io import CheckpointError, ShardedReader, write_safetensors
-from fairjax.models import llama
-from fairjax.models import vila_u
+from fairjax.convert.core import convert_checkpoint, export_state
+from fairjax.errors import CheckpointError
+from fairjax.io.model_dir import atomic_output_dir, read_json, write_json
+from fairjax.io.safetensors import ShardedReader, write_safetensors
+from fairjax.io.tree import flatten, shapes_of, unflatten
+from fairjax.models import llama, vila_u
 
 LLAMA_IGNORE = (r"(^|\.)rotary_emb\.inv_freq$",)
 _DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}

@@ -32,15 +32,16 @@ import numpy as np
 
 from fairjax.convert import clip as clip_convert
 from fairjax.convert import vae as vae_convert
-from fairjax.convert.core import Path, flax_to_torch_array, flax_to_torch_key, path_str, plan_conversion
-from fairjax.convert.core import torch_to_flax_array
-from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion, torch_to_flax_array
+from fairjax.errors import CheckpointError
+from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
+from fairjax.io.safetensors import SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.io.tree import Path, path_str
 
 MODEL_INDEX = "model_index.json"
 #: classes whose folder holds no weights and is copied verbatim
 COPIED_CLASS = re.compile(r"(Tokenizer|TokenizerFast|Scheduler|ImageProcessor|FeatureExtractor)$")
-#: folders copied when a model dir has no model_index.json (e.g. one built by fairjax.tasks.tiny_sdxl)
+#: folders copied when a model dir has no model_index.json (e.g. one built by fairjax.diffusion.tiny)
 DEFAULT_COPIED = ("tokenizer", "tokenizer_2", "scheduler", "feature_extractor")
 #: files a copied folder must hold (any one group of the list), by class-name suffix
 REQUIRED_FILES = {

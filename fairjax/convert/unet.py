@@ -23,9 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from fairjax.convert.core import Path, flax_to_torch_key, path_str, plan_conversion, shapes_of
-from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.convert.core import flax_to_torch_key, plan_conversion
+from fairjax.errors import CheckpointError
+from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
+from fairjax.io.safetensors import SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.io.tree import Path, path_str, shapes_of
 
 LITERAL = ("linear_1", "linear_2")
 IGNORE: tuple[str, ...] = ()

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fairjax.convert.core import convert_checkpoint, export_state
-from fairjax.convert.model_dir import CONFIG_FILE, read_json, write_json
-from fairjax.convert.safetensors_io import ShardedReader, write_safetensors
+from fairjax.io.model_dir import CONFIG_FILE, read_json, write_json
+from fairjax.io.safetensors import ShardedReader, write_safetensors
 from fairjax.models import vae as vae_model
 
 WEIGHTS_PREFIX = "diffusion_pytorch_model"
@@ -60,7 +60,7 @@ def export_vae(folder: str, config: Mapping, params: Mapping, *, dtype=None) -> 
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` for ``AutoencoderKL.from_pretrained``.
 
     Each file is written to a temp path and renamed; use
-    :func:`fairjax.convert.model_dir.atomic_output_dir` for the whole folder.
+    :func:`fairjax.io.model_dir.atomic_output_dir` for the whole folder.
     """
     os.makedirs(folder, exist_ok=True)
     items = [(k, np.asarray(v)) for k, v in export_vae_state(params, dtype=dtype)]

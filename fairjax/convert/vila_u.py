@@ -8,7 +8,7 @@ Source layout (what vila-u's ``save_pretrained`` writes; no hub access is needed
                                                             rqtransformer.* (depth transformer)
     mm_projector/   config.json + model*.safetensors       layers.0.*, layers.2.*
 
-Output (:mod:`fairjax.convert.model_dir` format, ``fairjax.json`` with ``model_type: vila_u``)::
+Output (:mod:`fairjax.io.model_dir` format, ``fairjax.json`` with ``model_type: vila_u``)::
 
     llm/                config.json (as is)                     params: LlamaForCausalLM
                         + the tokenizer files of llm/ as they are (:data:`TOKENIZER_FILES`), and a
@@ -48,10 +48,21 @@ import numpy as np
 
 from fairjax.convert import llama as llama_convert
 from fairjax.convert.core import convert_checkpoint, plan_conversion
-from fairjax.convert.model_dir import (CONFIG_FILE, INDEX_FILE, PARAMS_FILE, atomic_output_dir, component_dir,
-                                       load_params, read_json, save_component, write_index)
-from fairjax.convert.safetensors_io import CheckpointError, ShardedReader
+from fairjax.errors import CheckpointError
+from fairjax.io.model_dir import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    PARAMS_FILE,
+    atomic_output_dir,
+    component_dir,
+    load_params,
+    read_json,
+    save_component,
+    write_index,
+)
+from fairjax.io.safetensors import ShardedReader
 from fairjax.models import llama, rqvae, vila_u
+from fairjax.models.vila_u_tokenizer import load_tokenizer, sentencepiece_tokenizer_json
 
 WEIGHTS_PREFIX = "model"
 SOURCE_PARTS = ("llm", "vision_tower", "mm_projector")
@@ -157,42 +168,11 @@ def convert_vision_tower_reader(reader, model: rqvae.RQVAESiglip, depth: vila_u.
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def sentencepiece_tokenizer_json(llm_dir: str) -> str:
-    """The ``tokenizer.json`` text of the sentencepiece ``llm_dir/tokenizer.model`` and the added tokens of
-    ``llm_dir``'s tokenizer config (``<im_start>`` ...): transformers' ``AutoTokenizer.from_pretrained(llm_dir,
-    legacy=False)`` converts it (vocabulary and merges from sentencepiece) and its backend tokenizer is
-    serialised. Only the vocabulary, merges and added tokens are used by
-    :func:`fairjax.vila_u_generate.load_tokenizer`, which sets the pre-tokenisation itself.
-    Needs transformers and sentencepiece (``pip install 'fairjax[torch]'``), not torch."""
-    path = os.path.join(llm_dir, "tokenizer.model")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file; copy the tokenizer files of vila-u's llm/ folder there")
-    try:
-        import sentencepiece  # noqa: F401
-        from transformers import AutoTokenizer
-    except ImportError as e:
-        raise CheckpointError(f"{path}: writing tokenizer.json from it needs transformers and sentencepiece "
-                              f"({e.name} is missing); pip install 'fairjax[torch]'") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(llm_dir, legacy=False)
-        backend = getattr(tok, "backend_tokenizer", None)
-        text = backend.to_str() if backend is not None else None
-    except Exception as e:  # noqa: BLE001 -- sentencepiece / protobuf / transformers raise many kinds
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: transformers cannot read it as a sentencepiece tokenizer ({msg[:200]}); "
-                              f"use the tokenizer files of vila-u's llm/ folder") from None
-    if text is None:
-        raise CheckpointError(f"{path}: transformers loaded {type(tok).__name__}, which has no tokenizers backend to "
-                              f"write tokenizer.json from; use the tokenizer files of vila-u's llm/ folder")
-    return text
-
-
 def check_tokenizer(llm_dir: str, vocab_size: int, log=print) -> str | None:
     """Validate ``llm_dir``'s tokenizer for text-to-image generation; returns the ``tokenizer.json`` text to
     write when llm/ has only ``tokenizer.model`` (else None). A tokenizer without vila-u's ``<im_start>``,
     or with more tokens than the LLM's ``vocab_size``, is a :class:`~fairjax.errors.UserError`; a folder with
     no tokenizer at all is logged (the weights convert; generation will ask for ``llm/tokenizer.json``)."""
-    from fairjax import vila_u_generate
 
     has_json = os.path.isfile(os.path.join(llm_dir, "tokenizer.json"))
     if not has_json and not os.path.isfile(os.path.join(llm_dir, "tokenizer.model")):
@@ -200,7 +180,7 @@ def check_tokenizer(llm_dir: str, vocab_size: int, log=print) -> str | None:
             f"output's llm/ before generating")
         return None
     text = None if has_json else sentencepiece_tokenizer_json(llm_dir)
-    tok = vila_u_generate.load_tokenizer(llm_dir, tokenizer_json=text)
+    tok = load_tokenizer(llm_dir, tokenizer_json=text)
     n = tok.tokenizer.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise CheckpointError(f"{tok.path} has {n} tokens, more than the LLM's vocab_size {vocab_size}; it belongs to "
@@ -321,7 +301,7 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
 
 
 def _count(tree) -> int:
-    from fairjax.convert.core import flatten
+    from fairjax.io.tree import flatten
 
     return int(sum(a.size for a in flatten(tree).values()))
 
@@ -387,8 +367,8 @@ def load_vision_tower(model_dir: str, *, dtype=jnp.float32, param_dtype=None, at
 
 def _load_subtree(path: str, prefix: str, shapes: Mapping[tuple, tuple], dtype=None) -> dict:
     """The ``prefix/...`` params of a ``params.safetensors`` (checked against ``shapes``, paths below prefix)."""
-    from fairjax.convert.core import path_str, unflatten
-    from fairjax.convert.safetensors_io import SafetensorsReader
+    from fairjax.io.safetensors import SafetensorsReader
+    from fairjax.io.tree import path_str, unflatten
 
     want = {f"{prefix}/{path_str(p)}": tuple(s) for p, s in shapes.items()}
     with SafetensorsReader(path) as r:

@@ -7,7 +7,7 @@ For each neutral prompt ``P`` (one preference set, ``set_id`` = its index):
 
 1. generate ``prefs.n_neutral`` images for ``P`` and ``prefs.n_identity`` images for each
    identity prompt ``augment(P, gender, race)`` (every gender x race of ``prefs.keywords``),
-   with the JAX pipeline of ``config.model_dir`` (latents kept);
+   with the JAX pipeline of ``config.model.dir`` (latents kept);
 2. label every image with the attribute classifier (``prefs.classifier``: ``toy`` = the toy
    world's exact decoder, ``deepface`` = DeepFace);
 3. drop, and count by reason: ``corrupt`` / ``undecodable`` (not an image, non-finite
@@ -45,7 +45,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from fairjax.errors import UserError
-from fairjax.fairness.classifiers import CORRUPT, NO_FACE, AttributeClassifier
+from fairjax.fairness.classifiers import CORRUPT, AttributeClassifier
 
 MISMATCH = "mismatch"
 SURPLUS = "surplus"
@@ -248,7 +248,7 @@ def sample_options(c) -> "object":
 
 
 def generate_plan(generator, plan, seed: int, progress=None) -> list[Generated]:
-    """Run ``plan`` through a :class:`fairjax.toy.pipeline.Generator`."""
+    """Run ``plan`` through a :class:`fairjax.diffusion.generator.Generator`."""
     prompts = [p for _, p, _, _ in plan]
     counts = [n for *_, n in plan]
     out = []
@@ -266,10 +266,10 @@ def generate_plan(generator, plan, seed: int, progress=None) -> list[Generated]:
 def build_prefs(config, out: str, *, overwrite: bool = False, log=print) -> dict:
     """Generate, label, form the sets and write the dataset ``out`` (see module docstring);
     returns the summary (also in ``out/summary.json``)."""
-    from fairjax.convert.model_dir import atomic_output_dir
     from fairjax.data import prefs as prefs_data
     from fairjax.data.prompts import keywords_from, warn_not_neutral
-    from fairjax.toy.pipeline import Generator, load_any_pipeline
+    from fairjax.diffusion.generator import Generator, load_any_pipeline
+    from fairjax.io.model_dir import atomic_output_dir
 
     c = config
     pc = c.prefs
@@ -279,12 +279,12 @@ def build_prefs(config, out: str, *, overwrite: bool = False, log=print) -> dict
     neutral = [str(p) for p in pc.neutral_prompts]
     keywords = keywords_from(dict(pc.keywords))
     not_neutral = warn_not_neutral(neutral, keywords)
-    classifier, classes = make_classifier(str(pc.classifier), str(c.model_dir))
+    classifier, classes = make_classifier(str(pc.classifier), str(c.model.dir))
     if tuple(classes["gender"]) != tuple(keywords.genders) or tuple(classes["race"]) != tuple(keywords.races):
         raise UserError(f"prefs.keywords {dict(pc.keywords)} differ from the classifier's classes {classes}; "
                         "identity prompts must name classes the classifier can report")
     plan = prompt_plan(neutral, keywords, str(pc.identity_template), int(pc.n_neutral), int(pc.n_identity))
-    pipe = load_any_pipeline(str(c.model_dir), lora=str(pc.lora) or None)
+    pipe = load_any_pipeline(str(c.model.dir), lora=str(pc.lora) or None)
     gen = Generator(pipe, sample_options(c), batch_size=int(c.sample.batch_size))
     total = sum(n for *_, n in plan)
     log(f"build_prefs: generating {total} images for {len(neutral)} neutral prompts "
@@ -294,7 +294,7 @@ def build_prefs(config, out: str, *, overwrite: bool = False, log=print) -> dict
     records, summary = form_sets(labelled, neutral, classes)
     if not records:
         raise UserError("no preference set has both winners and losers; generate more images per prompt")
-    summary.update({"model_dir": os.path.abspath(str(c.model_dir)), "classifier": str(pc.classifier),
+    summary.update({"model_dir": os.path.abspath(str(c.model.dir)), "classifier": str(pc.classifier),
                     "classes": {k: list(v) for k, v in classes.items()},
                     "not_neutral": [{"prompt": p, "words": w} for p, w in not_neutral],
                     "sample": c.sample.to_dict(), "seed": int(pc.seed)})
@@ -310,7 +310,7 @@ def build_prefs(config, out: str, *, overwrite: bool = False, log=print) -> dict
 
 
 def read_summary(path: str) -> dict:
-    from fairjax.convert.model_dir import read_json
+    from fairjax.io.model_dir import read_json
 
     return read_json(os.path.join(path, SUMMARY_FILE))
 
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
         args = p.parse_args(rest)
         cfg = load_config_file(args.config)
         apply_overrides(cfg, overrides)
-        for key in ("prefs", "sample", "model_dir"):
+        for key in ("prefs", "sample", "model"):
             if key not in cfg:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)

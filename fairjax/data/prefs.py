@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from fairjax.errors import UserError
+from fairjax.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,11 @@ INDEX_FILE = "fairjax_index.json"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class PrefsDataError(UserError):
-    """A preference dataset (or record) that cannot be written or read; one-line message."""
-
-
 def _tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - environment problem
-        raise PrefsDataError(
+        raise DataError(
             f"preference datasets need tensorflow-datasets, array_record and importlib_resources ({e}); "
             "pip install 'fairjax[data]'"
         ) from None
@@ -106,7 +102,7 @@ class _Schema:
 
     def __init__(self, first: Mapping[str, Any], latent_dtype):
         if "latents" not in first:
-            raise PrefsDataError("record 0 has no 'latents'; every record needs latents, caption, is_winner, set_id")
+            raise DataError("record 0 has no 'latents'; every record needs latents, caption, is_winner, set_id")
         self.latent_shape = np.shape(first["latents"])
         self.latent_dtype = np.dtype(latent_dtype)
         self.label_names = tuple(sorted((first.get("labels") or {}).keys()))
@@ -117,48 +113,48 @@ class _Schema:
         """Validate record ``i`` and return it in TFDS form."""
         missing = [k for k in ("latents", "caption", "is_winner", "set_id") if k not in r]
         if missing:
-            raise PrefsDataError(f"record {i} lacks {missing}; every record needs latents, caption, is_winner, set_id")
+            raise DataError(f"record {i} lacks {missing}; every record needs latents, caption, is_winner, set_id")
         extra = sorted(set(r) - {"latents", "caption", "is_winner", "set_id", "image", "labels", "prompt"})
         if extra:
-            raise PrefsDataError(f"record {i} has unknown fields {extra}; allowed: latents, caption, is_winner, set_id, "
+            raise DataError(f"record {i} has unknown fields {extra}; allowed: latents, caption, is_winner, set_id, "
                                  "image, labels, prompt")
         lat = np.asarray(r["latents"])
         if lat.shape != self.latent_shape:
-            raise PrefsDataError(f"record {i}: latents shape {lat.shape} differs from record 0's {self.latent_shape}")
+            raise DataError(f"record {i}: latents shape {lat.shape} differs from record 0's {self.latent_shape}")
         if not np.issubdtype(lat.dtype, np.floating):
-            raise PrefsDataError(f"record {i}: latents must be a float array, got {lat.dtype}")
+            raise DataError(f"record {i}: latents must be a float array, got {lat.dtype}")
         if not np.all(np.isfinite(lat)):
-            raise PrefsDataError(f"record {i}: latents hold NaN/inf")
+            raise DataError(f"record {i}: latents hold NaN/inf")
         if not isinstance(r["caption"], str):
-            raise PrefsDataError(f"record {i}: caption must be a str, got {type(r['caption']).__name__}")
+            raise DataError(f"record {i}: caption must be a str, got {type(r['caption']).__name__}")
         if not isinstance(r["is_winner"], (bool, np.bool_)):
-            raise PrefsDataError(f"record {i}: is_winner must be a bool, got {r['is_winner']!r}")
+            raise DataError(f"record {i}: is_winner must be a bool, got {r['is_winner']!r}")
         if not isinstance(r["set_id"], (int, np.integer)) or isinstance(r["set_id"], bool):
-            raise PrefsDataError(f"record {i}: set_id must be an int, got {r['set_id']!r}")
+            raise DataError(f"record {i}: set_id must be an int, got {r['set_id']!r}")
         out = {"latents": lat.astype(self.latent_dtype), "caption": r["caption"],
                "is_winner": bool(r["is_winner"]), "set_id": int(r["set_id"])}
         labels = r.get("labels") or {}
         if tuple(sorted(labels)) != self.label_names:
-            raise PrefsDataError(f"record {i}: labels {sorted(labels)} differ from record 0's {list(self.label_names)}")
+            raise DataError(f"record {i}: labels {sorted(labels)} differ from record 0's {list(self.label_names)}")
         if labels:
             bad = [k for k, v in labels.items() if not isinstance(v, (int, np.integer)) or isinstance(v, bool)]
             if bad:
-                raise PrefsDataError(f"record {i}: labels {bad} must be ints")
+                raise DataError(f"record {i}: labels {bad} must be ints")
             out["labels"] = {k: int(v) for k, v in labels.items()}
         img = r.get("image")
         if (img is not None) != self.has_image:
-            raise PrefsDataError(f"record {i}: {'no' if img is None else 'an'} image, unlike record 0; give images for all records or none")
+            raise DataError(f"record {i}: {'no' if img is None else 'an'} image, unlike record 0; give images for all records or none")
         if img is not None:
             if not isinstance(img, (bytes, bytearray)) or not bytes(img[:8]) == _PNG_MAGIC:
-                raise PrefsDataError(f"record {i}: image must be PNG bytes")
+                raise DataError(f"record {i}: image must be PNG bytes")
             out["image"] = _png_rgb(bytes(img), i)
         prompt = r.get("prompt")
         if (prompt is not None) != self.has_prompt:
-            raise PrefsDataError(f"record {i}: {'no' if prompt is None else 'a'} prompt, unlike record 0; give prompts "
+            raise DataError(f"record {i}: {'no' if prompt is None else 'a'} prompt, unlike record 0; give prompts "
                                  "for all records or none")
         if prompt is not None:
             if not isinstance(prompt, str):
-                raise PrefsDataError(f"record {i}: prompt must be a str, got {type(prompt).__name__}")
+                raise DataError(f"record {i}: prompt must be a str, got {type(prompt).__name__}")
             out["prompt"] = prompt
         return out
 
@@ -171,7 +167,7 @@ def _png_rgb(data: bytes, i: int) -> bytes:
         im = Image.open(io.BytesIO(data))
         im.load()
     except Exception as e:  # noqa: BLE001
-        raise PrefsDataError(f"record {i}: image is not a readable PNG ({type(e).__name__}: {e})") from None
+        raise DataError(f"record {i}: image is not a readable PNG ({type(e).__name__}: {e})") from None
     if im.mode == "RGB":
         return data
     buf = io.BytesIO()
@@ -224,18 +220,18 @@ def write_preference_dataset(
 
     Every record is checked against the first (fields, latent shape, label names, image
     presence); a bad record, an empty split or an existing ``out_dir`` (unless
-    ``overwrite``) is a one-line :class:`PrefsDataError` and nothing is left behind.
+    ``overwrite``) is a one-line :class:`DataError` and nothing is left behind.
     ``progress``: show TFDS's progress bars and messages (off by default).
     """
     tfds = _tfds()
-    from fairjax.convert.model_dir import atomic_output_dir
+    from fairjax.io.model_dir import atomic_output_dir
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out_dir) and not overwrite:
-        raise PrefsDataError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
+        raise DataError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
     split_iters = dict(records) if isinstance(records, Mapping) else {split: records}
     if not split_iters:
-        raise PrefsDataError("no splits given; pass an iterable of records")
+        raise DataError("no splits given; pass an iterable of records")
     schema = None
     columns: dict[str, dict[str, list]] = {}
     gens = {}
@@ -243,7 +239,7 @@ def write_preference_dataset(
         it = iter(recs)
         first = next(it, None)
         if first is None:
-            raise PrefsDataError(f"split {name!r} has no records; a preference dataset needs at least one")
+            raise DataError(f"split {name!r} has no records; a preference dataset needs at least one")
         if schema is None:
             schema = _Schema(first, latent_dtype)
         columns[name] = {"set_id": [], "is_winner": []}
@@ -312,7 +308,7 @@ class PreferenceData:
 
     ``data[i]`` is record ``i`` as written (caption ``str``, image PNG ``bytes`` unless
     ``decode_images``); :meth:`read` stacks several into arrays.  Missing, empty or
-    unreadable files raise a one-line :class:`PrefsDataError`.
+    unreadable files raise a one-line :class:`DataError`.
     """
 
     def __init__(self, out_dir: str, split: str = "train", decode_images: bool = False):
@@ -321,7 +317,7 @@ class PreferenceData:
         self.dir = dataset_dir(self.out_dir)
         info_path = os.path.join(self.dir, "dataset_info.json")
         if not os.path.isfile(info_path):
-            raise PrefsDataError(
+            raise DataError(
                 f"no preference dataset at {self.out_dir} (missing {info_path}); write one with "
                 "fairjax.data.prefs.write_preference_dataset"
             )
@@ -329,9 +325,9 @@ class PreferenceData:
             with open(os.path.join(self.dir, INDEX_FILE)) as f:
                 self.info = json.load(f)
         except (OSError, ValueError) as e:
-            raise PrefsDataError(f"{os.path.join(self.dir, INDEX_FILE)} is missing or corrupt ({e}); rewrite the dataset") from None
+            raise DataError(f"{os.path.join(self.dir, INDEX_FILE)} is missing or corrupt ({e}); rewrite the dataset") from None
         if split not in self.info["counts"]:
-            raise PrefsDataError(f"{self.out_dir} has no split {split!r}; it has {sorted(self.info['counts'])}")
+            raise DataError(f"{self.out_dir} has no split {split!r}; it has {sorted(self.info['counts'])}")
         self.has_image = bool(self.info["has_image"])
         self.has_prompt = bool(self.info.get("has_prompt", False))  # datasets written before the field: none
         self.label_names = list(self.info["label_names"])
@@ -343,20 +339,20 @@ class PreferenceData:
                                            download=False, decoders=decoders)
             n = len(self.source)
         except Exception as e:  # noqa: BLE001
-            raise PrefsDataError(f"cannot open the {split!r} split of {self.dir} ({_short(e)}); rewrite the dataset") from None
+            raise DataError(f"cannot open the {split!r} split of {self.dir} ({_short(e)}); rewrite the dataset") from None
         if n == 0:
-            raise PrefsDataError(f"the {split!r} split of {self.out_dir} is empty; a preference dataset needs records")
+            raise DataError(f"the {split!r} split of {self.out_dir} is empty; a preference dataset needs records")
         if n != self.info["counts"][split]:
-            raise PrefsDataError(
+            raise DataError(
                 f"the {split!r} split of {self.dir} holds {n} records but {INDEX_FILE} says {self.info['counts'][split]}; rewrite the dataset"
             )
         try:
             idx = np.load(os.path.join(self.dir, f"index-{split}.npz"))
             self.set_id, self.is_winner = np.asarray(idx["set_id"]), np.asarray(idx["is_winner"])
         except Exception as e:  # noqa: BLE001
-            raise PrefsDataError(f"index-{split}.npz in {self.dir} is missing or corrupt ({_short(e)}); rewrite the dataset") from None
+            raise DataError(f"index-{split}.npz in {self.dir} is missing or corrupt ({_short(e)}); rewrite the dataset") from None
         if len(self.set_id) != n:
-            raise PrefsDataError(f"index-{split}.npz in {self.dir} has {len(self.set_id)} rows for {n} records; rewrite the dataset")
+            raise DataError(f"index-{split}.npz in {self.dir} has {len(self.set_id)} rows for {n} records; rewrite the dataset")
         # touch both ends: a truncated array_record shard fails here, not mid-training
         self._get([0, n - 1])
 
@@ -370,7 +366,7 @@ class PreferenceData:
         try:
             rows = self.source.__getitems__(list(idx))
         except Exception as e:  # noqa: BLE001
-            raise PrefsDataError(
+            raise DataError(
                 f"cannot read records {list(idx)[:4]}... of {self.dir} ({_short(e)}); the array_record files are "
                 "corrupt or truncated: rewrite the dataset"
             ) from None
@@ -383,7 +379,7 @@ class PreferenceData:
         if not bad and tuple(np.shape(lat)) != tuple(self.info["latent_shape"]):
             bad = ["latents"]
         if bad:
-            raise PrefsDataError(
+            raise DataError(
                 f"record {i} of {self.dir} decodes without {bad}; the array_record files are corrupt or truncated: "
                 "rewrite the dataset"
             )
@@ -442,14 +438,14 @@ class PreferenceBatches:
 
     def __init__(self, data: PreferenceData, batch_size: int, seed: int = 0, shuffle: bool = True, unit: str = "record"):
         if unit not in ("record", "pair"):
-            raise PrefsDataError(f"unit={unit!r} is not 'record' or 'pair'")
+            raise DataError(f"unit={unit!r} is not 'record' or 'pair'")
         self.data, self.batch_size, self.seed, self.shuffle, self.unit = data, int(batch_size), int(seed), shuffle, unit
         self._pairs = data.pairs() if unit == "pair" else None
         n = len(self._pairs) if unit == "pair" else len(data)
         if n == 0:
-            raise PrefsDataError(f"{data.out_dir} ({data.split}) has no winner/loser pairs: no set_id has both a winner and a loser")
+            raise DataError(f"{data.out_dir} ({data.split}) has no winner/loser pairs: no set_id has both a winner and a loser")
         if self.batch_size <= 0 or n < self.batch_size:
-            raise PrefsDataError(
+            raise DataError(
                 f"{data.out_dir} ({data.split}) has {n} {unit}s, fewer than the global batch {self.batch_size}; "
                 "lower batch_size or add data"
             )
@@ -469,7 +465,7 @@ class PreferenceBatches:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
         """This process's rows ``[i*B/n, (i+1)*B/n)`` of global batch ``step``."""
         if self.batch_size % process_count:
-            raise PrefsDataError(f"global batch {self.batch_size} does not divide over {process_count} processes")
+            raise DataError(f"global batch {self.batch_size} does not divide over {process_count} processes")
         per = self.batch_size // process_count
         units = self.global_indices(step)[process_index * per:(process_index + 1) * per]
         if self.unit == "record":

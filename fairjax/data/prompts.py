@@ -8,7 +8,7 @@ Shipped files (``fairjax/data/prompts/``):
 - ``eval_occupations.txt``: held-out evaluation occupations, none of which is a
   training occupation.
 
-Templates (PopAlign, REFERENCE.md "Preference data" / "Fairness metrics"):
+Templates (PopAlign, docs/reference.md "Preference data" / "Fairness metrics"):
 
 - augmentation: ``a realistic photo of a {race} {gender} {prompt}``; the
   prompt's own leading article is dropped ("a nurse checking ..." ->

@@ -34,11 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.diffusion import samplers
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, UserError
 
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 MODEL_INDEX = "model_index.json"
@@ -79,7 +79,7 @@ class SDXLPipeline:
 
 
 def _read_json(path: str) -> dict:
-    from fairjax.convert.model_dir import read_json
+    from fairjax.io.model_dir import read_json
 
     return read_json(path)
 

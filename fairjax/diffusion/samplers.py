@@ -25,22 +25,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fairjax.errors import UserError
 from fairjax.diffusion.schedules import (
-    ScheduleConfigError,
     alphas_cumprod_from_betas,
     betas_from_config,
     config_value,
     prediction_type_from_config,
 )
+from fairjax.errors import ConfigError, UserError
 
 DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SAMPLERS = ("euler", "ddim")
 
 
-def _unsupported(key: str, value: Any, allowed) -> ScheduleConfigError:
-    return ScheduleConfigError(
+def _unsupported(key: str, value: Any, allowed) -> ConfigError:
+    return ConfigError(
         f"scheduler config: {key}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}"
     )
 

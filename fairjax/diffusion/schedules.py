@@ -29,14 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from fairjax.errors import UserError
+from fairjax.errors import ConfigError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-
-
-class ScheduleConfigError(UserError):
-    """A scheduler config value this package does not implement (the message names the key)."""
 
 
 def config_value(config: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -45,8 +41,8 @@ def config_value(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _unsupported(key: str, value: Any, allowed) -> ScheduleConfigError:
-    return ScheduleConfigError(
+def _unsupported(key: str, value: Any, allowed) -> ConfigError:
+    return ConfigError(
         f"scheduler config: {key}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}"
     )
 
@@ -82,7 +78,7 @@ def betas_from_config(config: Mapping[str, Any]) -> np.ndarray:
     if trained is not None:
         betas = np.asarray(trained, np.float32)
         if betas.shape != (n,):
-            raise ScheduleConfigError(
+            raise ConfigError(
                 f"scheduler config: trained_betas has shape {betas.shape}, expected ({n},) = num_train_timesteps"
             )
     else:
@@ -132,9 +128,9 @@ class DDPMSchedule:
 
 
 def ddpm_schedule(config: Mapping[str, Any]) -> DDPMSchedule:
-    """The training schedule of a diffusers scheduler config dict (unsupported values: ScheduleConfigError)."""
+    """The training schedule of a diffusers scheduler config dict (unsupported values: ConfigError)."""
     if not isinstance(config, Mapping):
-        raise ScheduleConfigError(f"scheduler config must be a dict (scheduler_config.json), got {type(config).__name__}")
+        raise ConfigError(f"scheduler config must be a dict (scheduler_config.json), got {type(config).__name__}")
     prediction_type = prediction_type_from_config(config)
     betas = betas_from_config(config)
     return DDPMSchedule(

@@ -32,9 +32,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fairjax.convert.model_dir import atomic_output_dir
 from fairjax.errors import UserError
 from fairjax.fairness.metrics import DEFAULT_CLASSES, Record, evaluate, group_by_prompt
+from fairjax.io.model_dir import atomic_output_dir
 
 REPORT_FILE = "report.json"
 HTML_FILE = "index.html"

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 from fairjax.models.layers import layer_norm
 from fairjax.models.transformer import ACTIVATIONS, Encoder
 
@@ -218,7 +218,7 @@ def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dty
 
 def param_shapes(model: CLIPTextModel) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
-    from fairjax.convert.core import shapes_of
+    from fairjax.io.tree import shapes_of
 
     ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
     tree = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
@@ -235,7 +235,7 @@ def load(model_dir: str, component: str = "text_encoder", dtype: Dtype = jnp.flo
     """
     import os
 
-    from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
+    from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
 
     folder = component_dir(model_dir, component)
     model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype,

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 
 Dtype = Any
 
@@ -514,7 +514,7 @@ def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dty
 
 def param_shapes(model: LlamaForCausalLM) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
-    from fairjax.convert.core import shapes_of
+    from fairjax.io.tree import shapes_of
 
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     tree = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 from fairjax.models import siglip as siglip_lib
 from fairjax.models.layers import ResnetBlock2D, SpatialSelfAttention, Upsample2D, conv2d, group_norm
 from fairjax.models.vila_u import CodebookConfig, RQCodebook
@@ -378,7 +378,7 @@ def from_config(rqvaesiglip_config: Mapping[str, Any], siglip_vision_config: Map
 
 def param_shapes(model: RQVAESiglip) -> dict:
     """``{flax path: shape}`` of the whole tokenizer, without allocating."""
-    from fairjax.convert.core import shapes_of
+    from fairjax.io.tree import shapes_of
 
     s = model.config.siglip
     x = jax.ShapeDtypeStruct((1, s.num_channels, s.image_size, s.image_size), jnp.float32)

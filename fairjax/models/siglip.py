@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 from fairjax.models.layers import layer_norm
 from fairjax.models.transformer import ACTIVATIONS, Encoder
 
@@ -153,7 +153,7 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
 
 def param_shapes(model: SiglipVisionTransformer) -> dict:
     """``{flax path: shape}`` without allocating."""
-    from fairjax.convert.core import shapes_of
+    from fairjax.io.tree import shapes_of
 
     c = model.config
     x = jax.ShapeDtypeStruct((1, c.num_channels, c.image_size, c.image_size), jnp.float32)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 
 # transformers' CLIPTokenizer defaults
 DEFAULT_SPECIAL = {"unk_token": "<|endoftext|>", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",

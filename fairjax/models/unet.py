@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fairjax.errors import UserError
+from fairjax.errors import ConfigError
 from fairjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -117,10 +117,6 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _ADDITION_TYPES = (None, "text_time")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
-
-
-class ConfigError(UserError):
-    """A UNet config value this port does not implement, or an inconsistent config."""
 
 
 def _tuple(v):
@@ -477,8 +473,8 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     """
     import os
 
-    from fairjax.convert.core import shapes_of
-    from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
+    from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
+    from fairjax.io.tree import shapes_of
 
     folder = component_dir(model_dir, "unet")
     config = read_json(os.path.join(folder, CONFIG_FILE))

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 from fairjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -321,7 +321,7 @@ def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dty
 
 def param_shapes(model: AutoencoderKL) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
-    from fairjax.convert.core import shapes_of
+    from fairjax.io.tree import shapes_of
 
     f = 2 ** (len(model.config.block_out_channels) - 1)
     x = jax.ShapeDtypeStruct((1, model.config.in_channels, 2 * f, 2 * f), jnp.float32)
@@ -341,7 +341,7 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     are returned as stored, cast to ``param_dtype`` when given; every key and
     shape is checked against the config first.
     """
-    from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
+    from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
 
     folder = component_dir(model_dir, component)
     model = from_config(read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype,

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError
+from fairjax.errors import CheckpointError
 from fairjax.models import llama
 from fairjax.models.layers import layer_norm
 from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward

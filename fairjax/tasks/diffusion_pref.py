@@ -1,6 +1,6 @@
 """PopAlign / Diffusion-DPO / SFT fine-tuning of an SDXL (or SD 1.x / 2.x) UNet.
 
-The model adapter of the one loss interface (DESIGN.md): a batch of latents
+The model adapter of the one loss interface (docs/design.md): a batch of latents
 becomes per-sample denoising errors, and :mod:`fairjax.losses` turns them into
 the loss.  For row ``i`` (a winner or a loser image's latents ``x0_i``)::
 
@@ -27,7 +27,7 @@ reference's step to the policy's, up to t's weighting.
 
 Conditioning ``c_i``: the pair's caption (the winner's), dropped to ``""`` with probability
 ``data.caption_dropout`` (both rows of a pair together), as precomputed per caption by
-:mod:`fairjax.text_embeds`; SDXL's ``time_ids`` come from ``config.time_ids``.
+:mod:`fairjax.diffusion.text_embeds`; SDXL's ``time_ids`` come from ``config.time_ids``.
 
 Parameters: full fine-tuning (``lora.rank = 0``) trains the whole UNet, the reference is a
 frozen copy sharded like it; LoRA trains only ``{path: {a, b}}`` and the reference is the base
@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +52,9 @@ import ml_collections
 import numpy as np
 
 from fairjax import losses
-from fairjax.errors import UserError
+from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
+from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
+from fairjax.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +63,11 @@ DEFAULT_LORA_TARGETS = r"transformer_blocks_\d+/attn[12]/to_(q|k|v|out_0)/kernel
 PRESETS = ("full", "lora", "tiny", "tiny_lora")
 
 
-class TaskError(UserError):
-    """A config, model or dataset the SDXL preference task cannot train on (one-line message)."""
-
-
 # ----------------------------------------------------------------------------- config
 
 
 def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of ``configs/{popalign,dpo,sft}_sdxl.py``: REFERENCE.md's PopAlign recipe.
+    """The config of ``configs/{popalign,dpo,sft}_sdxl.py``: docs/reference.md's PopAlign recipe.
 
     Presets: ``full`` (default: full UNet), ``lora`` (rank 32 on the attention projections),
     ``tiny`` / ``tiny_lora`` (a tiny random SDXL-shaped model and dataset built in the workdir;
@@ -93,22 +89,27 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.stratify_draws = False
     # t ~ U{t_min .. t_max - 1} (t_max 0 = the scheduler's num_train_timesteps): the reference draws
     # every timestep; a narrower range spends the batch on the timesteps where the preferred
-    # attribute is decided (README, toy world: `python -m fairjax.reward_probe` shows where)
+    # attribute is decided (README, toy world: `python -m fairjax.analysis.reward_probe` shows where)
     c.t_min = 0
     c.t_max = 0
     # identity anchor (module docstring): > 0 adds w * |eps_policy - eps_ref|^2 on the winners under
     # their identity prompts (the dataset's `prompt` field, written by fairjax.data.build_prefs);
     # 0 = off (the reference recipe). It costs one more policy and reference pass per image.
     c.anchor_weight = 0.0
-    c.model_dir = ""  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
+    c.model = ml_collections.ConfigDict(dict(
+        dir="",  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
+        dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+        param_dtype="float32",  # the frozen params (reference UNet / LoRA base); trained params stay float32
+        remat=True,  # rematerialise each transformer block in the backward pass
+        attention="",  # "" (XLA default) | "xla" | "cudnn" | "einsum"
+    ))
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
     c.text_embeds = ml_collections.ConfigDict(dict(path="", batch_size=16))  # "" = <workdir>/text_embeds.safetensors
     c.time_ids = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)  # SDXL micro-conditioning at 1024 px
-    c.dtype = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU; params stay float32
-    c.remat = True
-    c.attention_implementation = ""  # "" (XLA default) | "xla" | "cudnn"
-    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=DEFAULT_LORA_TARGETS))
+    # dropout: the one schema's key; the SDXL LoRA is merged into the kernels before the UNet runs,
+    # so it has no dropout (PopAlign's recipe uses none): any other value than 0 is refused
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=32.0, targets=DEFAULT_LORA_TARGETS, dropout=0.0))
 
     c.total_steps = 750
     c.batch_size = 16  # images per global step: 8 winner/loser pairs (SFT: 16 winners)
@@ -134,170 +135,18 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.warmup_steps = 2
         c.checkpoint.every_steps = 6
         c.log_every_steps = 2
-        c.remat = False
+        c.model.remat = False
     return c
 
 
-def _compute_dtype(name: str):
-    if name == "auto":
+def _compute_dtype(name: str, key: str = "model.dtype", auto: bool = True):
+    if name == "auto" and auto:
         return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     try:
         return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
     except KeyError:
-        raise TaskError(f"config.dtype={name!r} is not one of auto, float32, bfloat16, float16") from None
-
-
-# ----------------------------------------------------------------------------- data
-
-
-class PairSource(Protocol):
-    """What the task reads: preference records with winner/loser pairs (:class:`ArrayPrefs`, or
-    :class:`fairjax.data.prefs.PreferenceData` whose ``info['latent_shape']`` gives the shape)."""
-
-    is_winner: np.ndarray
-
-    def pairs(self) -> np.ndarray: ...  # (P, 2) record indices [winner, loser]
-
-    def read(self, idx: Sequence[int]) -> dict[str, np.ndarray]: ...  # latents (n, ...), caption (n,)
-
-
-class ArrayPrefs:
-    """In-memory preference records (tests, small experiments), with the same pairing rule as
-    :class:`fairjax.data.prefs.PreferenceData`: within a ``set_id`` the k-th winner is paired with
-    the k-th loser."""
-
-    def __init__(self, latents, captions, is_winner, set_id, prompts=None):
-        self.latents = np.asarray(latents)
-        self.captions = [str(c) for c in captions]
-        self.prompts = None if prompts is None else [str(p) for p in prompts]
-        self.is_winner = np.asarray(is_winner, bool)
-        self.set_id = np.asarray(set_id, np.int64)
-        n = len(self.latents)
-        if not n:
-            raise TaskError("the preference dataset is empty; it needs winner and loser records")
-        if not len(self.captions) == len(self.is_winner) == len(self.set_id) == (n if self.prompts is None else len(self.prompts)) == n:
-            raise TaskError(f"ArrayPrefs: {n} latents but {len(self.captions)} captions, "
-                            f"{len(self.is_winner)} is_winner, {len(self.set_id)} set_id"
-                            + ("" if self.prompts is None else f", {len(self.prompts)} prompts"))
-        self.latent_shape = tuple(self.latents.shape[1:])
-
-    @classmethod
-    def from_records(cls, records: Sequence[dict]) -> "ArrayPrefs":
-        if not records:
-            raise TaskError("the preference dataset is empty; it needs winner and loser records")
-        prompts = [r["prompt"] for r in records] if all("prompt" in r for r in records) else None
-        return cls(np.stack([r["latents"] for r in records]), [r["caption"] for r in records],
-                   [r["is_winner"] for r in records], [r["set_id"] for r in records], prompts)
-
-    @property
-    def has_prompt(self) -> bool:
-        return self.prompts is not None
-
-    def __len__(self) -> int:
-        return len(self.latents)
-
-    def pairs(self) -> np.ndarray:
-        out = []
-        for sid in np.unique(self.set_id):
-            rows = np.flatnonzero(self.set_id == sid)
-            w, l = rows[self.is_winner[rows]], rows[~self.is_winner[rows]]
-            k = min(len(w), len(l))
-            out.append(np.stack([w[:k], l[:k]], axis=1))
-        return np.concatenate(out, 0) if out else np.zeros((0, 2), np.int64)
-
-    def read(self, idx) -> dict[str, np.ndarray]:
-        idx = np.asarray(idx, np.int64)
-        out = {"latents": self.latents[idx], "caption": np.asarray([self.captions[i] for i in idx], dtype=object)}
-        if self.prompts is not None:
-            out["prompt"] = np.asarray([self.prompts[i] for i in idx], dtype=object)
-        return out
-
-    def all_captions(self, prompts: bool = False) -> list[str]:
-        caps = set(self.captions)
-        if prompts:
-            caps.update(p for p, w in zip(self.prompts or [], self.is_winner) if w)
-        return sorted(caps)
-
-
-def open_source(path: str, split: str = "train") -> PairSource:
-    """A :class:`fairjax.data.prefs.PreferenceData` (TFDS array_record) at ``path``."""
-    from fairjax.data import prefs
-
-    if not path:
-        raise TaskError("config.data.path is empty; point it at a preference dataset "
-                        "(fairjax.data.prefs.write_preference_dataset) or use the :tiny preset")
-    return prefs.PreferenceData(path, split)
-
-
-def latent_shape(source) -> tuple[int, ...]:
-    """Per-record latent shape: ``source.latent_shape``, or the prefs dataset's index entry."""
-    if hasattr(source, "latent_shape"):
-        return tuple(source.latent_shape)
-    return tuple(source.info["latent_shape"])
-
-
-def all_captions(source, chunk: int = 256, prompts: bool = False) -> list[str]:
-    """Every distinct caption of a source, and with ``prompts`` every winner's ``prompt`` too (its
-    ``all_captions()`` when it has one, else one pass of reads)."""
-    if hasattr(source, "all_captions"):
-        return list(source.all_captions(prompts=prompts))
-    caps: set[str] = set()
-    win = np.asarray(source.is_winner, bool)
-    n = len(win)
-    for start in range(0, n, chunk):
-        rec = source.read(np.arange(start, min(n, start + chunk)))
-        caps.update(str(c) for c in rec["caption"])
-        if prompts:
-            caps.update(str(p) for p, w in zip(rec["prompt"], win[start:start + chunk]) if w)
-    return sorted(caps)
-
-
-def epoch_order(num_units: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """``default_rng([seed, epoch]).permutation(num_units)`` (``arange`` without shuffling)."""
-    return np.random.default_rng([seed, int(epoch)]).permutation(num_units) if shuffle else np.arange(num_units)
-
-
-def step_units(num_units: int, per_step: int, seed: int, step: int, shuffle: bool = True) -> np.ndarray:
-    """Unit indices of global batch ``step``: block ``step % (U // B)`` of epoch ``step // (U // B)``'s order."""
-    per_epoch = num_units // per_step
-    epoch, i = divmod(int(step), per_epoch)
-    return epoch_order(num_units, seed, epoch, shuffle)[i * per_step:(i + 1) * per_step]
-
-
-def caption_dropout(seed: int, step: int, n: int, p: float) -> np.ndarray:
-    """Bool (n,): which of global batch ``step``'s ``n`` units get the empty caption (``u < p``)."""
-    return np.random.default_rng([seed, 1, int(step)]).random(n) < p
-
-
-# ----------------------------------------------------------------------------- pure pieces
-
-
-def shared_noise(rng: jax.Array, slot: jax.Array, shape: Sequence[int], t_max: int, t_min: int = 0):
-    """``(eps (B, *shape) float32, t (B,) int32)`` with ``t ~ U{t_min .. t_max - 1}`` (``t_max`` at
-    most the scheduler's num_train_timesteps);
-    row ``i`` draws from ``fold_in(rng, slot_i)``, so rows with the same slot (the two images of a
-    pair) get the same noise and timestep, independently of how the batch is sharded."""
-
-    def one(s):
-        k_eps, k_t = jax.random.split(jax.random.fold_in(rng, s))
-        return (jax.random.normal(k_eps, tuple(shape), jnp.float32),
-                jax.random.randint(k_t, (), t_min, t_max, jnp.int32))
-
-    return jax.vmap(one)(slot)
-
-
-def per_sample_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
-    """``mean_{C,H,W} (pred - target)^2`` per row, in float32."""
-    d = pred.astype(jnp.float32) - target.astype(jnp.float32)
-    return jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
-
-
-def by_slot(g: jax.Array, is_winner: jax.Array, slot: jax.Array, num_pairs: int) -> tuple[jax.Array, jax.Array]:
-    """``(g_w, g_l)`` of shape (num_pairs,): the winner's and the loser's value of each slot."""
-    win = is_winner.astype(bool)
-    g_w = jax.ops.segment_sum(jnp.where(win, g, 0.0), slot, num_pairs)
-    g_l = jax.ops.segment_sum(jnp.where(win, 0.0, g), slot, num_pairs)
-    return g_w, g_l
+        choices = ("auto, " if auto else "") + "float32, bfloat16, float16"
+        raise ConfigError(f"config.{key}={name!r} is not one of {choices}") from None
 
 
 # ----------------------------------------------------------------------------- the task
@@ -308,13 +157,13 @@ _ANCHOR_STREAM = 0x7A4C  # fold_in key of the anchor's (eps', t') draws; the pre
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise TaskError(msg)
+        raise ConfigError(msg)
 
 
 class DiffusionPrefTask:
     """Task for :func:`fairjax.trainer.train` (contract in its docstring); see the module docstring.
 
-    ``source`` (a :class:`PairSource`) and ``table`` (a :class:`fairjax.text_embeds.TextTable`)
+    ``source`` (a :class:`PairSource`) and ``table`` (a :class:`fairjax.diffusion.text_embeds.TextTable`)
     may be given directly (tests); otherwise they come from ``config.data.path`` and the
     model dir's text encoders.
     """
@@ -323,8 +172,8 @@ class DiffusionPrefTask:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | None = None, *,
                  source: PairSource | None = None, table=None):
-        from fairjax.convert.model_dir import CONFIG_FILE, component_dir, read_json
         from fairjax.diffusion import schedules
+        from fairjax.io.model_dir import CONFIG_FILE, component_dir, read_json
         from fairjax.models import unet as unet_mod
 
         self.config = c = config
@@ -332,22 +181,22 @@ class DiffusionPrefTask:
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
         _check(int(c.get("noise_draws", 1)) >= 1,
                f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
-        self.model_dir, data_path = str(c.model_dir), str(c.data.path)
+        self.model_dir, data_path = str(c.model.dir), str(c.data.path)
         if c.get("tiny"):
-            from fairjax.tasks import tiny_sdxl
+            from fairjax.diffusion import tiny as tiny_sdxl
 
             _check(workdir is not None, "config.tiny builds its model in the workdir; pass --workdir")
             tiny_model, tiny_data = tiny_sdxl.ensure(os.path.join(workdir, f"tiny_{c.tiny}"), c.tiny, seed=0)
             self.model_dir = self.model_dir or tiny_model
             data_path = data_path or tiny_data
-        _check(bool(self.model_dir), "config.model_dir is empty; point it at a fairjax model dir "
+        _check(bool(self.model_dir), "config.model.dir is empty; point it at a fairjax model dir "
                                      "(tools/convert_diffusers.py) or use the :tiny preset")
         try:
             self.unet_dir = component_dir(self.model_dir, "unet")
             self.unet_config = read_json(os.path.join(self.unet_dir, CONFIG_FILE))
             sched = read_json(os.path.join(self.model_dir, "scheduler", "scheduler_config.json"))
         except UserError as e:
-            raise TaskError(str(e)) from None
+            raise ConfigError(str(e)) from None
         self.schedule = schedules.ddpm_schedule(sched)
         T = self.schedule.num_train_timesteps
         self.t_min, self.t_max = int(c.get("t_min", 0)), int(c.get("t_max", 0)) or T
@@ -364,13 +213,17 @@ class DiffusionPrefTask:
             self.draw_ranges = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
         sizes = np.asarray([b - a for a, b in self.draw_ranges], np.float64)
         self.draw_weights = (sizes / sizes.sum()).astype(np.float32)  # equal for independent draws
-        self.dtype = _compute_dtype(str(c.dtype))
+        self.dtype = _compute_dtype(str(c.model.dtype))
+        self.param_dtype = _compute_dtype(str(c.model.param_dtype), key="model.param_dtype", auto=False)
         self.unet = unet_mod.UNet2DConditionModel.from_config(
-            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.remat),
-            attention_implementation=str(c.attention_implementation) or None)
+            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.model.remat),
+            attention_implementation=str(c.model.attention) or None)
         self.rank = int(c.lora.rank)
         _check(self.rank >= 0, f"config.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
         self.lora_alpha = float(c.lora.alpha)
+        _check(float(c.lora.get("dropout", 0.0)) == 0.0,
+               f"config.lora.dropout={c.lora.get('dropout')}: the SDXL LoRA is merged into the kernels before the "
+               "UNet runs and has no dropout; set lora.dropout=0")
 
         self.source = source if source is not None else open_source(data_path, str(c.data.split))
         self.anchor_weight = float(c.get("anchor_weight", 0.0))
@@ -385,7 +238,7 @@ class DiffusionPrefTask:
         self._set_up_units()
         self._check_latents()
         if table is None:
-            from fairjax import text_embeds
+            from fairjax.diffusion import text_embeds
 
             cache = str(c.text_embeds.path) or (os.path.join(workdir, "text_embeds.safetensors") if workdir else None)
             table = text_embeds.cached_table(self.model_dir, all_captions(self.source, prompts=self.anchor_weight > 0), cache,
@@ -452,12 +305,13 @@ class DiffusionPrefTask:
         try:
             _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32)
         except UserError as e:
-            raise TaskError(str(e)) from None
+            raise ConfigError(str(e)) from None
+        frozen = params if self.param_dtype == jnp.float32 else jax.tree.map(lambda x: x.astype(self.param_dtype), params)
         if self.rank == 0:
-            return params, ({} if self.config.loss == "sft" else params)
+            return params, ({} if self.config.loss == "sft" else frozen)
         from fairjax import lora
 
-        return lora.init(params, str(self.config.lora.targets), self.rank, self.lora_alpha, rng), params
+        return lora.init(params, str(self.config.lora.targets), self.rank, self.lora_alpha, rng), frozen
 
     def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
         c = self.config
@@ -595,7 +449,7 @@ class DiffusionPrefTask:
                           base_model=os.path.abspath(self.model_dir), loss=str(self.config.loss))
                 how = f"export with: python tools/export_diffusers.py {self.model_dir} OUT --lora {out} [--merge]"
             else:
-                from fairjax.convert.model_dir import atomic_output_dir, save_component, write_index
+                from fairjax.io.model_dir import atomic_output_dir, save_component, write_index
 
                 with atomic_output_dir(out, overwrite=True) as tmp:
                     save_component(os.path.join(tmp, "unet"), self.unet_config, host)

@@ -11,7 +11,7 @@ interface, ``g = log p_policy(x) - log p_ref(x)`` (exact log-densities); SFT
 gets the per-sample negative log-likelihood of winners in place of the
 diffusion mse.
 
-Fixed point (REFERENCE.md): PopAlign drives ``log(p_j / ref_j) = k + log(w_j / l_j) / beta``
+Fixed point (docs/reference.md): PopAlign drives ``log(p_j / ref_j) = k + log(w_j / l_j) / beta``
 for the groups in the data, so ``p_1/p_3 = (ref_1/ref_3) exp((log(w_1/l_1) - log(w_3/l_3)) / beta)``.
 """
 

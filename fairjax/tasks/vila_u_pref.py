@@ -34,21 +34,19 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import zlib
-from collections.abc import Mapping
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fairjax import lora as lora_lib
 from fairjax import losses
-from fairjax.data import vila_u_data as vdata
 from fairjax.errors import UserError
-from fairjax.models import llama, siglip, vila_u
+from fairjax.models import siglip
+from fairjax.vila_u import data as vdata
+from fairjax.vila_u.augment import random_resized_crop
+from fairjax.vila_u.logprobs import encode_codes, image_code_logprobs, response_logprobs
+from fairjax.vila_u.tiny import ensure_tiny
 
 LOSSES = ("sft", "bpo", "dpo", "mdpo")
 DATA_KIND = {"sft": ("images", "pairs"), "bpo": ("pairs",), "dpo": ("pairs",), "mdpo": ("mdpo",)}
@@ -56,297 +54,11 @@ LORA_TARGETS = (r"layers_\d+/self_attn/(q|k|v|o)_proj/kernel$", r"layers_\d+/mlp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-# ----------------------------------------------------------------------------- LoRA, unmerged
-
-def lora_interceptor(lora: Mapping[str, Mapping], alpha: float, dropout: float = 0.0, row_keys=None):
-    """A flax method interceptor: every ``nn.Dense`` whose ``<module path>/kernel`` is in ``lora``
-    returns ``dense(x) + (alpha / r) * (drop(x) @ a) @ b`` (PEFT's ``lora.Linear``; equal to
-    ``x @ (W + (alpha/r) a b)`` without the dropout). ``drop`` zeroes each entry with probability
-    ``dropout`` and scales by ``1 / (1 - dropout)``, its mask drawn per row from
-    ``fold_in(row_keys[i], crc32(path))`` (no dropout when ``row_keys`` is None). Use it as
-    ``with nn.intercept_methods(lora_interceptor(...)): model.apply(...)``; no merged copy of a
-    kernel is made."""
-
-    def icpt(next_fun, args, kwargs, ctx):
-        if ctx.method_name != "__call__" or not isinstance(ctx.module, nn.Dense):
-            return next_fun(*args, **kwargs)
-        path = "/".join(ctx.module.path) + "/kernel"
-        entry = lora.get(path)
-        y = next_fun(*args, **kwargs)
-        if entry is None:
-            return y
-        x = jnp.asarray(args[0]).astype(y.dtype)
-        if dropout > 0 and row_keys is not None:
-            keep = hash_keep_mask(jax.random.key_data(row_keys), zlib.crc32(path.encode()), dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(y.dtype)
-        a, b = entry["a"].astype(y.dtype), entry["b"].astype(y.dtype)
-        return y + ((alpha / a.shape[-1]) * ((x @ a) @ b)).astype(y.dtype)
-
-    return icpt
-
-
-def _mix32(h):
-    """lowbias32 (Wellons): an invertible 32-bit integer hash with good avalanche."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x7FEB352D)
-    h = h ^ (h >> 15)
-    h = h * jnp.uint32(0x846CA68B)
-    return h ^ (h >> 16)
-
-
-def hash_keep_mask(key_data, salt: int, rate: float, shape) -> jax.Array:
-    """Dropout keep-mask of ``shape`` (rows first): entry ``j`` of row ``i`` is kept when
-    ``mix(mix(j ^ k_i0 ^ salt) ^ k_i1) >= rate * 2^32`` (``k_i`` = row ``i``'s key data).
-
-    A counter-based hash of the element index, computed elementwise where it is used, so XLA
-    fuses it into the dropout and never stores a mask (``jax.random.bernoulli`` masks were kept
-    alive across layers by XLA, ~2 GB per device at 8 layers x 8 pairs). The index is built in
-    ``shape`` itself from one iota per axis: computed on a flat ``(rows, prod(shape[1:]))`` iota and
-    reshaped, the mask lost the activations' row sharding under FSDP, so XLA's SPMD partitioner
-    computed it in another layout and moved it with an all-to-all (a stored bool mask per LoRA'd
-    layer and pass, 0.17 GiB per LLaMA-7B layer at 8 pairs per device; bench/memory_vila_u.py).
-    Keep probability ``1 - rate`` to within 2^-32; fresh masks per step, row and layer through the
-    keys and salt."""
-    shape = tuple(shape)
-    kd = key_data.astype(jnp.uint32).reshape(shape[0], -1)
-    row = (shape[0],) + (1,) * (len(shape) - 1)
-    j = jnp.zeros((1,) + shape[1:], jnp.uint32)  # flat index within the row, built in x's own shape (no reshape)
-    for axis in range(1, len(shape)):
-        j = j + jax.lax.broadcasted_iota(jnp.uint32, (1,) + shape[1:], axis) * jnp.uint32(math.prod(shape[axis + 1:]))
-    h = _mix32(j ^ kd[:, :1].reshape(row) ^ jnp.uint32(salt & 0xFFFFFFFF))
-    h = _mix32(h ^ kd[:, -1:].reshape(row))
-    return h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
-
-
-def _llm_hidden(vu: vila_u.VilaU, llm_params, x, mask, lora, lora_alpha, dropout, row_keys):
-    """Final-norm hidden states of the LLM on input embeddings ``x`` (LoRA applied when given)."""
-    def run():
-        return vu.llm.apply({"params": llm_params}, inputs_embeds=x, attention_mask=mask, logits=False).hidden_states
-
-    if not lora:
-        return run()
-    with nn.intercept_methods(lora_interceptor(lora, lora_alpha, dropout, row_keys)):
-        return run()
-
-
-def _embed(vu, params, ids):
-    return vu.llm.apply({"params": params["llm"]}, ids, method=llama.LlamaForCausalLM.embed)
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """``log softmax(logits)[target]`` in float32: ``logits[target] - logsumexp(logits)``."""
-    logits = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
-
-
-# ----------------------------------------------------------------------------- adapters
-
-def code_logprobs(vu: vila_u.VilaU, params, hidden, codes, chunk: int = 0) -> jax.Array:
-    """``log softmax(depth_logits(hidden, codes))[codes]``: (B, N, H), (B, N, D) -> (B, N, D) float32.
-
-    ``chunk`` > 0 (dividing N): positions go through the depth transformer ``chunk`` at a time in a
-    ``lax.map`` whose body is rematerialised, so only one chunk's (B, chunk, D, V) logits and
-    block activations are ever live (forward and backward); the values are the same."""
-    def one(h, c):
-        return token_logprobs(vila_u.depth_logits(vu, params, h, c), c)
-
-    b, n = codes.shape[:2]
-    if not chunk or chunk >= n:
-        return one(hidden, codes)
-    if n % chunk:
-        raise UserError(f"model.head_chunk={chunk} does not divide the {n} image positions")
-    k = n // chunk
-    split = lambda x: jnp.swapaxes(x.reshape((b, k, chunk) + x.shape[2:]), 0, 1)  # noqa: E731
-    out = jax.lax.map(lambda xs: jax.checkpoint(one)(*xs), (split(hidden), split(codes)))
-    return jnp.swapaxes(out, 0, 1).reshape(codes.shape)
-
-
-def image_code_logprobs(vu: vila_u.VilaU, params, prompt_ids, prompt_mask, codes, *, lora=None, lora_alpha=1.0,
-                        dropout=0.0, row_keys=None, reduce: str = "mean", head_chunk: int = 0) -> jax.Array:
-    """Per-sample log-probability of ``codes (B, N, D)`` after ``prompt_ids (B, P)`` (left-padded,
-    ``prompt_mask`` marks real tokens, the last real token is ``<im_start>``); see module docstring.
-    ``reduce``: ``'mean'`` over the N x D codes or ``'sum'``; ``head_chunk``: see
-    :func:`code_logprobs`. Returns (B,) float32."""
-    b, p = prompt_ids.shape
-    te = _embed(vu, params, prompt_ids)
-    ie = vila_u.image_embeds(vu, params, codes[:, :-1]).astype(te.dtype)
-    x = jnp.concatenate([te, ie], axis=1)
-    mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones(codes.shape[:1] + (codes.shape[1] - 1,), bool)], 1)
-    h = _llm_hidden(vu, params["llm"], x, mask, lora, lora_alpha, dropout, row_keys)[:, p - 1:]
-    lp = code_logprobs(vu, params, h, codes, head_chunk)
-    if reduce == "mean":
-        return jnp.mean(lp, axis=(1, 2))
-    if reduce == "sum":
-        return jnp.sum(lp, axis=(1, 2))
-    raise UserError(f"reduce={reduce!r} is not 'mean' or 'sum'")
-
-
-def response_logprobs(vu: vila_u.VilaU, params, pre_ids, pre_mask, codes, rest_ids, rest_mask, rest_target, *,
-                      lora=None, lora_alpha=1.0, dropout=0.0, row_keys=None) -> jax.Array:
-    """``sum_j [rest_target_j] log p(rest_ids_j | pre, image, rest_<j)`` per row (B,) float32.
-
-    ``pre_ids (B, P)`` left-padded (ends with ``<im_start>``), ``codes (B, N, D)`` the image,
-    ``rest_ids (B, R)`` right-padded (``<im_end>``, the question, ``ASSISTANT:``, the answer,
-    EOS), ``rest_target`` marks the answer tokens to score."""
-    p, n, r = pre_ids.shape[1], codes.shape[1], rest_ids.shape[1]
-    x = jnp.concatenate([_embed(vu, params, pre_ids), vila_u.image_embeds(vu, params, codes),
-                         _embed(vu, params, rest_ids)], axis=1)
-    mask = jnp.concatenate([pre_mask.astype(bool), jnp.ones(codes.shape[:2], bool), rest_mask.astype(bool)], 1)
-    h = _llm_hidden(vu, params["llm"], x, mask, lora, lora_alpha, dropout, row_keys)[:, p + n - 1:p + n - 1 + r]
-    logits = vu.llm.apply({"params": params["llm"]}, h, method=llama.LlamaForCausalLM.lm_logits)
-    return jnp.sum(jnp.where(rest_target, token_logprobs(logits, rest_ids), 0.0), axis=-1)
-
-
-def encode_codes(tower, params, pixels: jax.Array) -> jax.Array:
-    """Pixels (B, 3, S, S) in [-1, 1] -> codes (B, h*w, D) (raster order) with the vision tower's
-    SigLIP encoder and residual quantizer (``params['vision_model']``, ``params['codebook']``)."""
-    v = {"params": {"vision_model": params["vision_model"], "quantizer": params["codebook"]}}
-    codes, _ = tower.apply(v, pixels, method="encode_image")
-    return codes.reshape(codes.shape[0], -1, codes.shape[-1])
-
-
-# ----------------------------------------------------------------------------- mDPO's corrupted image
-
-def crop_box(key, height: int, width: int, scale=(0.01, 0.2), ratio=(3 / 4, 4 / 3)) -> jax.Array:
-    """torchvision ``RandomResizedCrop.get_params`` (its first attempt, which always fits for
-    ``scale <= 0.2``): area fraction ``s ~ U(scale)``, aspect ``exp(U(log ratio))``,
-    ``w = round(sqrt(s H W aspect))``, ``h = round(sqrt(s H W / aspect))``, top-left uniform.
-    Returns int32 ``[top, left, h, w]``."""
-    k = jax.random.split(key, 4)
-    target = height * width * jax.random.uniform(k[0], (), minval=scale[0], maxval=scale[1])
-    aspect = jnp.exp(jax.random.uniform(k[1], (), minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
-    w = jnp.clip(jnp.round(jnp.sqrt(target * aspect)), 1, width).astype(jnp.int32)
-    h = jnp.clip(jnp.round(jnp.sqrt(target / aspect)), 1, height).astype(jnp.int32)
-    top = jnp.floor(jax.random.uniform(k[2]) * (height - h + 1)).astype(jnp.int32)
-    left = jnp.floor(jax.random.uniform(k[3]) * (width - w + 1)).astype(jnp.int32)
-    return jnp.stack([top, left, h, w])
-
-
-def _src_index(start, size, n_out: int):
-    """torch bilinear, ``align_corners=False``: ``src = max((o + 0.5) size / n_out - 0.5, 0)``,
-    ``i0 = min(floor(src), size - 1)``, ``i1 = min(i0 + 1, size - 1)``, weight ``src - i0``."""
-    src = jnp.maximum((jnp.arange(n_out, dtype=jnp.float32) + 0.5) * (size.astype(jnp.float32) / n_out) - 0.5, 0.0)
-    i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), size - 1)
-    i1 = jnp.minimum(i0 + 1, size - 1)
-    lam = jnp.clip(src - i0, 0.0, 1.0)
-    return start + i0, start + i1, lam
-
-
-def resized_crop(image: jax.Array, box: jax.Array) -> jax.Array:
-    """``F.interpolate(image[:, t:t+h, l:l+w], size=(H, W), mode='bilinear', align_corners=False)``
-    for one (C, H, W) image and a traced ``box = [t, l, h, w]`` (no antialiasing: the crop is
-    upsampled, where torchvision's antialias has no effect)."""
-    _, hh, ww = image.shape
-    y0, y1, ly = _src_index(box[0], box[2], hh)
-    x0, x1, lx = _src_index(box[1], box[3], ww)
-    rows = image[:, y0, :] * (1 - ly)[None, :, None] + image[:, y1, :] * ly[None, :, None]
-    return rows[:, :, x0] * (1 - lx) + rows[:, :, x1] * lx
-
-
-def random_resized_crop(keys, images: jax.Array, scale=(0.01, 0.2), ratio=(3 / 4, 4 / 3)):
-    """Per image (B, C, H, W) one :func:`crop_box` from ``keys[i]``, resized back to (H, W).
-    Returns ``(corrupted images, boxes (B, 4))``."""
-    _, _, hh, ww = images.shape
-    boxes = jax.vmap(lambda k: crop_box(k, hh, ww, scale, ratio))(keys)
-    return jax.vmap(resized_crop)(images.astype(jnp.float32), boxes).astype(images.dtype), boxes
-
-
-# ----------------------------------------------------------------------------- tiny model
-
-TINY = {
-    "llm": dict(model_type="llama", vocab_size=68, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                tie_word_embeddings=False, hidden_act="silu"),
-    "siglip": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                   patch_size=8, num_channels=3, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
-    "rqvaesiglip": dict(embed_dim=32, n_embed=64, latent_shape=[4, 4, 32], code_shape=[4, 4, 4],
-                        shared_codebook=True, pretrained_model="tiny-random-siglip",
-                        ddconfig=dict(ch=32, out_ch=3, ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[],
-                                      resolution=32, z_channels=8, dropout=0.0, double_z=False, in_channels=3)),
-    "rqtransformer": dict(block_size=[4, 4, 4], input_embed_dim_1=32, input_embed_dim_2=64, embed_dim=32,
-                          vocab_size=64, head={"block": {"n_head": 4}, "n_layer": 2}),
-    "mm_projector": dict(mm_projector_type="mlp2x_gelu"),
-}
-
-
-def random_params(abstract, seed: int) -> dict:
-    """Numpy params for a tree of shapes (no compilation): norm ``scale`` 1, ``bias`` 0, the rest
-    ``N(0, 1 / fan_in)`` (fan_in = all dims but the last; codebook / embedding rows ``N(0, 1)``)."""
-    from fairjax.convert.core import flatten, unflatten
-
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in flatten(abstract).items():
-        shape, name = tuple(leaf.shape), path[-1]
-        if name == "scale":
-            out[path] = np.ones(shape, np.float32)
-        elif name == "bias":
-            out[path] = np.zeros(shape, np.float32)
-        else:
-            fan_in = 1 if name == "embedding" or len(shape) < 2 else math.prod(shape[:-1])
-            out[path] = (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
-    return unflatten(out)
-
-
-def build_tiny_model_dir(out: str, seed: int = 0) -> None:
-    """A random VILA-U-shaped fairjax model dir (same layout as ``tools/convert_vila_u.py`` writes)."""
-    from fairjax.convert import vila_u as convert_vila_u
-    from fairjax.convert.model_dir import save_component, write_index
-
-    t = TINY
-    vt_cfg = {"rqvaesiglip": t["rqvaesiglip"], "rqtransformer": t["rqtransformer"], "hidden_size": 32,
-              convert_vila_u.SIGLIP_KEY: t["siglip"]}
-    vu = vila_u.build(t["llm"], vt_cfg, t["mm_projector"])
-    tower = convert_vila_u.build_vision_tower(vt_cfg, t["siglip"])
-    p = random_params(jax.eval_shape(vu.init, jax.random.key(0)), seed)
-    s = t["siglip"]["image_size"]
-    vis = random_params(jax.eval_shape(tower.init, jax.random.key(0), jnp.zeros((1, 3, s, s)))["params"], seed + 1)
-    vis["quantizer"] = p["codebook"]
-    os.makedirs(out)
-    save_component(os.path.join(out, "llm"), t["llm"], p["llm"])
-    save_component(os.path.join(out, "mm_projector"), t["mm_projector"], p["mm_projector"])
-    save_component(os.path.join(out, "depth_transformer"), t["rqtransformer"], p["rqtransformer"])
-    save_component(os.path.join(out, "vision_tower"), vt_cfg, vis)
-    write_index(out, list(convert_vila_u.COMPONENTS), model_type="vila_u", source=f"fairjax tiny random, seed {seed}")
-
-
-def ensure_tiny(root: str, seed: int = 0) -> dict[str, str]:
-    """``{'model', 'pairs', 'mdpo'}`` dirs of the tiny model and datasets under ``root``, built once
-    (deterministically from ``seed``) in a temp dir renamed into place."""
-    root = os.path.abspath(root)
-    dirs = {k: os.path.join(root, k) for k in ("model", "pairs", "mdpo")}
-    if all(os.path.isdir(d) for d in dirs.values()):
-        return dirs
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(root), f".{os.path.basename(root)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        build_tiny_model_dir(os.path.join(tmp, "model"), seed)
-        tok = vdata.TinyTokenizer(TINY["llm"]["vocab_size"])
-        rq = TINY["rqtransformer"]
-        shape = (rq["block_size"][0] * rq["block_size"][1], rq["block_size"][2])
-        n_embed = TINY["rqvaesiglip"]["n_embed"]
-        vdata.write_dataset(os.path.join(tmp, "pairs"), "pairs", vdata.tiny_pair_records(tok, shape, n_embed, seed=seed),
-                            codebook_size=n_embed, metadata={"source": "tiny", "seed": seed})
-        vdata.write_dataset(os.path.join(tmp, "mdpo"), "mdpo",
-                            vdata.tiny_mdpo_records(tok, tok.eos, TINY["siglip"]["image_size"], seed=seed),
-                            codebook_size=n_embed, metadata={"source": "tiny", "seed": seed})
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not all(os.path.isdir(d) for d in dirs.values()):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dirs
-
-
 # ----------------------------------------------------------------------------- the task
 
 def default_config():
     """Every key :class:`VilaUPrefTask` reads, on top of :func:`fairjax.trainer.default_train_config`
-    (REFERENCE.md defaults: LoRA r 32, alpha 32, dropout 0.1 on q/k/v/o/gate/up/down of every LLaMA
+    (docs/reference.md defaults: LoRA r 32, alpha 32, dropout 0.1 on q/k/v/o/gate/up/down of every LLaMA
     layer; depth transformer, codec and projector frozen)."""
     import ml_collections
 
@@ -370,10 +82,10 @@ def default_config():
         dtype="float32",  # compute: bfloat16 on accelerators
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
         remat=False,  # rematerialise each LLaMA / depth-transformer block in the backward pass
-        attention_impl="",  # '' = XLA; 'cudnn' = flash attention on GPU
+        attention="",  # '' = XLA; 'cudnn' = flash attention on GPU
         head_chunk=0,  # > 0: image positions per rematerialised depth-head chunk (bounds the code logits)
     ))
-    c.data = ml_collections.ConfigDict(dict(dir="", split="train", shuffle=True, max_prompt_len=0))
+    c.data = ml_collections.ConfigDict(dict(path="", split="train", shuffle=True, max_prompt_len=0))
     c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0, dropout=0.1, targets=LORA_TARGETS,
                                             init=""))  # init: a LoRA file to continue (BPO stage 2)
     c.corrupt = ml_collections.ConfigDict(dict(scale=(0.01, 0.2), ratio=(3 / 4, 4 / 3)))  # mDPO crop
@@ -416,12 +128,12 @@ class VilaUPrefTask:
         if c.get("tiny"):
             dirs = ensure_tiny(os.path.join(c.tiny_root, f"seed{int(c.tiny_seed)}"), int(c.tiny_seed))
             c.model.dir = c.model.dir or dirs["model"]
-            c.data.dir = c.data.dir or dirs["mdpo" if self.loss_name == "mdpo" else "pairs"]
+            c.data.path = c.data.path or dirs["mdpo" if self.loss_name == "mdpo" else "pairs"]
         dtype = _dtype(str(c.model.dtype), "model.dtype")
         self.param_dtype = _dtype(str(c.model.param_dtype), "model.param_dtype")
         if model is None:
             model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=bool(c.model.remat),
-                               attention_impl=c.model.attention_impl or None)
+                               attention_impl=c.model.attention or None)
         self.vu, self.base = model[0], model[1]
         self.tower, vis = (model[2], model[3]) if len(model) > 2 else (None, None)
         if self.loss_name == "mdpo":
@@ -444,7 +156,7 @@ class VilaUPrefTask:
         from fairjax.data.prefs import PreferenceBatches
 
         c = self.config
-        data = vdata.VilaUData(str(c.data.dir), str(c.data.split))
+        data = vdata.VilaUData(str(c.data.path), str(c.data.split))
         if data.kind not in DATA_KIND[self.loss_name]:
             raise UserError(f"{data.out_dir} holds {data.kind!r} records; loss {self.loss_name!r} needs "
                             f"{' or '.join(repr(k) for k in DATA_KIND[self.loss_name])} records")

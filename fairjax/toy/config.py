@@ -3,7 +3,7 @@
 One ``ml_collections`` config serves every stage:
 
 * the trainer and the SDXL preference task (:mod:`fairjax.tasks.diffusion_pref`) read the
-  usual keys (``loss``, ``beta``, ``model_dir``, ``data.path``, ``optimizer``, ...);
+  usual keys (``loss``, ``beta``, ``model.dir``, ``data.path``, ``optimizer``, ...);
 * :mod:`fairjax.data.build_prefs` reads ``sample`` and ``prefs``;
 * :mod:`fairjax.evaluate` reads ``sample`` and ``eval``;
 * :mod:`fairjax.toy.run` (the main job) runs all of them.
@@ -31,10 +31,10 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w = world_lib.ToyWorld()
     loss = {"sft": "sft", "quick_sft": "sft", "dpo": "diffusion_dpo"}.get(arg or "", "popalign")
     c = diffusion_config(loss)
-    c.model_dir = ASSET_DIR
+    c.model.dir = ASSET_DIR
     c.time_ids = (float(w.size), float(w.size), 0.0, 0.0, float(w.size), float(w.size))
-    c.dtype = "float32"
-    c.remat = False
+    c.model.dtype = "float32"
+    c.model.remat = False
     c.data.caption_dropout = 0.0  # the toy samples without guidance: a dropped caption only dilutes the signal
     # beta 250, about an eighth of the calibrated 1893: the per-sample loss sees each image's reward
     # through a one- or two-draw estimate of its ELBO difference, and -logsigmoid's curvature turns

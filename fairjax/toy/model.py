@@ -1,6 +1,6 @@
 """The toy world's text-to-image model: a tiny SDXL-architecture pixel-space model, pre-trained here.
 
-Components (a fairjax model directory, see :mod:`fairjax.convert.model_dir`):
+Components (a fairjax model directory, see :mod:`fairjax.io.model_dir`):
 
 * ``unet/``: the Flax SDXL UNet (:mod:`fairjax.models.unet`) with a tiny SDXL-shaped
   config (DownBlock2D + CrossAttnDownBlock2D, linear projections, ``text_time``
@@ -314,7 +314,7 @@ def build(out: str, world: ToyWorld | None = None, cfg: PretrainConfig = Pretrai
     """Build, pre-train and write the toy model directory ``out`` (atomically); returns ``out``."""
     import jax
 
-    from fairjax.convert.model_dir import atomic_output_dir, save_component, write_index, write_json
+    from fairjax.io.model_dir import atomic_output_dir, save_component, write_index, write_json
 
     world = world or ToyWorld()
     if os.path.exists(out) and not overwrite:
@@ -360,7 +360,7 @@ def _versions() -> dict:
 def check(folder: str) -> dict:
     """Verify ``folder`` against its ``manifest.json``: every file's sha256 and the recorded configs
     equal what this code builds. Returns the manifest; raises UserError naming the first mismatch."""
-    from fairjax.convert.model_dir import read_json
+    from fairjax.io.model_dir import read_json
 
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):

@@ -85,7 +85,7 @@ def train_one(cfg, workdir: str) -> dict:
 def tuned_model(cfg, workdir: str) -> tuple[str, str | None]:
     """``(model dir, lora file | None)`` that a finished training run wrote."""
     if int(cfg.lora.rank):
-        return str(cfg.model_dir), os.path.join(workdir, "unet_lora.safetensors")
+        return str(cfg.model.dir), os.path.join(workdir, "unet_lora.safetensors")
     return os.path.join(workdir, "model"), None
 
 
@@ -109,9 +109,9 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
     base = make_config(preset)
     if overrides:
         apply_overrides(base, overrides)
-    if base.model_dir == make_config().model_dir:
-        base.model_dir = default_model_dir()  # the shipped model, verified against its manifest
-    log(f"toy world: base model {base.model_dir}")
+    if base.model.dir == make_config().model.dir:
+        base.model.dir = default_model_dir()  # the shipped model, verified against its manifest
+    log(f"toy world: base model {base.model.dir}")
 
     prefs_dir = os.path.join(workdir, "prefs")
     t0 = time.perf_counter()
@@ -129,7 +129,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         runs["sft"] = make_config("quick_sft" if preset in ("quick", "quick_sft") else "sft")
         if overrides:
             apply_overrides(runs["sft"], overrides)
-        runs["sft"].model_dir = base.model_dir
+        runs["sft"].model.dir = base.model.dir
         runs["sft"].loss = "sft"
     cal = calibrated_beta(summary, SCHEDULER_CONFIG, _latent_shape(prefs_dir))
     log(f"calibrate_beta: exact-likelihood beta {cal['exact']:.3f} (per attribute "
@@ -139,7 +139,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         runs["popalign_calibrated"] = copy.deepcopy(base)
         runs["popalign_calibrated"].loss = "popalign"
         runs["popalign_calibrated"].beta = float(round(cal["beta"], 1))
-    models = {"base": (str(base.model_dir), None)}
+    models = {"base": (str(base.model.dir), None)}
     for name, cfg in runs.items():
         wd = os.path.join(workdir, name)
         cfg.data.path = prefs_dir
@@ -162,7 +162,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
 
     t0 = time.perf_counter()
     out = os.path.join(workdir, "report")
-    report = evaluate(base, models, out, base_dir=str(base.model_dir), overwrite=True, log=log)
+    report = evaluate(base, models, out, base_dir=str(base.model.dir), overwrite=True, log=log)
     times["evaluate"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     result = {"html": report["html"], "report": os.path.join(out, "report", "report.json"),
@@ -181,7 +181,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
 
 def _index(prefs_dir: str) -> dict:
     """The preference dataset's index (``fairjax.data.prefs.INDEX_FILE``)."""
-    from fairjax.data.prefs import dataset_dir, INDEX_FILE
+    from fairjax.data.prefs import INDEX_FILE, dataset_dir
 
     with open(os.path.join(dataset_dir(prefs_dir), INDEX_FILE)) as f:
         return json.load(f)

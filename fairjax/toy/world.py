@@ -282,7 +282,7 @@ def _nearest(pixels: np.ndarray, colours: Mapping[str, RGB], background: RGB | N
 def load_toy_world(model_dir: str) -> ToyWorld:
     """The world a toy model directory was trained on (its ``toy_world.json``; a fine-tuned
     UNet folder that names its ``base_model`` in ``fairjax.json`` uses the base's)."""
-    from fairjax.convert.model_dir import INDEX_FILE, read_json
+    from fairjax.io.model_dir import INDEX_FILE, read_json
 
     path = os.path.join(model_dir, WORLD_FILE)
     if os.path.isfile(path):

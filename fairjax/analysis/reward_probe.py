@@ -1,6 +1,6 @@
 """Where a preference-tuned diffusion model puts its implicit reward: per group and per timestep.
 
-    python -m fairjax.reward_probe --data PREFS --tuned RUN/model [--base MODEL] [--lora F] --out DIR
+    python -m fairjax.analysis.reward_probe --data PREFS --tuned RUN/model [--base MODEL] [--lora F] --out DIR
 
 For every record of a preference dataset (:mod:`fairjax.data.build_prefs`: latents, caption,
 attribute labels) and ``--draws`` shared ``(eps, t)`` draws, the probe computes the reward the
@@ -36,22 +36,18 @@ import numpy as np
 from fairjax.errors import UserError
 
 
-class ProbeError(UserError):
-    """Bad input to the reward probe (one-line message)."""
-
-
 def bucket_edges(num_train_timesteps: int, buckets: int) -> np.ndarray:
     """``buckets + 1`` integer edges splitting ``[0, T)`` into equal ranges."""
     if not 1 <= buckets <= num_train_timesteps:
-        raise ProbeError(f"--buckets {buckets} must be between 1 and the {num_train_timesteps} training timesteps")
+        raise UserError(f"--buckets {buckets} must be between 1 and the {num_train_timesteps} training timesteps")
     return np.round(np.linspace(0, num_train_timesteps, buckets + 1)).astype(np.int64)
 
 
 def _time_ids(model_dir: str, latent_shape: Sequence[int]) -> np.ndarray:
     """SDXL micro-conditioning for the dataset's resolution, in pixels (latent size x 8, or x 1 for
     a pixel-space model such as the toy world's)."""
+    from fairjax.diffusion.generator import is_pixel_space
     from fairjax.diffusion.pipeline import add_time_ids
-    from fairjax.toy.pipeline import is_pixel_space
 
     f = 1 if is_pixel_space(model_dir) else 8
     return add_time_ids(int(latent_shape[-2]) * f, int(latent_shape[-1]) * f)
@@ -63,14 +59,14 @@ def load_models(base: str, tuned: str | None, lora: str | None):
     from fairjax.models import unet
 
     if (tuned is None) == (lora is None):
-        raise ProbeError("pass exactly one of --tuned (a fine-tuned model dir) and --lora (a LoRA on --base)")
+        raise UserError("pass exactly one of --tuned (a fine-tuned model dir) and --lora (a LoRA on --base)")
     mod, base_params = unet.load(base)
     if lora is not None:
         tuned_params = merge_lora(base_params, lora)  # a missing file is merge_lora's one-line error
     else:
         tmod, tuned_params = unet.load(tuned)
         if tmod.config != mod.config:
-            raise ProbeError(f"{tuned}: its UNet config differs from the base's ({base}); probe a model against "
+            raise UserError(f"{tuned}: its UNet config differs from the base's ({base}); probe a model against "
                              "the base it was tuned from")
     return mod, base_params, tuned_params
 
@@ -81,20 +77,19 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
     import jax
     import jax.numpy as jnp
 
-    from fairjax import text_embeds
-    from fairjax.convert.model_dir import read_json
     from fairjax.data.prefs import PreferenceData
-    from fairjax.diffusion import schedules
-    from fairjax.tasks.diffusion_pref import per_sample_mse
+    from fairjax.diffusion import schedules, text_embeds
+    from fairjax.diffusion.rewards import per_sample_mse
+    from fairjax.io.model_dir import read_json
 
     if draws < 1:
-        raise ProbeError(f"--draws {draws} must be >= 1")
+        raise UserError(f"--draws {draws} must be >= 1")
     if batch_size < 1:
-        raise ProbeError(f"--batch-size {batch_size} must be >= 1")
+        raise UserError(f"--batch-size {batch_size} must be >= 1")
     data = PreferenceData(data_dir, split)
     classes = data.info.get("metadata", {}).get("classes") or {}
     if not data.label_names:
-        raise ProbeError(f"{data_dir} has no attribute labels; the probe groups records by them "
+        raise UserError(f"{data_dir} has no attribute labels; the probe groups records by them "
                          "(build the set with fairjax.data.build_prefs)")
     mod, p_base, p_tuned = load_models(base, tuned, lora)
     sched = schedules.ddpm_schedule(read_json(os.path.join(base, "scheduler", "scheduler_config.json")))
@@ -106,7 +101,7 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
     caps = [str(c) for c in rec["caption"]]
     table = text_embeds.cached_table(base, sorted(set(caps)), None)
     if latents.shape[1] != mod.config["in_channels"]:
-        raise ProbeError(f"the dataset's latents have {latents.shape[1]} channels but the UNet takes "
+        raise UserError(f"the dataset's latents have {latents.shape[1]} channels but the UNet takes "
                          f"{mod.config['in_channels']}; the dataset was made with another model")
     cond = table.gather(table.ids(caps))
     tids = _time_ids(base, latents.shape[1:]) if "text_embeds" in cond else None
@@ -210,8 +205,8 @@ def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from fairjax.convert.model_dir import atomic_output_dir
     from fairjax.fairness.report import write_csv
+    from fairjax.io.model_dir import atomic_output_dir
 
     edges = np.asarray(result["bucket_edges"])
     mid = (edges[:-1] + edges[1:]) / 2
@@ -236,7 +231,7 @@ def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fairjax.reward_probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fairjax.analysis.reward_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="preference dataset dir (fairjax.data.build_prefs output)")
     p.add_argument("--tuned", default=None, help="fine-tuned model dir (a training run's model/)")
     p.add_argument("--lora", default=None, help="a fairjax LoRA file on --base (instead of --tuned)")
@@ -253,14 +248,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if os.path.exists(args.out) and not args.overwrite:
-            raise ProbeError(f"{args.out} already exists; choose another --out or pass --overwrite")
+            raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
         base = args.base
         if base is None:
             from fairjax.evaluate import base_of
 
             base = base_of(args.tuned) if args.tuned else None
             if base is None:
-                raise ProbeError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
+                raise UserError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
         res = probe(args.data, base, args.tuned, args.lora, split=args.split, draws=args.draws,
                     buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
         write_outputs(res, args.out, args.overwrite)

@@ -17,8 +17,8 @@ import os
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fairjax.convert.safetensors_io import CheckpointError
 from fairjax.diffusion import pipeline as sdxl
+from fairjax.errors import CheckpointError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PixelDecoder(nn.Module):
 
 def is_pixel_space(model_dir: str) -> bool:
     """A model dir without ``vae/`` whose UNet works on 3-channel images."""
-    from fairjax.convert.model_dir import read_json
+    from fairjax.io.model_dir import read_json
 
     if os.path.isdir(os.path.join(model_dir, "vae")):
         return False
@@ -97,7 +97,8 @@ class Generator:
     def set_unet_params(self, unet_params) -> None:
         """Use other UNet params (of the same config) from now on."""
         import jax
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         params = dict(self.pipe.params)
         params["unet"] = unet_params

@@ -118,7 +118,7 @@ def random_params(shapes, rng: np.random.Generator) -> dict:
     """Random float32 values for a tree of ``ShapeDtypeStruct`` (no compilation, unlike ``model.init``):
     ``kernel ~ N(0, 1/fan_in)``, ``scale ~ 1 + 0.05 N``, everything else (biases, embeddings) ``0.05 N``,
     leaves drawn in sorted path order."""
-    from fairjax.convert.core import flatten, unflatten
+    from fairjax.io.tree import flatten, unflatten
 
     flat = flatten(shapes)
     out = {}
@@ -136,7 +136,7 @@ def random_params(shapes, rng: np.random.Generator) -> dict:
 
 def build_model_dir(out: str, preset: str = "tiny", seed: int = 0) -> None:
     """Write the preset's random model dir into ``out`` (which must not exist)."""
-    from fairjax.convert.model_dir import save_component, write_index, write_json
+    from fairjax.io.model_dir import save_component, write_index, write_json
     from fairjax.models import clip_text, unet
 
     os.makedirs(out)

@@ -15,11 +15,11 @@ interleaves the halves with its collator and splits the batch in halves, which p
 the right images only at batch size 1.)
 
 Token layout (the vila-u vicuna_v1 template, ``vila_u/utils/tokenizer.py`` / ``data/dataset.py``), ids from
-:func:`fairjax.vila_u_generate.load_tokenizer` (vila-u's ``AutoTokenizer(use_fast=False, legacy=False)`` ids;
-a :class:`~fairjax.vila_u_generate.PromptTokenizer` is a :data:`Tokenize` callable with ``eos_id``):
+:func:`fairjax.vila_u.generate.load_tokenizer` (vila-u's ``AutoTokenizer(use_fast=False, legacy=False)`` ids;
+a :class:`~fairjax.vila_u.generate.PromptTokenizer` is a :data:`Tokenize` callable with ``eos_id``):
 
 * generation: ``prompt_ids = [bos] + tok("<system> USER: <caption> ASSISTANT: <im_start>")``, the text of
-  :func:`fairjax.vila_u_generate.conversation_prompt` (caption stripped; an empty caption is vila-u's
+  :func:`fairjax.vila_u.generate.conversation_prompt` (caption stripped; an empty caption is vila-u's
   unconditional CFG prompt ``"<system> USER:ASSISTANT: <im_start>"``, :func:`unconditional_ids`);
   the image follows as N positions, teacher-forced (:func:`fairjax.tasks.vila_u_pref.image_code_logprobs`);
 * understanding (mDPO): vila-u's ``"<system> USER: <im_start><image><im_end>\\n<question> ASSISTANT: <answer></s>"``
@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 
 from fairjax.data.prefs import _quiet, _short, _tfds
-from fairjax.errors import UserError
-from fairjax.vila_u_generate import IM_START, UNCONDITIONAL, VICUNA_SYSTEM, conversation_prompt
+from fairjax.errors import DataError
+from fairjax.models.vila_u_tokenizer import IM_START, UNCONDITIONAL, VICUNA_SYSTEM, conversation_prompt
 
 NAME = "fairjax_vila_u"
 VERSION = "1.0.0"
@@ -62,10 +62,6 @@ SEQ_FIELDS = {"images": ("prompt_ids",), "pairs": ("prompt_ids",),
               "mdpo": ("pre_ids", "post_ids", "chosen_ids", "rejected_ids")}
 CODE_FIELDS = {"images": ("codes",), "pairs": ("codes_a", "codes_b"), "mdpo": ()}
 TEXT_FIELDS = {"images": ("prompt", "group"), "pairs": ("prompt", "group_a", "group_b"), "mdpo": ()}
-
-
-class VilaUDataError(UserError):
-    """A VILA-U preference dataset or record that cannot be written or read (one-line message)."""
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -83,7 +79,7 @@ def understanding_prompt(question: str) -> tuple[str, str]:
     return f"{VICUNA_SYSTEM} USER: {IM_START}", f"{IM_END}\n{question.strip()} ASSISTANT:"
 
 
-Tokenize = Callable[[str, bool], Sequence[int]]  # (text, add_bos) -> ids, e.g. vila_u_generate.PromptTokenizer
+Tokenize = Callable[[str, bool], Sequence[int]]  # (text, add_bos) -> ids, e.g. fairjax.models.vila_u_tokenizer.PromptTokenizer
 
 
 class TinyTokenizer:
@@ -93,7 +89,7 @@ class TinyTokenizer:
 
     def __init__(self, vocab_size: int):
         if vocab_size < 16:
-            raise VilaUDataError(f"TinyTokenizer needs vocab_size >= 16, got {vocab_size}")
+            raise DataError(f"TinyTokenizer needs vocab_size >= 16, got {vocab_size}")
         self.vocab_size = vocab_size
         self.bos, self.eos = 1, 2
         self.special = {IM_START: vocab_size - 4, IM_END: vocab_size - 3, "<vi_start>": vocab_size - 2,
@@ -132,21 +128,21 @@ def pair_record(a: Mapping[str, Any], b: Mapping[str, Any], where: str = "pair")
     """One explicit pair from its two halves ``{'id', 'prompt', 'prompt_ids', 'codes', 'group'}``.
 
     The halves must be two variants of ONE prompt: same ``id``, same ``prompt`` text and
-    same ``prompt_ids``; otherwise a one-line :class:`VilaUDataError` naming ``where``.
+    same ``prompt_ids``; otherwise a one-line :class:`DataError` naming ``where``.
     """
     for key in ("id", "prompt", "prompt_ids", "codes"):
         for name, h in (("a", a), ("b", b)):
             if key not in h:
-                raise VilaUDataError(f"{where}: half {name} has no {key!r}; each half needs id, prompt, "
+                raise DataError(f"{where}: half {name} has no {key!r}; each half needs id, prompt, "
                                      "prompt_ids, codes (and group)")
     if a["id"] != b["id"]:
-        raise VilaUDataError(f"{where}: the two halves have different ids ({a['id']!r} vs {b['id']!r}); "
+        raise DataError(f"{where}: the two halves have different ids ({a['id']!r} vs {b['id']!r}); "
                              "a pair is two variants of one prompt, so both halves carry that prompt's id")
     if str(a["prompt"]).strip() != str(b["prompt"]).strip():
-        raise VilaUDataError(f"{where}: the two halves have different prompts ({a['prompt']!r} vs "
+        raise DataError(f"{where}: the two halves have different prompts ({a['prompt']!r} vs "
                              f"{b['prompt']!r}); both images of a pair must come from one neutral prompt")
     if not np.array_equal(np.asarray(a["prompt_ids"]), np.asarray(b["prompt_ids"])):
-        raise VilaUDataError(f"{where}: the two halves have the same prompt but different prompt_ids; "
+        raise DataError(f"{where}: the two halves have the same prompt but different prompt_ids; "
                              "tokenize the prompt once for both")
     return {"id": int(a["id"]), "prompt": str(a["prompt"]), "prompt_ids": np.asarray(a["prompt_ids"]),
             "codes_a": np.asarray(a["codes"]), "codes_b": np.asarray(b["codes"]),
@@ -183,26 +179,26 @@ def read_pair_manifest(path: str, tokenize: Tokenize, encode: Callable[[list[str
         with open(path) as f:
             lines = [(i + 1, ln) for i, ln in enumerate(f) if ln.strip()]
     except OSError as e:
-        raise VilaUDataError(f"cannot read the pair file {path} ({e.strerror})") from None
+        raise DataError(f"cannot read the pair file {path} ({e.strerror})") from None
     if not lines:
-        raise VilaUDataError(f"the pair file {path} has no pairs; write one JSON object per line with 'a' and 'b'")
+        raise DataError(f"the pair file {path} has no pairs; write one JSON object per line with 'a' and 'b'")
     halves = []
     for n, ln in lines:
         try:
             obj = json.loads(ln)
         except json.JSONDecodeError as e:
-            raise VilaUDataError(f"{path}:{n}: not JSON ({e.msg})") from None
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
         if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), Mapping) for k in ("a", "b")):
-            raise VilaUDataError(f"{path}:{n}: a pair line needs two objects 'a' and 'b'")
+            raise DataError(f"{path}:{n}: a pair line needs two objects 'a' and 'b'")
         for name in ("a", "b"):
             h = obj[name]
             if ("codes" in h) == ("image" in h):
-                raise VilaUDataError(f"{path}:{n}: half {name} needs exactly one of 'codes' or 'image'")
+                raise DataError(f"{path}:{n}: half {name} needs exactly one of 'codes' or 'image'")
         halves.append((n, dict(obj["a"]), dict(obj["b"])))
     todo = [(n, h) for n, a, b in halves for h in (a, b) if "image" in h]
     if todo:
         if encode is None:
-            raise VilaUDataError(f"{path}:{todo[0][0]}: halves give images but no encoder was given; pass the model "
+            raise DataError(f"{path}:{todo[0][0]}: halves give images but no encoder was given; pass the model "
                                  "dir so images are encoded to codes by its vision tower, or give codes")
         codes = encode([os.path.join(base, h["image"]) for _, h in todo])
         for (_, h), c in zip(todo, codes):
@@ -223,7 +219,7 @@ class _Schema:
 
     def __init__(self, kind: str, first: Mapping, codebook_size: int):
         if kind not in KINDS:
-            raise VilaUDataError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
+            raise DataError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
         self.kind, self.codebook_size = kind, int(codebook_size)
         self.fields = {"id", *SEQ_FIELDS[kind], *CODE_FIELDS[kind], *TEXT_FIELDS[kind]} | (
             {"image"} if kind == "mdpo" else set())
@@ -234,21 +230,21 @@ class _Schema:
     def check(self, i: int, r: Mapping) -> dict:
         missing = sorted(self.fields - set(r))
         if missing:
-            raise VilaUDataError(f"record {i} lacks {missing}; a {self.kind!r} record needs {sorted(self.fields)}")
+            raise DataError(f"record {i} lacks {missing}; a {self.kind!r} record needs {sorted(self.fields)}")
         extra = sorted(set(r) - self.fields)
         if extra:
-            raise VilaUDataError(f"record {i} has unknown fields {extra}; a {self.kind!r} record has {sorted(self.fields)}")
+            raise DataError(f"record {i} has unknown fields {extra}; a {self.kind!r} record has {sorted(self.fields)}")
         if not isinstance(r["id"], (int, np.integer)) or isinstance(r["id"], bool):
-            raise VilaUDataError(f"record {i}: id must be an int, got {r['id']!r}")
+            raise DataError(f"record {i}: id must be an int, got {r['id']!r}")
         out: dict[str, Any] = {"id": int(r["id"])}
         for k in TEXT_FIELDS[self.kind]:
             if not isinstance(r[k], str):
-                raise VilaUDataError(f"record {i}: {k} must be a str, got {type(r[k]).__name__}")
+                raise DataError(f"record {i}: {k} must be a str, got {type(r[k]).__name__}")
             out[k] = r[k]
         for k in SEQ_FIELDS[self.kind]:
             a = np.asarray(r[k])
             if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0:
-                raise VilaUDataError(f"record {i}: {k} must be a non-empty 1-D array of token ids >= 0, "
+                raise DataError(f"record {i}: {k} must be a non-empty 1-D array of token ids >= 0, "
                                      f"got shape {a.shape} {a.dtype}")
             self.max_token = max(self.max_token, int(a.max()))
             out[k] = a.astype(np.int32)
@@ -257,7 +253,7 @@ class _Schema:
         if self.kind == "mdpo":
             img = np.asarray(r["image"])
             if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3 or img.shape != self.image_shape:
-                raise VilaUDataError(f"record {i}: image must be uint8 (H, W, 3) like record 0's {self.image_shape}, "
+                raise DataError(f"record {i}: image must be uint8 (H, W, 3) like record 0's {self.image_shape}, "
                                      f"got {img.shape} {img.dtype}; resize images to the model's resolution first")
             out["image"] = img
         return out
@@ -265,13 +261,13 @@ class _Schema:
     def _codes(self, i: int, k: str, c) -> np.ndarray:
         a = np.asarray(c)
         if not np.issubdtype(a.dtype, np.integer) or a.ndim != 2:
-            raise VilaUDataError(f"record {i}: {k} must be an int array (positions, depth), got {a.shape} {a.dtype}")
+            raise DataError(f"record {i}: {k} must be an int array (positions, depth), got {a.shape} {a.dtype}")
         if a.shape != self.code_shape:
-            raise VilaUDataError(f"record {i}: {k} has shape {a.shape}, record 0's has {self.code_shape}; "
+            raise DataError(f"record {i}: {k} has shape {a.shape}, record 0's has {self.code_shape}; "
                                  "every image must have the same number of positions and depths")
         bad = (a < 0) | (a >= self.codebook_size)
         if bad.any():
-            raise VilaUDataError(f"record {i}: {k} holds code {int(a[bad][0])}, outside the codebook "
+            raise DataError(f"record {i}: {k} holds code {int(a[bad][0])}, outside the codebook "
                                  f"[0, {self.codebook_size}); encode images with the model's own vision tower "
                                  "or fix codebook_size")
         return a.astype(np.int32)
@@ -295,7 +291,7 @@ def _builder_class():
     tfds = _tfds()
 
     class FairjaxVilaU(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-        """VILA-U preference records written by fairjax (see fairjax.data.vila_u_data)."""
+        """VILA-U preference records written by fairjax (see fairjax.vila_u.data)."""
 
         VERSION = tfds.core.Version(VERSION)
         name = NAME
@@ -323,20 +319,20 @@ def write_dataset(out_dir: str, kind: str, records: Iterable[Mapping[str, Any]],
 
     Every record is checked (fields, token ids, code shape and range ``[0, codebook_size)``,
     image shape) before it is written; any problem, an empty ``records`` or an existing
-    ``out_dir`` (unless ``overwrite``) is a one-line :class:`VilaUDataError` and nothing is left.
+    ``out_dir`` (unless ``overwrite``) is a one-line :class:`DataError` and nothing is left.
     """
     tfds = _tfds()
-    from fairjax.convert.model_dir import atomic_output_dir
+    from fairjax.io.model_dir import atomic_output_dir
 
     out_dir = os.path.abspath(os.fspath(out_dir))
     if kind not in KINDS:
-        raise VilaUDataError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
+        raise DataError(f"unknown dataset kind {kind!r}; use one of {', '.join(KINDS)}")
     if os.path.exists(out_dir) and not overwrite:
-        raise VilaUDataError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
+        raise DataError(f"{out_dir} already exists; choose another directory or pass overwrite=True")
     it = iter(records)
     first = next(it, None)
     if first is None:
-        raise VilaUDataError(f"no {kind!r} records to write to {out_dir}; a dataset needs at least one")
+        raise DataError(f"no {kind!r} records to write to {out_dir}; a dataset needs at least one")
     schema = _Schema(kind, first, codebook_size)
     lengths: dict[str, list[int]] = {k: [] for k in SEQ_FIELDS[kind]}
     ids: list[int] = []
@@ -379,7 +375,7 @@ class VilaUData:
 
     ``kind``, ``info``, ``lengths`` (``{field: (n,)}``), ``len(data)``; :meth:`read` returns the
     records ``idx`` as ``{field: list}`` (token sequences ragged, codes / images stacked).
-    Missing, empty or damaged datasets are a one-line :class:`VilaUDataError`.
+    Missing, empty or damaged datasets are a one-line :class:`DataError`.
     """
 
     def __init__(self, out_dir: str, split: str = "train"):
@@ -387,34 +383,34 @@ class VilaUData:
         self.dir = os.path.join(self.out_dir, NAME, VERSION)
         info_path = os.path.join(self.dir, INFO_FILE)
         if not os.path.isfile(info_path):
-            raise VilaUDataError(f"no VILA-U dataset at {self.out_dir} (missing {info_path}); write one with "
-                                 "fairjax.data.vila_u_data.write_dataset")
+            raise DataError(f"no VILA-U dataset at {self.out_dir} (missing {info_path}); write one with "
+                                 "fairjax.vila_u.data.write_dataset")
         try:
             with open(info_path) as f:
                 self.info = json.load(f)
             self.kind = self.info["kind"]
             count = int(self.info["counts"][split]) if split in self.info["counts"] else None
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise VilaUDataError(f"{info_path} is corrupt ({_short(e)}); rewrite the dataset") from None
+            raise DataError(f"{info_path} is corrupt ({_short(e)}); rewrite the dataset") from None
         if count is None:
-            raise VilaUDataError(f"{self.out_dir} has no split {split!r}; it has {sorted(self.info['counts'])}")
+            raise DataError(f"{self.out_dir} has no split {split!r}; it has {sorted(self.info['counts'])}")
         if count == 0:
-            raise VilaUDataError(f"the {split!r} split of {self.out_dir} is empty; a dataset needs records")
+            raise DataError(f"the {split!r} split of {self.out_dir} is empty; a dataset needs records")
         try:
             z = np.load(os.path.join(self.dir, f"lengths-{split}.npz"))
             self.ids = np.asarray(z["id"])
             self.lengths = {k: np.asarray(z[k]) for k in SEQ_FIELDS[self.kind]}
         except Exception as e:  # noqa: BLE001
-            raise VilaUDataError(f"lengths-{split}.npz in {self.dir} is missing or corrupt ({_short(e)}); "
+            raise DataError(f"lengths-{split}.npz in {self.dir} is missing or corrupt ({_short(e)}); "
                                  "rewrite the dataset") from None
         tfds = _tfds()
         try:
             self.source = tfds.data_source(f"{NAME}:{VERSION}", split=split, data_dir=self.out_dir, download=False)
             n = len(self.source)
         except Exception as e:  # noqa: BLE001
-            raise VilaUDataError(f"cannot open the {split!r} split of {self.dir} ({_short(e)}); rewrite the dataset") from None
+            raise DataError(f"cannot open the {split!r} split of {self.dir} ({_short(e)}); rewrite the dataset") from None
         if n != count or len(self.ids) != n:
-            raise VilaUDataError(f"the {split!r} split of {self.dir} holds {n} records but {INFO_FILE} says {count}; "
+            raise DataError(f"the {split!r} split of {self.dir} holds {n} records but {INFO_FILE} says {count}; "
                                  "rewrite the dataset")
         self._get([0, n - 1])  # a truncated array_record file fails here, not mid-training
 
@@ -430,11 +426,11 @@ class VilaUData:
         try:
             rows = self.source.__getitems__([int(i) for i in idx])
         except Exception as e:  # noqa: BLE001
-            raise VilaUDataError(f"cannot read records {list(idx)[:4]} of {self.dir} ({_short(e)}); the array_record "
+            raise DataError(f"cannot read records {list(idx)[:4]} of {self.dir} ({_short(e)}); the array_record "
                                  "files are corrupt or truncated: rewrite the dataset") from None
         for r, i in zip(rows, idx):
             if any(r.get(k) is None for k in SEQ_FIELDS[self.kind] + CODE_FIELDS[self.kind]):
-                raise VilaUDataError(f"record {i} of {self.dir} decodes incompletely; rewrite the dataset")
+                raise DataError(f"record {i} of {self.dir} decodes incompletely; rewrite the dataset")
         return rows
 
     def read(self, idx: Sequence[int]) -> dict[str, Any]:
@@ -458,7 +454,7 @@ class SampleView:
 
     def __init__(self, data: VilaUData):
         if data.kind not in ("images", "pairs"):
-            raise VilaUDataError(f"{data.out_dir} holds {data.kind!r} records; SFT on image tokens needs an 'images' "
+            raise DataError(f"{data.out_dir} holds {data.kind!r} records; SFT on image tokens needs an 'images' "
                                  "or 'pairs' dataset")
         self.data, self.out_dir, self.split = data, data.out_dir, data.split
         self.halves = 2 if data.kind == "pairs" else 1
@@ -485,7 +481,7 @@ def left_pad(seqs: Sequence[np.ndarray], length: int, pad_id: int = 0) -> tuple[
     mask = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
         if len(s) > length:
-            raise VilaUDataError(f"a sequence of {len(s)} tokens does not fit the padded length {length}")
+            raise DataError(f"a sequence of {len(s)} tokens does not fit the padded length {length}")
         if len(s):
             ids[i, length - len(s):], mask[i, length - len(s):] = s, True
     return ids, mask
@@ -497,7 +493,7 @@ def right_pad(seqs: Sequence[np.ndarray], length: int, pad_id: int = 0) -> tuple
     mask = np.zeros((len(seqs), length), bool)
     for i, s in enumerate(seqs):
         if len(s) > length:
-            raise VilaUDataError(f"a sequence of {len(s)} tokens does not fit the padded length {length}")
+            raise DataError(f"a sequence of {len(s)} tokens does not fit the padded length {length}")
         ids[i, :len(s)], mask[i, :len(s)] = s, True
     return ids, mask
 

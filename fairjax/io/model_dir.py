@@ -27,8 +27,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fairjax.convert.core import flatten, path_str, unflatten
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
+from fairjax.errors import CheckpointError
+from fairjax.io.safetensors import SafetensorsReader, write_safetensors
+from fairjax.io.tree import flatten, path_str, unflatten
 
 PARAMS_FILE = "params.safetensors"
 CONFIG_FILE = "config.json"

@@ -23,7 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError
 
 _DTYPES: dict[str, Any] = {
     "F64": np.float64,
@@ -42,10 +42,6 @@ _DTYPES: dict[str, Any] = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(UserError):
-    """A checkpoint file or folder is missing, truncated, corrupt or does not fit the model."""
 
 
 def dtype_name(dtype) -> str:

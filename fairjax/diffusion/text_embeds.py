@@ -41,17 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fairjax.convert.safetensors_io import CheckpointError, SafetensorsReader, write_safetensors
-from fairjax.errors import UserError
+from fairjax.errors import CheckpointError, DataError
+from fairjax.io.safetensors import SafetensorsReader, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fairjax.text_embeds"
+FORMAT = "fairjax.diffusion.text_embeds"
 EMPTY = ""
-
-
-class TextEmbedError(UserError):
-    """Text encoders or a text-embedding cache that cannot be used (one-line message)."""
 
 
 # ----------------------------------------------------------------------------- the table
@@ -70,14 +66,14 @@ class TextTable:
 
     def __post_init__(self):
         if not self.captions or self.captions[0] != EMPTY:
-            raise TextEmbedError('a text-embedding table must start with the empty caption ""')
+            raise DataError('a text-embedding table must start with the empty caption ""')
         self.index = {c: i for i, c in enumerate(self.captions)}
         if len(self.index) != len(self.captions):
-            raise TextEmbedError("a text-embedding table lists a caption twice")
+            raise DataError("a text-embedding table lists a caption twice")
         n = len(self.captions)
         if self.encoder_hidden_states.shape[0] != n or (
                 self.text_embeds is not None and self.text_embeds.shape[0] != n):
-            raise TextEmbedError(f"text-embedding table: {n} captions but encoder_hidden_states "
+            raise DataError(f"text-embedding table: {n} captions but encoder_hidden_states "
                                  f"{self.encoder_hidden_states.shape} / text_embeds "
                                  f"{None if self.text_embeds is None else self.text_embeds.shape}")
 
@@ -95,7 +91,7 @@ class TextTable:
         try:
             return np.asarray([self.index[str(c)] for c in captions], np.int32)
         except KeyError as e:
-            raise TextEmbedError(f"caption {e.args[0]!r} has no precomputed text embedding; "
+            raise DataError(f"caption {e.args[0]!r} has no precomputed text embedding; "
                                  "recompute the cache (delete it) for this dataset") from None
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
@@ -143,7 +139,7 @@ def _file_digest(path: str, h) -> None:
 
 def encoders_fingerprint(model_dir: str, components: Sequence[str], tokenizer_dirs: Sequence[str]) -> str:
     """sha256 over the encoder configs/params and the tokenizer files (see :func:`_file_digest`)."""
-    from fairjax.convert.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir
+    from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir
 
     h = hashlib.sha256()
     for comp in components:
@@ -167,7 +163,7 @@ def encoder_layout(model_dir: str) -> tuple[list[str], list[str]]:
     tdirs = [os.path.join(model_dir, "tokenizer" + c[len("text_encoder"):]) for c in comps]
     for c, t in zip(comps, tdirs):
         if not os.path.isdir(os.path.join(model_dir, c)) or not os.path.isdir(t):
-            raise TextEmbedError(f"{model_dir}: text conditioning needs {c}/ and {os.path.basename(t)}/ "
+            raise DataError(f"{model_dir}: text conditioning needs {c}/ and {os.path.basename(t)}/ "
                                  "(convert the pipeline's text encoders and copy its tokenizer folders there)")
     return comps, tdirs
 
@@ -184,9 +180,9 @@ def load_encoders(model_dir: str) -> Encoders:
         loaded = [clip_text.load(model_dir, c) for c in comps]
         toks = [CLIPTokenizer.from_folder(t) for t in tdirs]
     except CheckpointError as e:
-        raise TextEmbedError(str(e)) from None
+        raise DataError(str(e)) from None
     if has2 and not loaded[1][0].config.with_projection:
-        raise TextEmbedError(f"{model_dir}/text_encoder_2 is not a CLIPTextModelWithProjection; SDXL needs its "
+        raise DataError(f"{model_dir}/text_encoder_2 is not a CLIPTextModelWithProjection; SDXL needs its "
                              "pooled text_embeds")
     return Encoders("sdxl" if has2 else "single", [m for m, _ in loaded], [p for _, p in loaded], toks,
                     encoders_fingerprint(model_dir, comps, tdirs))
@@ -229,16 +225,16 @@ def read_cache(path: str) -> tuple[TextTable, str]:
         with SafetensorsReader(path) as r:
             md = dict(r.metadata)
             if md.get("format") != FORMAT:
-                raise TextEmbedError(f"{path} is not a fairjax text-embedding cache (format "
+                raise DataError(f"{path} is not a fairjax text-embedding cache (format "
                                      f"{md.get('format')!r}); delete it or choose another path")
             ehs = np.array(r["encoder_hidden_states"])
             te = np.array(r["text_embeds"]) if "text_embeds" in r else None
     except CheckpointError as e:
-        raise TextEmbedError(f"unreadable text-embedding cache ({e}); delete it") from None
+        raise DataError(f"unreadable text-embedding cache ({e}); delete it") from None
     try:
         captions = json.loads(md["captions"])
     except (KeyError, json.JSONDecodeError):
-        raise TextEmbedError(f"{path}: corrupt text-embedding cache metadata; delete it") from None
+        raise DataError(f"{path}: corrupt text-embedding cache metadata; delete it") from None
     return TextTable(captions, ehs, te), md.get("fingerprint", "")
 
 
@@ -263,7 +259,7 @@ def cached_table(model_dir: str, captions: Sequence[str], path: str | None, *, b
     try:
         fp = encoders_fingerprint(model_dir, comps, tdirs)
     except (CheckpointError, OSError) as e:
-        raise TextEmbedError(f"{model_dir}: cannot read the text encoders ({e})") from None
+        raise DataError(f"{model_dir}: cannot read the text encoders ({e})") from None
     if path and os.path.isfile(path):
         table, old_fp = read_cache(path)
         if old_fp == fp and set(want) <= set(table.captions):
