@@ -21,7 +21,7 @@
    XLA:CPU's buffer assignment is not XLA:GPU's (other fusions, no cuDNN attention), so the
    compiled numbers check the analytic model's order of magnitude, not a GPU's exact peak.
    ``--dropout 0`` compiles without the LoRA dropout (its masks are a fused hash, see
-   :func:`fairjax.tasks.vila_u_pref.hash_keep_mask`; ``jax.random.bernoulli`` masks cost
+   :func:`fairjax.lora.hash_keep_mask`; ``jax.random.bernoulli`` masks cost
    0.7 GB at 4 layers and 2.1 GB at 8 layers of the smaller config on XLA:CPU).
 4. Which GPU memory sizes fit the 7B run (analytic total <= 90% of the card).
 

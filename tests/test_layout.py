@@ -174,3 +174,42 @@ def test_nothing_cites_files_outside_the_repository():
     bad = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in _text_files() if p.name != "test_layout.py"
            for m in _OUTSIDE.finditer(p.read_text(errors="replace"))]
     assert not bad, "\n".join(bad)
+
+
+_DOTTED = re.compile(r"(?<![\w.])fairjax(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+
+
+def _resolves(ref: str, cache: dict) -> bool:
+    import importlib
+
+    parts = ref.split(".")
+    for i in range(len(parts), 0, -1):
+        mod = ".".join(parts[:i])
+        if mod not in MODULES:
+            continue
+        if mod not in cache:
+            cache[mod] = importlib.import_module(mod)
+        obj = cache[mod]
+        for name in parts[i:]:
+            if not hasattr(obj, name):
+                return False
+            obj = getattr(obj, name)
+        return True
+    return False
+
+
+def test_every_dotted_name_the_code_and_docs_cite_exists():
+    """``fairjax.a.b.name`` in docstrings, docs and scripts names a module and an attribute that exist
+    (a moved function leaves no reference to its old home)."""
+    cache: dict = {}
+    bad = set()
+    for path in _text_files():
+        if path.name == "test_layout.py":
+            continue
+        for m in _DOTTED.finditer(path.read_text(errors="replace")):
+            ref = m.group(0).rstrip(".")
+            if ref == "fairjax.json":  # the model-dir index file, not a module
+                continue
+            if not _resolves(ref, cache):
+                bad.add(f"{path.relative_to(ROOT)} cites {ref}")
+    assert not bad, "\n".join(sorted(bad))

@@ -51,7 +51,7 @@ def vila_u_conversation(messages):
 
 
 def test_loader_is_the_generation_loader():
-    assert not hasattr(vd, "load_tokenizer")  # one loader: fairjax.vila_u.generate.load_tokenizer
+    assert not hasattr(vd, "load_tokenizer")  # one loader: fairjax.models.vila_u_tokenizer.load_tokenizer
     assert vd.VICUNA_SYSTEM is vtok.VICUNA_SYSTEM and vd.generation_prompt("x") == vtok.conversation_prompt("x")
 
 

@@ -171,7 +171,7 @@ def sentencepiece_tokenizer_json(llm_dir: str) -> str:
     ``llm_dir``'s tokenizer config (``<im_start>`` ...): transformers' ``AutoTokenizer.from_pretrained(llm_dir,
     legacy=False)`` converts it (vocabulary and merges from sentencepiece) and its backend tokenizer is
     serialised. Only the vocabulary, merges and added tokens are used by
-    :func:`fairjax.vila_u.generate.load_tokenizer`, which sets the pre-tokenisation itself.
+    :func:`fairjax.models.vila_u_tokenizer.load_tokenizer`, which sets the pre-tokenisation itself.
     Needs transformers and sentencepiece (``pip install 'fairjax[torch]'``), not torch."""
     path = os.path.join(llm_dir, "tokenizer.model")
     if not os.path.isfile(path):

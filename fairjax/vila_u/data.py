@@ -15,13 +15,13 @@ interleaves the halves with its collator and splits the batch in halves, which p
 the right images only at batch size 1.)
 
 Token layout (the vila-u vicuna_v1 template, ``vila_u/utils/tokenizer.py`` / ``data/dataset.py``), ids from
-:func:`fairjax.vila_u.generate.load_tokenizer` (vila-u's ``AutoTokenizer(use_fast=False, legacy=False)`` ids;
-a :class:`~fairjax.vila_u.generate.PromptTokenizer` is a :data:`Tokenize` callable with ``eos_id``):
+:func:`fairjax.models.vila_u_tokenizer.load_tokenizer` (vila-u's ``AutoTokenizer(use_fast=False, legacy=False)`` ids;
+a :class:`~fairjax.models.vila_u_tokenizer.PromptTokenizer` is a :data:`Tokenize` callable with ``eos_id``):
 
 * generation: ``prompt_ids = [bos] + tok("<system> USER: <caption> ASSISTANT: <im_start>")``, the text of
-  :func:`fairjax.vila_u.generate.conversation_prompt` (caption stripped; an empty caption is vila-u's
+  :func:`fairjax.models.vila_u_tokenizer.conversation_prompt` (caption stripped; an empty caption is vila-u's
   unconditional CFG prompt ``"<system> USER:ASSISTANT: <im_start>"``, :func:`unconditional_ids`);
-  the image follows as N positions, teacher-forced (:func:`fairjax.tasks.vila_u_pref.image_code_logprobs`);
+  the image follows as N positions, teacher-forced (:func:`fairjax.vila_u.logprobs.image_code_logprobs`);
 * understanding (mDPO): vila-u's ``"<system> USER: <im_start><image><im_end>\\n<question> ASSISTANT: <answer></s>"``
   as ``tokenizer_image_token`` cuts it at ``<image>``: ``pre_ids = [bos] + tok("<system> USER: <im_start>")``,
   the N image positions, then ``tok("<im_end>\\n<question> ASSISTANT:")`` (``post_ids``; vila-u's tokenizer starts
