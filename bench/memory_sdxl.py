@@ -211,7 +211,7 @@ def abstract_step(unet_cfg: dict, latent: int, pairs: int, lora_rank: int, dtype
     import optax
 
     from fairjax import parallel, trainer
-    from fairjax.data import pairs
+    from fairjax.data import pairs as pairs_lib
     from fairjax.diffusion import text_embeds
     from fairjax.models import unet as unet_mod
     from fairjax.tasks import diffusion_pref as dp
@@ -223,7 +223,7 @@ def abstract_step(unet_cfg: dict, latent: int, pairs: int, lora_rank: int, dtype
     c.mesh = mesh_spec
     ctx_d, pooled = text_dims
     n = 2 * pairs
-    src = pairs.ArrayPrefs(np.zeros((n, 4, latent, latent), np.float32), ["x"] * n, [True, False] * pairs,
+    src = pairs_lib.ArrayPrefs(np.zeros((n, 4, latent, latent), np.float32), ["x"] * n, [True, False] * pairs,
                         np.repeat(np.arange(pairs), 2))
     table = text_embeds.TextTable(["", "x"], np.zeros((2, 77, ctx_d), np.float32), np.zeros((2, pooled), np.float32))
     task = dp.DiffusionPrefTask(c, source=src, table=table)

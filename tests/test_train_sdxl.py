@@ -28,7 +28,7 @@ from fairjax.io.tree import flatten, path_str, shapes_of
 from fairjax.io.model_dir import load_params
 from fairjax.tasks import diffusion_pref as dp
 from fairjax.diffusion import tiny as tiny_sdxl
-from fairjax.data import pairs
+from fairjax.data import pairs as pairs_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +204,7 @@ def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny
     import torch
     import diffusers  # noqa: F401
     recs = _prompted(tiny)
-    src = pairs.ArrayPrefs.from_records(recs)
+    src = pairs_lib.ArrayPrefs.from_records(recs)
     w = 30.0
     plain = dp.DiffusionPrefTask(config(tiny, beta=20.0), source=src)
     task = dp.DiffusionPrefTask(config(tiny, beta=20.0, anchor_weight=w), source=src)
@@ -248,7 +248,7 @@ def test_identity_anchor_is_the_distance_to_the_reference_on_winner_prompts(tiny
 def test_identity_anchor_pulls_identity_prompts_back_to_the_reference(tiny, tmp_path):
     """Trained LoRA, same data and steps: with the anchor the winners' own prompts end nearer to
     the reference's predictions (the anchor metric measured on fresh draws after training)."""
-    src = pairs.ArrayPrefs.from_records(_prompted(tiny))
+    src = pairs_lib.ArrayPrefs.from_records(_prompted(tiny))
     over = {"lora.rank": 4, "lora.alpha": 4.0, "optimizer.lr": 3e-2, "optimizer.warmup_steps": 0, "beta": 2000.0,
             "total_steps": 12}
     probe = dp.DiffusionPrefTask(config(tiny, anchor_weight=1.0, **over), source=src)
@@ -543,7 +543,7 @@ def _one_line(excinfo, *words):
 
 
 def test_latents_that_do_not_fit_the_unet(tiny):
-    src = pairs.ArrayPrefs.from_records(_records(tiny, channels=3))
+    src = pairs_lib.ArrayPrefs.from_records(_records(tiny, channels=3))
     with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny), source=src)
     _one_line(e, "(3, 8, 8)", "(4, H, W)")
@@ -551,11 +551,11 @@ def test_latents_that_do_not_fit_the_unet(tiny):
 
 def test_empty_or_pairless_dataset(tiny):
     with pytest.raises(dp.ConfigError) as e:
-        pairs.ArrayPrefs.from_records([])
+        pairs_lib.ArrayPrefs.from_records([])
     _one_line(e, "empty")
     winners_only = [r for r in _records(tiny) if r["is_winner"]]
     with pytest.raises(dp.ConfigError) as e:
-        dp.DiffusionPrefTask(config(tiny), source=pairs.ArrayPrefs.from_records(winners_only))
+        dp.DiffusionPrefTask(config(tiny), source=pairs_lib.ArrayPrefs.from_records(winners_only))
     _one_line(e, "no winner/loser pairs")
     with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny, batch_size=64))
@@ -586,7 +586,7 @@ def test_bad_config_is_one_line_error(tiny, over, words):
 
 
 def test_identity_anchor_needs_a_reference(tiny):
-    src = pairs.ArrayPrefs.from_records(_prompted(tiny))
+    src = pairs_lib.ArrayPrefs.from_records(_prompted(tiny))
     with pytest.raises(dp.ConfigError) as e:
         dp.DiffusionPrefTask(config(tiny, "sft", anchor_weight=1.0), source=src)
     _one_line(e, "anchor_weight", "SFT has no")
@@ -599,7 +599,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
     recs[winners[9]]["latents"] = np.full_like(recs[0]["latents"], np.nan)  # winner record 9: batch 1 of 8
     cfg = config(tiny, "sft", total_steps=3, batch_size=8, **{"data.shuffle": False, "checkpoint.every_steps": 1})
     cfg.mesh = dict(data=8)
-    task = dp.DiffusionPrefTask(cfg, source=pairs.ArrayPrefs.from_records(recs))
+    task = dp.DiffusionPrefTask(cfg, source=pairs_lib.ArrayPrefs.from_records(recs))
     with pytest.raises(trainer.NonFiniteLossError) as e:
         trainer.train(cfg, task, str(tmp_path))
     _one_line(e, "at step 1", f"{tmp_path}/checkpoints/1 is kept")
