@@ -550,7 +550,9 @@ def test_latents_that_do_not_fit_the_unet(tiny):
 
 
 def test_empty_or_pairless_dataset(tiny):
-    with pytest.raises(dp.ConfigError) as e:
+    from fairjax.errors import DataError
+
+    with pytest.raises(DataError) as e:
         pairs_lib.ArrayPrefs.from_records([])
     _one_line(e, "empty")
     winners_only = [r for r in _records(tiny) if r["is_winner"]]
