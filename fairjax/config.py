@@ -7,17 +7,27 @@ or a value of the wrong type is a one-line :class:`ConfigError`.
 
 The resolved config is saved as ``config.json`` in the workdir; a later run in
 the same workdir must resolve to the same config (the differing keys are
-reported) unless the caller allows the change explicitly.
+reported) unless the caller allows the change explicitly, or the run there never
+saved a checkpoint (nothing to resume: the new config replaces the old one).
+
+Valid values: every key's range is declared beside its default, in a table
+``{dotted key: Range}`` (:data:`fairjax.trainer.TRAIN_RANGES` next to
+``default_train_config()``, a ``RANGES`` table next to each task's config
+function); :func:`validate` checks a config against the tables before anything
+is built or compiled, and lists every bad value in one line with its key, its
+value and its range.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import inspect
 import json
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -36,6 +46,114 @@ RENAMED = {
     "model.attention_impl": "model.attention",
     "data.dir": "data.path",
 }
+
+
+# ----------------------------------------------------------------------------- valid values
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of one config key: a number in ``[lo, hi]`` (``lo_open`` / ``hi_open``: that end
+    excluded; None: unbounded; always finite), an integer when ``integer`` (an integral float such as
+    ``1e3`` counts); or one of ``choices``; or a bool when ``boolean``. ``also`` lists extra valid
+    values (``mesh.data = -1``: all devices); ``note`` is added to the message."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    integer: bool = False
+    choices: tuple = ()
+    boolean: bool = False
+    also: tuple = ()
+    note: str = ""  # why, when the range alone does not say it
+
+    def ok(self, v: Any) -> bool:
+        if any(type(v) is type(a) and v == a for a in self.also):
+            return True
+        if self.boolean:
+            return isinstance(v, bool)
+        if self.choices:
+            return isinstance(v, (str, int, float)) and not isinstance(v, bool) and v in self.choices
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.integer and not (isinstance(v, int) or float(v).is_integer()):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v < self.lo or (self.lo_open and v == self.lo)):
+            return False
+        return self.hi is None or (v < self.hi or (not self.hi_open and v == self.hi))
+
+    def describe(self) -> str:
+        if self.boolean:
+            return "true or false"
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        kind = "an integer" if self.integer else "a number"
+        lo, hi = (_num(self.lo), _num(self.hi))
+        if self.lo is not None and self.hi is not None:
+            text = f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{kind} {'>' if self.lo_open else '>='} {lo}"
+        elif self.hi is not None:
+            text = f"{kind} {'<' if self.hi_open else '<='} {hi}"
+        else:
+            text = f"a finite {kind.split()[-1]}"
+        text = " or ".join([repr(a) for a in self.also] + [text])
+        return f"{text} ({self.note})" if self.note else text
+
+
+def _num(x) -> str:
+    if x is None:
+        return ""
+    if float(x).is_integer() and abs(x) >= 2**16 and (int(x) & (int(x) - 1)) == 0:
+        return f"2**{int(x).bit_length() - 1}"
+    if float(x).is_integer() and abs(x) >= 2**16 and ((int(x) + 1) & int(x)) == 0:
+        return f"2**{int(x).bit_length()} - 1"
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def ints(lo: int | None = None, hi: int | None = None, **kw) -> Range:
+    """An integer in ``[lo, hi]``."""
+    return Range(lo, hi, integer=True, **kw)
+
+
+def floats(lo: float | None = None, hi: float | None = None, **kw) -> Range:
+    """A finite number in ``[lo, hi]`` (``lo_open`` / ``hi_open`` to exclude an end)."""
+    return Range(lo, hi, **kw)
+
+
+def one_of(*choices, note: str = "") -> Range:
+    return Range(choices=tuple(choices), note=note)
+
+
+BOOL = Range(boolean=True)
+SEED = ints(0, 2**32 - 1)  # numpy and jax.random.key both take [0, 2**32)
+
+
+def _lookup(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, Mapping)) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def validate(cfg, *tables: Mapping[str, Range]) -> None:
+    """Check every key of ``tables`` (later tables win for the same key) that ``cfg`` holds and that is
+    not None (None: the trainer's default); one :class:`ConfigError` lists every bad value with its range."""
+    merged: dict[str, Range] = {}
+    for t in tables:
+        merged.update(t)
+    bad = []
+    for key, rng in merged.items():
+        present, value = _lookup(cfg, key)
+        if present and value is not None and not rng.ok(value):
+            bad.append(f"config.{key}={value!r} is out of range: must be {rng.describe()}")
+    if bad:
+        raise ConfigError("; ".join(bad) + " (fix it in the config file or with --config.KEY=VALUE)")
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -168,16 +286,22 @@ def _has_key(d: dict, dotted: str) -> bool:
     return True
 
 
-def check_or_save(cfg: ml_collections.ConfigDict, workdir: str, allow_change: bool = False) -> list[str]:
+def check_or_save(cfg: ml_collections.ConfigDict, workdir: str, allow_change: bool = False,
+                  resumable: bool = True) -> list[str]:
     """Save the resolved config in ``workdir``, or compare with the one there.
 
     Returns the keys that differ from a saved config (empty for a new run).
     A difference is an error unless ``allow_change``; the saved file is then
     kept as ``config.json`` of the run and the new one written beside it.
+    ``resumable=False`` (the run there saved no checkpoint: nothing to resume) replaces
+    a differing or unreadable saved config with this one.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILE)
     new = to_dict(cfg)
+    if os.path.exists(path) and not resumable:
+        _write_json(path, new)
+        return []
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -205,8 +329,6 @@ def check_or_save(cfg: ml_collections.ConfigDict, workdir: str, allow_change: bo
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from fairjax.io.model_dir import write_json
+
+    write_json(path, obj)

@@ -9,6 +9,8 @@ says what is wrong and what to do.
       CheckpointError     a model dir, safetensors file, orbax checkpoint or conversion source
       DataError           a preference / VILA-U dataset, a record, a prompt file, a text-embedding cache
       ShardingError       a mesh, partition rule or batch that does not fit the devices
+      OutputError         an output path that would overlap an input, is in use by another run, or that the
+                          operating system refuses (read-only, disk full, a file where a folder goes)
       NonFiniteLossError  the loss or gradient became NaN/inf (also a FloatingPointError)
 """
 
@@ -33,6 +35,12 @@ class DataError(UserError):
 
 class ShardingError(UserError):
     """A mesh, rule or batch that does not fit the devices / shapes."""
+
+
+class OutputError(UserError):
+    """An output (a folder, a file, a workdir) that cannot be written: it equals, contains or is inside an
+    input, another run holds its lock, it is a file where a folder goes, or the operating system refused
+    (permission, read-only file system, disk full). Nothing has been written when it is raised."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):

@@ -20,9 +20,11 @@ the ``base_model`` its ``fairjax.json`` names. Without ``--config`` a toy-world 
 ``toy_world.json``) uses :func:`fairjax.toy.config.make_config`, any other model the SDXL
 defaults of :func:`default_config`.
 
-``OUT`` (written to a temporary folder, renamed at the end): ``report/`` (index.html,
-report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
-``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image).
+``OUT`` (written to a temporary folder, renamed at the end, locked while it is written): ``report/``
+(index.html, report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
+``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image). An ``OUT`` that equals,
+contains or is inside a model, a LoRA or the config file is refused (also with ``--overwrite``), and
+the ``sample`` / ``eval`` values are checked against their ranges before any model is loaded.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from fairjax import config as config_lib
 from fairjax.errors import UserError
+from fairjax.io import fs
 
 REPORT_DIR = "report"
 NEEDED = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -54,6 +58,17 @@ def default_config() -> ml_collections.ConfigDict:
         keywords=dict(genders=list(GENDERS), races=list(RACES)), n_neutral=100, n_identity=10, seed=1000,
         classifier="deepface", n_resamples=1000, grid_images=16))
     return c
+
+
+#: valid values of the ``eval`` keys (the ``sample`` keys: :data:`fairjax.data.build_prefs.SAMPLE_RANGES`)
+RANGES = {
+    "eval.n_neutral": config_lib.ints(1),
+    "eval.n_identity": config_lib.ints(0, note="0 = no recall"),
+    "eval.seed": config_lib.SEED,
+    "eval.classifier": config_lib.one_of("deepface", "toy"),
+    "eval.n_resamples": config_lib.ints(1),
+    "eval.grid_images": config_lib.ints(0),
+}
 
 
 # ----------------------------------------------------------------------------- prompts / models
@@ -151,21 +166,32 @@ def evaluate(config, models: dict[str, tuple[str, str | None]], out: str, *, bas
              overwrite: bool = False, log=print) -> dict:
     """Evaluate ``{name: (model_dir, lora file | None)}`` (the first is the baseline of the deltas)
     and write ``out`` (see module docstring); returns the report dict."""
+    from fairjax.data.build_prefs import SAMPLE_RANGES
+
+    ec = config.eval
+    config_lib.validate(config, SAMPLE_RANGES, RANGES)
+    inputs = {"--base": base_dir}
+    for name, (model_dir, lora) in models.items():
+        inputs[f"model {name!r}"], inputs[f"LoRA of {name!r}"] = model_dir, lora
+        if os.path.isdir(model_dir):
+            inputs[f"the base of {name!r}"] = base_of(model_dir)
+    out = fs.check_output(out, what="--out", overwrite=overwrite, inputs=inputs)
+    for name, (model_dir, lora) in models.items():
+        if not os.path.isdir(model_dir):
+            raise UserError(f"{model_dir}: model directory not found (model {name!r})")
+        if lora and not os.path.isfile(lora):
+            raise UserError(f"{lora}: LoRA file not found (model {name!r})")
+    with fs.locked(out, what="--out"):  # a second run on OUT is refused before it loads a model
+        return _evaluate(config, models, out, jobs=eval_jobs(ec), base_dir=base_dir, overwrite=overwrite, log=log)
+
+
+def _evaluate(config, models, out: str, *, jobs, base_dir, overwrite, log) -> dict:
     from fairjax.data.build_prefs import make_classifier, sample_options
     from fairjax.diffusion.generator import Generator, load_any_pipeline
     from fairjax.fairness.report import write_records, write_report
     from fairjax.io.model_dir import atomic_output_dir
 
     ec = config.eval
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
-    for name, (model_dir, lora) in models.items():
-        if not os.path.isdir(model_dir):
-            raise UserError(f"{model_dir}: model directory not found (model {name!r})")
-        if lora and not os.path.isfile(lora):
-            raise UserError(f"{lora}: LoRA file not found (model {name!r})")
-    jobs = eval_jobs(ec)
     first_dir = next(iter(models.values()))[0]
     classifier, classes = make_classifier(str(ec.classifier), first_dir)
     runs = {}
@@ -283,9 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in models:
             raise UserError(f"--name {name!r} is also the base's name; pass another --name")
         models[name] = (args.model, args.lora)
+        if args.config:
+            fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
         report = evaluate(cfg, models, args.out, base_dir=args.base, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     for line in summary_lines(report):
         print(line)

@@ -5,8 +5,9 @@
         [--sampler euler|ddim] [--save-latents] [--batch-size 8] [--height H --width W] \\
         [--negative-prompt TEXT] [--dtype float32|bfloat16] [--overwrite]
 
-OUT gets ``{p:05d}_{i:04d}.png`` for prompt p (0-based line of the prompt file, blank and ``#``
-lines skipped) and image i, ``images.jsonl`` with one row per image ({"prompt", "prompt_index",
+OUT gets ``{p:05d}_{i:04d}.png`` for prompt p (the p-th prompt of the prompt file: one prompt per
+line, taken literally -- ``a cat | a dog`` is the prompt "a cat | a dog"; blank lines and lines
+starting with ``#`` are skipped) and image i, ``images.jsonl`` with one row per image ({"prompt", "prompt_index",
 "seed", "index", "file"[, "latents"]}), ``generate.json`` with the settings, and with
 ``--save-latents`` ``latents/{p:05d}_{i:04d}.safetensors`` (key "latents": the final (C, h, w)
 float32 latents before VAE decoding, NCHW as diffusers). Image (p, i) is a function of
@@ -15,19 +16,24 @@ A VILA-U model dir (``tools/convert_vila_u.py``, ``model_type: vila_u``) goes to
 :mod:`fairjax.vila_u.generate` (``--steps``/``--sampler`` ignored: it draws the model's 16x16x4
 codes; ``--save-latents`` saves those codes).
 OUT is written to a temporary folder and renamed at the end; an existing OUT is refused unless
-``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2.
+``--overwrite``, and so is an OUT that equals, contains or is inside ``--model``, ``--prompts`` or
+``--lora`` (even with ``--overwrite``). OUT is locked while it is written (a second run on it is
+refused). Bad input and the operating system's refusals (read-only, disk full) are a one-line
+``error: ...`` and exit status 2; nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 import numpy as np
 
 from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.io.images import image_stem, write_png
 
 DTYPES = ("float32", "bfloat16")
@@ -63,10 +69,20 @@ def check_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if not 0 <= args.seed < 2**32:
         raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
+    for name in ("height", "width"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be >= 1 pixel (got {getattr(args, name)}); leave it unset for the model's")
+    if args.cfg is not None and not math.isfinite(args.cfg):
+        raise UserError(f"--cfg must be a finite number (got {args.cfg})")
+    if not (math.isfinite(args.guidance_rescale) and 0 <= args.guidance_rescale <= 1):
+        raise UserError(f"--guidance-rescale must be in [0, 1] (got {args.guidance_rescale})")
+    if os.path.isdir(args.prompts):
+        raise UserError(f"--prompts {args.prompts} is a folder; pass a text file with one prompt per line")
     if args.lora is not None and not os.path.isfile(args.lora):
-        raise UserError(f"{args.lora}: LoRA file not found")
+        raise UserError(f"{args.lora}: LoRA file not found" if not os.path.isdir(args.lora) else
+                        f"--lora {args.lora} is a folder; pass a fairjax LoRA .safetensors file")
+    fs.check_output(args.out, what="--out", overwrite=args.overwrite,
+                    inputs={"--model": args.model, "--prompts": args.prompts, "--lora": args.lora})
 
 
 def run(argv=None) -> dict:
@@ -76,7 +92,11 @@ def run(argv=None) -> dict:
     from fairjax.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)
+    with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+        return _generate(args, prompts)
 
+
+def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     from fairjax.vila_u import generate as vila_u_generate
 
     if vila_u_generate.is_vila_u(args.model):  # VILA-U: see fairjax/vila_u/generate.py for the flag differences
@@ -122,15 +142,18 @@ def run(argv=None) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         settings.update(height=int(height), width=int(width), images=len(rows))
         with open(os.path.join(tmp, "generate.json"), "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump(settings, f, indent=2, allow_nan=False)
     return {"out": os.path.abspath(args.out), **settings}
 
 
 def main(argv=None) -> int:
     try:
         summary = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
     return 0

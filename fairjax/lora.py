@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairjax.errors import CheckpointError, UserError
-from fairjax.io.safetensors import SafetensorsReader, write_safetensors
+from fairjax.io.safetensors import SafetensorsReader, check_float, write_safetensors
 from fairjax.io.tree import flatten, path_str
 
 Lora = dict[str, dict[str, jax.Array]]
@@ -156,6 +156,18 @@ def _check_entry(path: str, entry, shape: tuple[int, ...]) -> None:
                          f"needs a({fan_in}, r), b(r, {shape[-1]})")
 
 
+def check_fits(lora: Mapping[str, Mapping], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every entry of ``lora`` names a kernel of ``shapes`` (``{'/'-joined path: shape}``, e.g. from a
+    safetensors header) and has ``a (prod(K), r)``, ``b (r, out)`` for its kernel ``(*K, out)``; else a
+    one-line ``UserError`` naming the first entry that does not, before anything is merged or written."""
+    unknown = sorted(p for p in lora if p not in shapes)
+    if unknown:
+        raise UserError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
+                        "another model (or another param prefix)?")
+    for path, entry in sorted(lora.items()):
+        _check_entry(path, entry, tuple(shapes[path]))
+
+
 def merge(params: Mapping, lora: Mapping[str, Mapping], alpha: float) -> Any:
     """``params`` with each kernel in ``lora`` replaced by ``W + (alpha/r) (a @ b).reshape(W.shape)``.
 
@@ -241,6 +253,7 @@ def load(path: str | os.PathLike) -> tuple[Lora, dict[str, Any]]:
         if md.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{path}: fairjax LoRA format version {md.get('format_version')!r} "
                                   f"is not supported (this fairjax reads {FORMAT_VERSION!r})")
+        check_float(rd, rd.keys(), path)
         groups: dict[str, dict[str, np.ndarray]] = {}
         for key in rd.keys():
             base, _, leaf = key.rpartition("/")

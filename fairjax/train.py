@@ -4,7 +4,15 @@ Thin by design: config -> task (model adapter + data + loss) -> the generic
 sharded loop in :mod:`fairjax.trainer`. The resolved config is saved as
 ``DIR/config.json``; re-running in the same ``DIR`` resumes from its last
 checkpoint and must resolve to the same config (``--allow-config-change``
-resumes anyway and records the new one beside it).
+resumes anyway and records the new one beside it; a ``DIR`` with no checkpoint
+yet takes the new config).
+
+Before anything is built or compiled: every config value is checked against its
+range (:data:`fairjax.trainer.TRAIN_RANGES` and the task's ``RANGES``; one line
+naming each bad key, its value and its range, and no ``config.json`` written),
+``DIR`` must be a writable folder that neither equals, contains nor sits inside
+``model.dir``, ``data.path``, ``lora.init`` or the config file, and ``DIR/.lock``
+(pid and host of the run holding it) refuses a second run on the same ``DIR``.
 
 Multi-host: run the same command on every host; ``--distributed`` (or the
 launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
@@ -13,10 +21,13 @@ launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 
 from fairjax.errors import UserError
+from fairjax.io import fs
 
 
 def parse_args(argv):
@@ -51,19 +62,51 @@ def run(argv=None) -> dict:
 
     cfg = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(cfg, overrides)
-    task = tasks.build(cfg, workdir=args.workdir)
-    if jax.process_index() == 0:
-        changed = config_lib.check_or_save(cfg, args.workdir, args.allow_config_change)
-        if changed:
-            print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)
-    return trainer.train(cfg, task, args.workdir)
+    trainer.validate_config(cfg, tasks.ranges(cfg))
+    check_workdir(args.workdir, cfg, args.config)
+    main_process = jax.process_index() == 0
+    with fs.locked(args.workdir, inside=True, what="--workdir") if main_process else contextlib.nullcontext():
+        task = tasks.build(cfg, workdir=args.workdir)
+        if main_process:
+            changed = config_lib.check_or_save(cfg, args.workdir, args.allow_config_change,
+                                               resumable=has_checkpoint(args.workdir))
+            if changed:
+                print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)
+        return trainer.train(cfg, task, args.workdir)
+
+
+#: config keys that name what a run reads (the workdir may not overlap them)
+INPUT_KEYS = ("model.dir", "data.path", "lora.init")
+
+
+def check_workdir(workdir: str, cfg, config_spec: str) -> None:
+    """``workdir`` is (or can become) a writable folder disjoint from every input the config names."""
+    inputs = {"--config": config_spec.partition(":")[0]}
+    for key in INPUT_KEYS:
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if hasattr(node, "get") else None
+        if isinstance(node, str) and node:
+            inputs[f"config.{key}"] = node
+    fs.check_output(workdir, what="--workdir", must_be_new=False, inputs=inputs)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether ``workdir/checkpoints`` holds a finished step (something to resume)."""
+    try:
+        return any(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
+    except OSError:
+        return False
 
 
 def main(argv=None) -> int:
     try:
         summary = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2, default=str))
     return 0

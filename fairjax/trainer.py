@@ -69,6 +69,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from fairjax import config as config_lib
 from fairjax import parallel
 from fairjax.checkpoint import Checkpointer, PreemptionGuard
 from fairjax.errors import ConfigError, NonFiniteLossError
@@ -120,6 +121,40 @@ def default_train_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.progress_bar = True
     return c
+
+
+#: the valid values of every key :func:`default_train_config` sets (:func:`fairjax.config.validate`
+#: checks them, and each task's ``RANGES``, before anything is built or compiled)
+TRAIN_RANGES = {
+    "seed": config_lib.SEED,
+    "total_steps": config_lib.ints(1),
+    "batch_size": config_lib.ints(1),
+    "grad_accum_steps": config_lib.ints(1),
+    "optimizer.name": config_lib.one_of("adamw", "adam", "sgd"),
+    "optimizer.lr": config_lib.floats(0, lo_open=True),
+    "optimizer.schedule": config_lib.one_of("constant", "cosine"),
+    "optimizer.warmup_steps": config_lib.ints(0),
+    "optimizer.b1": config_lib.floats(0, 1, hi_open=True),
+    "optimizer.b2": config_lib.floats(0, 1, hi_open=True),
+    "optimizer.eps": config_lib.floats(0, lo_open=True),
+    "optimizer.weight_decay": config_lib.floats(0),
+    "optimizer.momentum": config_lib.floats(0, 1, hi_open=True),
+    "optimizer.grad_clip": config_lib.floats(0),  # 0 = off
+    "mesh.data": config_lib.ints(1, also=(-1,)),  # -1: every device the other axes leave
+    "mesh.fsdp": config_lib.ints(1, also=(-1,)),
+    "mesh.tensor": config_lib.ints(1, also=(-1,)),
+    "checkpoint.every_steps": config_lib.ints(0),  # 0 = only the final (and preemption) saves
+    "checkpoint.keep": config_lib.ints(0),  # 0 = keep all
+    "checkpoint.async": config_lib.BOOL,
+    "log_every_steps": config_lib.ints(1),
+    "progress_bar": config_lib.BOOL,
+}
+
+
+def validate_config(config, *task_ranges) -> None:
+    """:data:`TRAIN_RANGES` and the task's tables (which win for the same key) over ``config``: one
+    :class:`ConfigError` naming every bad key, its value and its range."""
+    config_lib.validate(config, TRAIN_RANGES, *task_ranges)
 
 
 def _get(cfg, key: str, section: tuple[str, ...] = ()):
@@ -418,6 +453,7 @@ def train(config, task, workdir: str) -> dict:
     Returns ``task.finish(...)``'s summary plus ``step``, ``preempted`` and the last
     logged metrics.  Raises :class:`NonFiniteLossError` on a NaN/inf loss.
     """
+    validate_config(config)  # the trainer's keys (fairjax.train checks the task's too, before building it)
     os.makedirs(workdir, exist_ok=True)
     s = _Setup(config, task, workdir)
     ck_cfg = _get(config, "checkpoint")

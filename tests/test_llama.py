@@ -256,7 +256,9 @@ def test_converter_round_trip_bit_exact(tmp_path, rel):
         loaded, info = transformers.LlamaForCausalLM.from_pretrained(str(out), output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
         assert rel(hf_logits(loaded.eval(), ids), hf_logits(hf, ids)) == 0.0
-    with pytest.raises(FileExistsError):
+    from fairjax.errors import OutputError
+
+    with pytest.raises(OutputError, match="already exists"):
         export_hf_llama(params, cfg, str(tmp_path / "out"))
 
 

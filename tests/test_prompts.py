@@ -99,8 +99,10 @@ def test_parse_identity_whole_words():
 
 def test_prompt_file_and_keywords_config(tmp_path):
     f = tmp_path / "p.txt"
-    f.write_text("# comment\n\na chef cooking\nnurse | a nurse at work\n")
-    assert P.read_prompt_file(str(f)) == ["a chef cooking", "a nurse at work"]
+    f.write_text("# comment\n\na chef cooking\n  a cat | a dog  \n")
+    assert P.read_prompt_file(str(f)) == ["a chef cooking", "a cat | a dog"]  # each line literally (issue 23)
+    with pytest.raises(UserError, match="is a folder"):
+        P.read_prompt_file(str(tmp_path))
     with pytest.raises(UserError, match="not found"):
         P.read_prompt_file(str(tmp_path / "nope.txt"))
     (tmp_path / "e.txt").write_text("# only a comment\n")

@@ -15,6 +15,9 @@ OUT becomes a fairjax model dir (``OUT/<component>/{config.json,
 params.safetensors}`` + the copied folders + ``OUT/fairjax.json``), written to
 a temp dir and renamed at the end: after a failure OUT does not exist (or is
 untouched). ``fairjax.diffusion.pipeline.load_pipeline(OUT)`` loads an SDXL one.
+An OUT that equals, contains or is inside SRC is refused (also with ``--overwrite``: it would
+delete the source); OUT is locked while it is written; an integer tensor where a weight is
+expected, or a corrupt safetensors header, is an error before anything is written.
 
 To add a component, register a function
 ``convert(src_folder, out_folder, *, dtype, variant) -> dict`` in ``CONVERTERS``
@@ -25,7 +28,6 @@ diffusers/transformers class name in ``CLASS_TO_COMPONENT``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -37,7 +39,8 @@ import numpy as np
 
 from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
-from fairjax.errors import CheckpointError, UserError
+from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.io.model_dir import atomic_output_dir, read_json, write_index
 
 #: pipeline subfolder name -> converter(src, out, *, dtype, variant) -> summary dict
@@ -106,6 +109,7 @@ def plan_sources(src: str, variant: str | None = None) -> tuple[list[tuple[str, 
 def convert(src: str, out: str, *, dtype: str | None = "float32", variant: str | None = None,
             overwrite: bool = False, log=print) -> dict:
     """Convert SRC into the fairjax model dir OUT (atomic). Returns ``{component: summary}``."""
+    fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"SRC": src})
     todo, copied, skipped = plan_sources(src, variant)
     np_dtype = DTYPES[dtype] if dtype else None
     done = {}
@@ -139,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         convert(args.src, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
-    except (UserError, CheckpointError, FileExistsError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
 

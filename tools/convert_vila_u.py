@@ -14,17 +14,19 @@ to a temp dir and renamed at the end, so after a failure OUT does not exist (or
 is untouched). Every key and shape of every part is checked before any tensor is
 read. The SigLIP encoder's config is looked up from ``rqvaesiglip.pretrained_model``
 (siglip-large-patch16-256, siglip-so400m-patch14-384 are built in); for another
-one pass its ``config.json`` with ``--siglip-config``.
+one pass its ``config.json`` with ``--siglip-config``. An OUT that equals, contains or is inside
+SRC or the ``--siglip-config`` file is refused (also with ``--overwrite``); OUT is locked while it is
+written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from fairjax.convert import vila_u as vila_u_convert
-from fairjax.errors import CheckpointError, UserError
+from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.io.model_dir import read_json
 
 DTYPES = ("float32", "bfloat16", "float16", "as-stored")
@@ -40,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
     try:
+        fs.check_output(args.out, what="OUT", overwrite=args.overwrite,
+                        inputs={"SRC": args.src, "--siglip-config": args.siglip_config})
         sig = read_json(args.siglip_config) if args.siglip_config else None
         vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
                                       siglip_config=sig, overwrite=args.overwrite)
-    except (UserError, CheckpointError, FileExistsError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
 

@@ -24,7 +24,9 @@ keys start with ``unet.`` (``pipe.load_lora_weights(OUT)``,
 bare module keys (``unet.load_lora_adapter(state_dict, prefix=None)``).
 
 Everything is written to a temp path and renamed at the end; an existing OUT is
-refused unless ``--overwrite``.
+refused unless ``--overwrite``, an OUT that equals, contains or is inside MODEL_DIR or
+the LoRA file always (it would overwrite an input), and OUT is locked while it is
+written. A LoRA whose shapes do not fit the UNet is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ import numpy as np
 
 from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
-from fairjax.errors import CheckpointError, UserError
+from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
+from fairjax.io.safetensors import SafetensorsReader
 
 #: component name -> exporter(fairjax component folder, diffusers out folder, *, dtype, lora, alpha) -> summary
 EXPORTERS: dict[str, Callable[..., dict]] = {
@@ -117,6 +121,9 @@ def _copy_parts(model_dir: str, out: str, copied: dict, exported: list[str], log
 def _load_lora(path: str):
     from fairjax import lora as lora_lib
 
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: LoRA file not found" if not os.path.isdir(path) else
+                        f"--lora {path} is a folder; pass a fairjax LoRA .safetensors file")
     lora, meta = lora_lib.load(path)
     if "alpha" not in meta:
         raise UserError(f"{path}: LoRA file has no alpha in its metadata; save it with fairjax.lora.save(alpha=...)")
@@ -127,6 +134,7 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
                  overwrite: bool = False, log=print) -> dict:
     """Write every exportable component of ``model_dir`` under OUT/<component>/ (LoRA merged into the
     UNet if given), copy its weight-free folders and write its model_index.json back."""
+    fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
     comps = _components(model_dir)
     copied = _copied_parts(model_dir)
     lora, alpha = (None, None)
@@ -134,6 +142,13 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
         if "unet" not in dict(comps):
             raise UserError(f"{model_dir}: no unet to merge --lora {lora_path} into")
         lora, alpha, _ = _load_lora(lora_path)
+        from fairjax import lora as lora_lib
+
+        with SafetensorsReader(os.path.join(dict(comps)["unet"], PARAMS_FILE)) as r:
+            try:
+                lora_lib.check_fits(lora, {k: r.shape(k) for k in r.keys()})
+            except UserError as e:
+                raise UserError(f"--lora {lora_path} does not fit {model_dir}'s UNet: {e}") from None
     done = {}
     with atomic_output_dir(out, overwrite) as tmp:
         for name, folder in comps:
@@ -148,17 +163,20 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
 def export_lora_file(model_dir: str, lora_path: str, out: str, *, prefix: str | None = "unet",
                      dtype: str | None = None, overwrite: bool = False, log=print) -> str:
     """Write the LoRA at ``lora_path`` (for the UNet of ``model_dir``) in diffusers/PEFT format; returns the file."""
+    is_file = out.endswith(".safetensors")
+    fs.check_output(out, what="OUT", kind="file" if is_file else "dir", overwrite=overwrite,
+                    inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
     unet_dir = component_dir(model_dir, "unet")
     lora, alpha, meta = _load_lora(lora_path)
     np_dtype = DTYPES[dtype] if dtype else np.float32
     extra = {k: json.dumps(v) for k, v in meta.items() if k not in ("alpha", "rank")}
-    if out.endswith(".safetensors"):
-        if os.path.exists(out) and not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite")
+    if is_file:
         parent = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(parent):
             raise UserError(f"cannot write {out}: folder {parent} does not exist")
-        info = unet_convert.export_lora(unet_dir, lora, alpha, out, prefix=prefix, dtype=np_dtype, meta=extra)
+        with fs.locked(out, what="OUT"):
+            fs.remove_stale_temps(out)
+            info = unet_convert.export_lora(unet_dir, lora, alpha, out, prefix=prefix, dtype=np_dtype, meta=extra)
         target = out
     else:
         with atomic_output_dir(out, overwrite) as tmp:
@@ -188,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                              prefix=None if args.lora_prefix == "none" else args.lora_prefix)
         else:
             export_model(args.model_dir, args.out, dtype=args.dtype, lora_path=args.lora, overwrite=args.overwrite)
-    except (UserError, CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
 

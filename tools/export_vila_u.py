@@ -21,13 +21,14 @@ Otherwise: OUT is a transformers LLaMA folder (``config.json`` + ``model*.safete
 ``MODEL_DIR/llm`` copied: it replaces vila-u's ``llm/`` folder (``LlamaForCausalLM.from_pretrained(OUT)``
 loads it with no missing or unexpected keys). Default dtype: as stored.
 
-OUT is written to a temporary path and renamed at the end; an existing OUT is refused unless ``--overwrite``.
+OUT is written to a temporary path and renamed at the end; an existing OUT is refused unless ``--overwrite``,
+an OUT that equals, contains or is inside MODEL_DIR or the LoRA file always (it would overwrite an input),
+and OUT is locked while it is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -38,7 +39,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from fairjax.convert.core import flax_to_torch_key
-from fairjax.errors import CheckpointError, UserError
+from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.io.model_dir import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -76,7 +78,8 @@ def load_lora(path: str):
     from fairjax import lora as lora_lib
 
     if not os.path.isfile(path):
-        raise UserError(f"{path}: LoRA file not found")
+        raise UserError(f"{path}: LoRA file not found" if not os.path.isdir(path) else
+                        f"--lora {path} is a folder; pass a fairjax LoRA .safetensors file")
     lora, meta = lora_lib.load(path)
     if "alpha" not in meta:
         raise UserError(f"{path}: LoRA file has no alpha in its metadata; save it with fairjax.lora.save(alpha=...)")
@@ -138,6 +141,7 @@ def _source_llm(model_dir: str) -> str | None:
 def export_lora(model_dir: str, lora_path: str, out: str, *, dtype: str | None = None, overwrite: bool = False,
                 log=print) -> str:
     """Write the LoRA at ``lora_path`` (over ``model_dir``'s LLM) as a PEFT adapter folder ``out``."""
+    fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
     llm_dir = component_dir(model_dir, "llm")
     lora, alpha, meta = load_lora(lora_path)
     shapes = llm_kernel_shapes(llm_dir)
@@ -159,13 +163,16 @@ def export_llm(model_dir: str, out: str, *, lora_path: str | None = None, dtype:
     from fairjax.convert.llama import export_hf_llama
     from fairjax.models import llama
 
+    fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
     llm_dir = component_dir(model_dir, "llm")
     config = read_json(os.path.join(llm_dir, CONFIG_FILE))
     lora = alpha = None
     if lora_path:
         lora, alpha, _ = load_lora(lora_path)
-    if os.path.exists(out) and not overwrite:  # before reading the weights
-        raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite")
+        try:
+            lora_lib.check_fits(lora, llm_kernel_shapes(llm_dir))  # before reading the weights
+        except UserError as e:
+            raise UserError(f"--lora {lora_path} does not fit {model_dir}'s LLM: {e}") from None
     params = load_params(os.path.join(llm_dir, PARAMS_FILE), llama.param_shapes(llama.from_config(config)))
     if lora:
         params = lora_lib.merge(params, lora, alpha)
@@ -195,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             export_lora(args.model_dir, args.lora, args.out, dtype=args.dtype, overwrite=args.overwrite)
         else:
             export_llm(args.model_dir, args.out, lora_path=args.lora, dtype=args.dtype, overwrite=args.overwrite)
-    except (UserError, CheckpointError, FileExistsError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
 

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fairjax.errors import UserError
+from fairjax.io import fs
 
 
 def bucket_edges(num_train_timesteps: int, buckets: int) -> np.ndarray:
@@ -247,25 +248,45 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        if os.path.exists(args.out) and not args.overwrite:
-            raise UserError(f"{args.out} already exists; choose another --out or pass --overwrite")
-        base = args.base
-        if base is None:
-            from fairjax.evaluate import base_of
-
-            base = base_of(args.tuned) if args.tuned else None
-            if base is None:
-                raise UserError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
-        res = probe(args.data, base, args.tuned, args.lora, split=args.split, draws=args.draws,
-                    buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
-        write_outputs(res, args.out, args.overwrite)
-        for line in summary_lines(res, by_prompt=args.by_prompt):
-            print(line)
-        print(f"wrote {args.out}/probe.json, probe.csv, reward_<attr>.png")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_args(args)
+        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+            _run(args)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The cheap checks, before a model is loaded: counts in range, ``--base`` (default: the one ``--tuned``
+    names), OUT disjoint from every input."""
+    if (args.tuned is None) == (args.lora is None):
+        raise UserError("pass exactly one of --tuned (a fine-tuned model dir) and --lora (a LoRA on --base)")
+    for name, lo in (("draws", 1), ("buckets", 1), ("batch_size", 1), ("max_records", 0)):
+        if getattr(args, name) < lo:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= {lo}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
+    if args.base is None:
+        from fairjax.evaluate import base_of
+
+        args.base = base_of(args.tuned) if args.tuned and os.path.isdir(args.tuned) else None
+        if args.base is None:
+            raise UserError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
+    fs.check_output(args.out, what="--out", overwrite=args.overwrite,
+                    inputs={"--data": args.data, "--tuned": args.tuned, "--lora": args.lora, "--base": args.base})
+
+
+def _run(args: argparse.Namespace) -> None:
+    res = probe(args.data, args.base, args.tuned, args.lora, split=args.split, draws=args.draws,
+                buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
+    write_outputs(res, args.out, args.overwrite)
+    for line in summary_lines(res, by_prompt=args.by_prompt):
+        print(line)
+    print(f"wrote {args.out}/probe.json, probe.csv, reward_<attr>.png")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from fairjax.errors import CheckpointError
+from fairjax.io.safetensors import check_float
 from fairjax.io.tree import Path, flatten, path_str, unflatten
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding", "weight")
@@ -166,6 +167,8 @@ def convert_checkpoint(
     """
     plan = plan_conversion({k: reader.shape(k) for k in reader.keys()}, target_shapes,
                            ignore=ignore, rename=rename)
+    if hasattr(reader, "dtype"):
+        check_float(reader, plan, getattr(reader, "path", None) or getattr(reader, "folder", "checkpoint"))
     flat: dict[Path, np.ndarray] = {}
     for key, (path, leaf) in plan.items():
         arr = torch_to_flax_array(reader[key], leaf)

@@ -35,7 +35,7 @@ from fairjax.convert import vae as vae_convert
 from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion, torch_to_flax_array
 from fairjax.errors import CheckpointError
 from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
-from fairjax.io.safetensors import SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str
 
 MODEL_INDEX = "model_index.json"
@@ -195,6 +195,7 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
                                       ignore=family.ignore, rename=family.rename)
         except CheckpointError as e:
             raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
+        check_float(reader, mapping, src)
         items = []
         for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
             fn = functools.partial(lambda k, lf: torch_to_flax_array(reader[k], lf), key, leaf)
@@ -225,6 +226,7 @@ def _check_params(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int, ..
         raise CheckpointError(f"{reader.path} does not fit its config.json: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]} "
                               f"({len(missing)}/{len(unexpected)}/{len(bad)} in all)")
+    check_float(reader, have, reader.path)
 
 
 def export_component(family: Family, src: str, out: str, *, dtype=None) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 from fairjax.convert.core import flax_to_torch_key, plan_conversion
 from fairjax.errors import CheckpointError
 from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
-from fairjax.io.safetensors import SafetensorsReader, ShardedReader, write_safetensors
+from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str, shapes_of
 
 LITERAL = ("linear_1", "linear_2")
@@ -173,6 +173,7 @@ def lazy_flax_items(reader, shapes: Mapping[Path, tuple[int, ...]], dtype=None) 
     dtype. Close the returned pipeline when done.
     """
     mapping = plan({k: reader.shape(k) for k in reader.keys()}, shapes)
+    check_float(reader, mapping, reader.folder)
     specs = []
     for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
         dt = np.dtype(dtype if dtype is not None else reader.dtype(key))
@@ -236,11 +237,16 @@ def lazy_torch_items(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int,
         raise CheckpointError(f"{reader.path} does not fit its config.json: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}, shape mismatch {bad[:5]} "
                               f"({len(missing)}/{len(unexpected)}/{len(bad)} in all)")
+    check_float(reader, have, reader.path)
     lora = dict(lora or {})
     unknown = sorted(set(lora) - set(have))
     if unknown:
         raise CheckpointError(f"LoRA targets {unknown[:5]} are not params of this UNet; was it trained on "
                               f"another model?")
+    if lora:
+        from fairjax import lora as lora_lib
+
+        lora_lib.check_fits(lora, have)  # before the first tensor is written
     specs = []
     for k in sorted(have):
         path = tuple(k.split("/"))

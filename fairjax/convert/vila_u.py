@@ -49,6 +49,7 @@ import numpy as np
 from fairjax.convert import llama as llama_convert
 from fairjax.convert.core import convert_checkpoint, plan_conversion
 from fairjax.errors import CheckpointError
+from fairjax.io import fs
 from fairjax.io.model_dir import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -262,6 +263,7 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
     streamed from safetensors and written. ``dtype`` (``'float32'``, ``'bfloat16'``,
     ``'float16'``, a numpy dtype, or None = as stored). Returns ``{component: n params}``.
     """
+    fs.check_disjoint({"OUT": out}, {"SRC": src})
     cfgs, vu, tower = check_vila_u(src, siglip_config=siglip_config)
     sub = _source_dirs(src)
     tokenizer_json = check_tokenizer(sub["llm"], vu.llm.config.vocab_size, log=log)

@@ -27,7 +27,11 @@ is_winner, set_id, labels as class indices, prompt) that ``python -m fairjax.tra
 and in total, group frequencies of winners and losers, prompts that are not identity-neutral.
 
 A neutral prompt that names a gender or race is warned about and listed (it is kept); an
-image batch in which the classifier finds no face at all is an error.
+image batch in which the classifier finds no face at all is an error. Before any model is loaded:
+the ``prefs`` / ``sample`` values are checked against :data:`RANGES` (and
+:data:`SAMPLE_RANGES`), and an ``OUT`` that equals, contains or is inside ``model.dir``,
+``prefs.lora`` or the config file is refused (also with ``--overwrite``); ``OUT`` is locked while
+it is written.
 """
 
 from __future__ import annotations
@@ -44,12 +48,29 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fairjax import config as config_lib
 from fairjax.errors import UserError
 from fairjax.fairness.classifiers import CORRUPT, AttributeClassifier
+from fairjax.io import fs
 
 MISMATCH = "mismatch"
 SURPLUS = "surplus"
 SUMMARY_FILE = "summary.json"
+
+#: valid values of the ``sample`` keys (:func:`sample_options`; :mod:`fairjax.evaluate` samples with them too)
+SAMPLE_RANGES = {
+    "sample.sampler": config_lib.one_of("euler", "ddim"),
+    "sample.steps": config_lib.ints(1),
+    "sample.guidance_scale": config_lib.floats(note="<= 1: no guidance"),
+    "sample.batch_size": config_lib.ints(1),
+}
+#: valid values of the ``prefs`` keys (``configs/toy_world.py`` sets their defaults)
+RANGES = {
+    "prefs.n_neutral": config_lib.ints(1),
+    "prefs.n_identity": config_lib.ints(1),
+    "prefs.seed": config_lib.SEED,
+    "prefs.classifier": config_lib.one_of("toy", "deepface"),
+}
 
 
 @dataclasses.dataclass
@@ -266,16 +287,22 @@ def generate_plan(generator, plan, seed: int, progress=None) -> list[Generated]:
 def build_prefs(config, out: str, *, overwrite: bool = False, log=print) -> dict:
     """Generate, label, form the sets and write the dataset ``out`` (see module docstring);
     returns the summary (also in ``out/summary.json``)."""
+    c = config
+    pc = c.prefs
+    config_lib.validate(c, SAMPLE_RANGES, RANGES)
+    out = fs.check_output(out, what="--out", overwrite=overwrite,
+                          inputs={"config.model.dir": str(c.model.dir), "config.prefs.lora": str(pc.get("lora") or "")})
+    with fs.locked(out, what="--out"):  # a second run on OUT is refused before it loads a model
+        return _build(c, out, overwrite=overwrite, log=log)
+
+
+def _build(c, out: str, *, overwrite: bool, log) -> dict:
     from fairjax.data import prefs as prefs_data
     from fairjax.data.prompts import keywords_from, warn_not_neutral
     from fairjax.diffusion.generator import Generator, load_any_pipeline
     from fairjax.io.model_dir import atomic_output_dir
 
-    c = config
     pc = c.prefs
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise UserError(f"{out} already exists; choose another --out or pass --overwrite")
     neutral = [str(p) for p in pc.neutral_prompts]
     keywords = keywords_from(dict(pc.keywords))
     not_neutral = warn_not_neutral(neutral, keywords)
@@ -334,9 +361,13 @@ def main(argv=None) -> int:
         for key in ("prefs", "sample", "model"):
             if key not in cfg:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
+        fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("generated", "records", "winners", "losers", "dropped")}))
     return 0

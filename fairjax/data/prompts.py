@@ -299,17 +299,19 @@ def eval_identity_prompts(occupations: Sequence[str] | None = None,
 
 
 def read_prompt_file(path: str) -> list[str]:
-    """User prompt list: one prompt per line; blank lines and ``#`` comments skipped;
-    ``occupation | prompt`` lines give the prompt part."""
+    """User prompt list: one prompt per line, taken literally (surrounding whitespace stripped; a
+    ``|`` is part of the prompt: ``a cat | a dog`` is that whole text); blank lines and lines
+    starting with ``#`` are skipped."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [ln.strip() for ln in f]
     except FileNotFoundError:
         raise UserError(f"{path}: prompt file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder; pass a text file with one prompt per line") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [ln.partition("|")[2].strip() if "|" in ln else ln
-               for ln in lines if ln and not ln.startswith("#")]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:
         raise UserError(f"{path}: no prompts (one per line)")
     return prompts

@@ -27,8 +27,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fairjax.errors import CheckpointError
-from fairjax.io.safetensors import SafetensorsReader, write_safetensors
+from fairjax.errors import CheckpointError, OutputError
+from fairjax.io import fs
+from fairjax.io.safetensors import SafetensorsReader, check_float, write_safetensors
 from fairjax.io.tree import flatten, path_str, unflatten
 
 PARAMS_FILE = "params.safetensors"
@@ -64,6 +65,7 @@ def load_params(path: str, target_shapes: Mapping[tuple, tuple] | None = None, d
                 if bad:
                     parts.append(f"{len(bad)} shape mismatch: {'; '.join(bad)}")
                 raise CheckpointError(f"{path} does not fit the model config: " + " | ".join(parts))
+            check_float(r, want, path)
         flat = {}
         for k in r.keys():
             a = r[k]
@@ -93,21 +95,39 @@ def component_dir(model_dir: str, name: str) -> str:
 
 
 def read_json(path: str) -> dict:
+    """A JSON object file (a config, an index): a missing, unreadable, invalid or non-object file is a
+    one-line CheckpointError naming it."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder; a JSON file was expected there") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({fs.os_error_message(e) or e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object ({{...}}), found a {type(obj).__name__}")
+    return obj
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (temp file + rename); NaN / inf are refused (not valid JSON)."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise CheckpointError(f"cannot write {path}: {e} (a value is NaN or infinite, which JSON cannot hold)") from None
+    tmp = fs.temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_index(model_dir: str, components: list[str], **extra) -> None:
@@ -118,30 +138,85 @@ def write_index(model_dir: str, components: list[str], **extra) -> None:
 def atomic_output_dir(out: str, overwrite: bool = False):
     """Yield a temp directory that becomes ``out`` only if the block succeeds.
 
-    An existing ``out`` is an error unless ``overwrite``; on failure nothing is
-    left behind and an existing ``out`` is untouched.
+    An existing ``out`` is an error unless ``overwrite``; on failure (an exception, Ctrl-C, or SIGTERM
+    when no other handler is installed) the temp folder is removed and an existing ``out`` is untouched.
+    The block holds ``out``'s lock (:class:`fairjax.io.fs.PathLock`: a second run writing the same
+    ``out`` is refused), temp folders that dead processes left beside ``out`` are removed first, and
+    the operating system's refusals (read-only, disk full: with how much was written) are one-line
+    :class:`~fairjax.errors.OutputError` s.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another path or pass --overwrite")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+        raise OutputError(f"{out} already exists; choose another path or pass --overwrite")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise OutputError(f"{out} is a file, not a folder; choose a folder path")
+    with fs.locked(out, what="output"), _terminate_raises(out):
+        fs.remove_stale_temps(out)
+        tmp = fs.temp_path(out)
+        try:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(tmp)
+        except OSError as e:
+            raise OutputError(f"cannot write {out}: {fs.os_error_message(e) or e}") from None
+        try:
+            yield tmp
+        except BaseException as e:
+            written = _tree_bytes(tmp) if isinstance(e, OSError) and e.errno in fs.DISK_FULL else 0
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in fs.DISK_FULL:
+                raise OutputError(fs.disk_full_message(e, out, written)) from None
+            raise
+        old = None
+        try:
+            if os.path.exists(out):
+                old = fs.temp_path(out, "old")
+                os.replace(out, old)
+            os.replace(tmp, out)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old and not os.path.exists(out):
+                os.replace(old, out)
+            raise OutputError(f"cannot write {out}: {fs.os_error_message(e) or e}") from None
+        if old:
+            if os.path.isdir(old) and not os.path.islink(old):
+                shutil.rmtree(old)
+            else:
+                os.remove(old)
+
+
+def _tree_bytes(folder: str) -> int:
+    """Bytes of the files under ``folder``."""
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+@contextlib.contextmanager
+def _terminate_raises(out: str):
+    """While the block runs, SIGTERM (when nothing else handles it) prints one line and raises
+    ``SystemExit(143)``, so the ``except`` above removes the partial output as on Ctrl-C."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"error: stopped by SIGTERM before {out} was complete; the partial output was removed",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(out):
-        old = os.path.join(parent, f".{os.path.basename(out)}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old:
-        if os.path.isdir(old):
-            shutil.rmtree(old)
-        else:
-            os.remove(old)
+        yield
+    finally:
+        if signal.getsignal(signal.SIGTERM) is stop:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -7,8 +7,12 @@ ourselves so that
 
 * tensors are read one at a time from a memory map (never the whole file),
 * bfloat16 / float8 work through ``ml_dtypes`` (numpy has no bf16),
-* a truncated or corrupt file is a one-line error naming the file,
-* writing streams tensor by tensor into a temp file renamed into place.
+* a truncated or corrupt file is a one-line error naming the file and the key: the header must be a
+  JSON object whose entries tile the data section exactly (:func:`check_header`), and a sharded
+  index may only name files in its own folder,
+* :func:`check_float` refuses integer / boolean tensors where weights are expected (no silent cast),
+* writing streams tensor by tensor into a temp file renamed into place (a full disk: the temp file is
+  removed and the error carries the file's size, ``e.needed``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import ml_dtypes
 import numpy as np
 
 from fairjax.errors import CheckpointError
+from fairjax.io.fs import DISK_FULL, temp_path
 
 _DTYPES: dict[str, Any] = {
     "F64": np.float64,
@@ -51,6 +56,95 @@ def dtype_name(dtype) -> str:
         raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
+def _no_duplicates(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_header(raw: bytes, path: str) -> dict:
+    """The JSON header of a safetensors file: an object, no repeated key (a one-line error otherwise)."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
+    return header
+
+
+def check_header(header: dict, data_size: int, path: str) -> tuple[dict[str, str], dict]:
+    """``(metadata, {key: (dtype, shape, begin, end)})`` of a parsed header, validated as the safetensors
+    format requires: every entry an object with a known ``dtype``, a ``shape`` of non-negative integers and
+    integer ``data_offsets`` ``0 <= begin <= end`` with ``end - begin = prod(shape) * itemsize``; the
+    entries, in offset order, tile the data section exactly (no overlap, no gap, nothing past its end).
+    Anything else is a one-line :class:`CheckpointError` naming the file and the key."""
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    info: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+    for key, entry in header.items():
+        bad = f"{path}: corrupt safetensors entry for {key!r}"
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise CheckpointError(f"{bad}: {entry!r} (need dtype, shape and data_offsets)")
+        if entry["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{bad}: unknown dtype {entry['dtype']!r} (known: {', '.join(_DTYPES)})")
+        shape, offsets = entry["shape"], entry["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{bad}: shape {shape!r} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise CheckpointError(f"{bad}: data_offsets {offsets!r} are not two non-negative integers")
+        dt = _DTYPES[entry["dtype"]]
+        begin, end = offsets
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        if end < begin or end - begin != nbytes:
+            raise CheckpointError(f"{bad}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but {entry['dtype']} "
+                                  f"x {tuple(shape)} needs {nbytes}")
+        info[key] = (dt, tuple(shape), begin, end)
+    pos = 0
+    for key, (_, _, begin, end) in sorted(info.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin < pos:
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {key!r}: its bytes [{begin}, {end}) overlap "
+                                  f"the previous tensor's (which end at {pos})")
+        if begin > pos:
+            raise CheckpointError(f"{path}: corrupt safetensors file: {begin - pos} bytes before {key!r} belong to "
+                                  f"no tensor (offsets {pos}..{begin})")
+        pos = end
+    if pos > data_size:
+        raise CheckpointError(f"{path}: truncated safetensors file (its tensors need {pos} bytes of data, the file "
+                              f"has {data_size}); re-download or re-export it")
+    if pos < data_size:
+        raise CheckpointError(f"{path}: corrupt safetensors file: {data_size - pos} bytes after the last tensor "
+                              "belong to no tensor")
+    return metadata, info
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def is_float_dtype(dtype) -> bool:
+    """Floating point (float64/32/16, bfloat16, float8): what model weights must be."""
+    dt = np.dtype(dtype)
+    return np.issubdtype(dt, np.floating) or dt in (np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn),
+                                                    np.dtype(ml_dtypes.float8_e5m2))
+
+
+def check_float(reader, keys, what: str) -> None:
+    """One line listing every key of ``reader`` (header only) whose dtype is not floating point:
+    an integer or boolean tensor where a weight is expected is never cast silently."""
+    bad = [f"{k} ({dtype_name(reader.dtype(k))})" for k in keys if not is_float_dtype(reader.dtype(k))]
+    if bad:
+        raise CheckpointError(f"{what}: {len(bad)} tensor(s) are not floating point where weights are expected: "
+                              f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; is the file mislabelled or "
+                              "not a model checkpoint?")
+
+
 class SafetensorsReader:
     """Lazy reader of one ``.safetensors`` file.
 
@@ -61,7 +155,8 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise CheckpointError(f"{self.path}: file not found")
+            raise CheckpointError(f"{self.path}: file not found" if not os.path.isdir(self.path) else
+                                  f"{self.path} is a folder; a .safetensors file was expected")
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
             raw = f.read(8)
@@ -72,30 +167,9 @@ class SafetensorsReader:
                 raise CheckpointError(
                     f"{self.path}: truncated or corrupt safetensors file (header of {n} bytes, file of {size})"
                 )
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e})") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self._info: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
-        end_max = 0
-        for key, info in header.items():
-            try:
-                dt = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: corrupt safetensors entry for {key!r}: {info}") from None
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize:
-                raise CheckpointError(f"{self.path}: corrupt safetensors entry for {key!r}: size disagrees with shape")
-            self._info[key] = (dt, shape, begin, end)
-            end_max = max(end_max, end)
+            header = parse_header(f.read(n), self.path)
         self._data_start = 8 + n
-        if self._data_start + end_max > size:
-            raise CheckpointError(
-                f"{self.path}: truncated safetensors file ({size} bytes, the header needs "
-                f"{self._data_start + end_max}); re-download or re-export it"
-            )
+        self.metadata, self._info = check_header(header, size - self._data_start, self.path)
         self._file = open(self.path, "rb")
         self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
@@ -160,7 +234,7 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, np.nda
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(hbytes)))
@@ -171,10 +245,20 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, np.nda
                     a = a.astype(a.dtype.newbyteorder("<"))
                 f.write(memoryview(a.reshape(-1).view(np.uint8)))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:  # say how much this file needed
+            e.needed, e.needed_for = 8 + len(hbytes) + offset, path
+            e.filename = path
         raise
+
+
+def _inside(folder: str, name: str) -> bool:
+    """``name`` is a plain file name in ``folder`` (no separator, no ``..``, not absolute). A file there may
+    still be a symlink (the Hugging Face cache links every file to its blob store)."""
+    return bool(name) and name not in (".", "..") and "/" not in name and os.sep not in name \
+        and not os.path.isabs(name)
 
 
 class ShardedReader:
@@ -197,11 +281,18 @@ class ShardedReader:
         self._where: dict[str, str] = {}
         if os.path.isfile(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: corrupt shard index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: corrupt shard index ({type(e).__name__}: {e})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: corrupt shard index (weight_map must map tensor names to file names)")
             shards = sorted(set(weight_map.values()))
+            outside = [s for s in shards if not _inside(folder, s)]
+            if outside:
+                raise CheckpointError(f"{index} names shard(s) outside {folder}: {', '.join(outside)}; an index may only "
+                                      "name files in its own folder")
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:
                 raise CheckpointError(f"{index} names shard(s) not in {folder}: {', '.join(missing)}")

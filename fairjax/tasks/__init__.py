@@ -18,6 +18,14 @@ TASKS = {
 }
 
 
+def ranges(config) -> dict:
+    """The ``RANGES`` table of the task ``config.task`` names (its valid config values; {} if it has none)."""
+    name = config.get("task")
+    if name not in TASKS:
+        raise UserError(f"unknown task {name!r} in config.task; known tasks: {', '.join(sorted(TASKS))}")
+    return dict(getattr(importlib.import_module(TASKS[name].partition(":")[0]), "RANGES", {}))
+
+
 def build(config, workdir=None):
     """The task ``config.task`` names; ``workdir`` goes to tasks whose constructor takes one
     (e.g. to build or cache files there before training)."""

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fairjax import config as config_lib
 from fairjax import losses
 from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
 from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
@@ -137,6 +138,31 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every_steps = 2
         c.model.remat = False
     return c
+
+
+#: valid values of the keys :func:`make_config` adds to the trainer's (checked with
+#: :data:`fairjax.trainer.TRAIN_RANGES` before anything is built)
+RANGES = {
+    "loss": config_lib.one_of(*LOSSES),
+    "beta": config_lib.floats(0, lo_open=True),
+    "alpha": config_lib.floats(0, 1),
+    "noise_draws": config_lib.ints(1),
+    "stratify_draws": config_lib.BOOL,
+    "t_min": config_lib.ints(0),
+    "t_max": config_lib.ints(0, note="0 = the scheduler's num_train_timesteps"),
+    "anchor_weight": config_lib.floats(0, note="0 = no identity anchor"),
+    "tiny": config_lib.one_of("", "tiny", "micro"),
+    "model.dtype": config_lib.one_of("auto", "float32", "bfloat16", "float16"),
+    "model.param_dtype": config_lib.one_of("float32", "bfloat16", "float16"),
+    "model.remat": config_lib.BOOL,
+    "model.attention": config_lib.one_of("", "xla", "cudnn", "einsum"),
+    "data.caption_dropout": config_lib.floats(0, 1),
+    "data.shuffle": config_lib.BOOL,
+    "text_embeds.batch_size": config_lib.ints(1),
+    "lora.rank": config_lib.ints(0, note="0 = full fine-tuning"),
+    "lora.alpha": config_lib.floats(0, lo_open=True),
+    "lora.dropout": config_lib.floats(0, 0, note="the SDXL LoRA is merged into the kernels before the UNet runs"),
+}
 
 
 def _compute_dtype(name: str, key: str = "model.dtype", auto: bool = True):

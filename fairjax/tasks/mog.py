@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fairjax import config as config_lib
 from fairjax import losses
 from fairjax.errors import UserError
 
@@ -81,6 +82,18 @@ def fixed_point_log_ratios(ref_w: np.ndarray, win_f: np.ndarray, lose_f: np.ndar
     """``log(p_j) - log(p_0)`` at PopAlign's fixed point for the groups in the data."""
     lp = np.log(ref_w) + np.log(win_f / lose_f) / beta
     return lp - lp[0]
+
+
+#: valid values of the keys ``configs/popalign_mog.py`` adds to the trainer's (checked with
+#: :data:`fairjax.trainer.TRAIN_RANGES` before anything is built)
+RANGES = {
+    "loss": config_lib.one_of("popalign", "sft"),
+    "beta": config_lib.floats(0, lo_open=True),
+    "alpha": config_lib.floats(0, 1),
+    "calibrate_beta": config_lib.BOOL,
+    "mog.n_samples": config_lib.ints(4),
+    "mog.data_seed": config_lib.SEED,
+}
 
 
 class MogTask:

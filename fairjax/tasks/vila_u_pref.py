@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairjax import config as config_lib
 from fairjax import lora as lora_lib
 from fairjax import losses
 from fairjax.errors import UserError
@@ -94,6 +95,30 @@ def default_config():
     c.checkpoint.every_steps = 1000
     c.log_every_steps = 10
     return c
+
+
+#: valid values of the keys :func:`default_config` adds to the trainer's, and of ``total_steps``, whose
+#: 0 here means "from epochs" (checked with :data:`fairjax.trainer.TRAIN_RANGES` before anything is built)
+RANGES = {
+    "loss": config_lib.one_of(*LOSSES),
+    "beta": config_lib.floats(0, lo_open=True),
+    "bpo_variant": config_lib.one_of("v1", "v2", "squared"),
+    "dpo_average_logp": config_lib.BOOL,
+    "anchor_delta": config_lib.floats(),
+    "epochs": config_lib.floats(0, lo_open=True),
+    "total_steps": config_lib.ints(0, note="0 = epochs x steps per epoch"),
+    "warmup_ratio": config_lib.floats(0, 1, hi_open=True),
+    "tiny_seed": config_lib.SEED,
+    "model.dtype": config_lib.one_of(*_DTYPES),
+    "model.param_dtype": config_lib.one_of(*_DTYPES),
+    "model.remat": config_lib.BOOL,
+    "model.head_chunk": config_lib.ints(0, note="0 = the whole depth head at once"),
+    "data.shuffle": config_lib.BOOL,
+    "data.max_prompt_len": config_lib.ints(0, note="0 = the longest prompt"),
+    "lora.rank": config_lib.ints(1),
+    "lora.alpha": config_lib.floats(0, lo_open=True),
+    "lora.dropout": config_lib.floats(0, 1, hi_open=True),
+}
 
 
 def load_model(model_dir: str, *, dtype=jnp.float32, param_dtype=None, remat=False, attention_impl=None):

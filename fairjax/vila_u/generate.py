@@ -305,5 +305,5 @@ def run(args, prompts: Sequence[str]) -> dict:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         settings.update(height=height, width=width, images=len(rows))
         with open(os.path.join(tmp, "generate.json"), "w") as f:
-            json.dump(settings, f, indent=2)
+            json.dump(settings, f, indent=2, allow_nan=False)
     return {"out": os.path.abspath(args.out), **settings}
