@@ -92,8 +92,27 @@ def run(argv=None) -> dict:
     from fairjax.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)
+    if args.lora is not None:
+        check_lora(args.model, args.lora)
     with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
         return _generate(args, prompts)
+
+
+def check_lora(model_dir: str, lora_path: str) -> None:
+    """The LoRA file is a fairjax LoRA whose entries fit the model's UNet (VILA-U: its LLM), checked from
+    the safetensors headers before any model is loaded."""
+    from fairjax import lora as lora_lib
+    from fairjax.io.model_dir import PARAMS_FILE, component_dir
+    from fairjax.io.safetensors import SafetensorsReader
+    from fairjax.vila_u.generate import is_vila_u
+
+    entries, _ = lora_lib.load(lora_path)
+    with SafetensorsReader(os.path.join(component_dir(model_dir, "llm" if is_vila_u(model_dir) else "unet"),
+                                        PARAMS_FILE)) as r:
+        try:
+            lora_lib.check_fits(entries, {k: r.shape(k) for k in r.keys()})
+        except UserError as e:
+            raise UserError(f"--lora {lora_path} does not fit --model {model_dir}: {e}") from None
 
 
 def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:

@@ -20,3 +20,7 @@ def rel_err(a, b) -> float:
 @pytest.fixture
 def rel():
     return rel_err
+
+
+# session-wide tiny models of the bad-input tests (tests/test_bad_inputs_*.py), built once per run
+from _bad_inputs import micro_diffusers_unet, micro_sdxl, tiny_vila_u  # noqa: E402,F401

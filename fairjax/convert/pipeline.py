@@ -188,8 +188,8 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{src}: no {CONFIG_FILE}; copy the component folder from the original pipeline")
     config = read_json(cfg_path)
-    shapes = family.shapes(config)
-    with open_weights(src, family.weights_prefix, variant) as reader:
+    with open_weights(src, family.weights_prefix, variant) as reader:  # headers checked before the model is traced
+        shapes = family.shapes(config)
         try:
             mapping = plan_conversion({k: reader.shape(k) for k in reader.keys()}, shapes,
                                       ignore=family.ignore, rename=family.rename)

@@ -196,8 +196,8 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
                               f"{WEIGHTS_NAME}*.safetensors)")
     config = read_json(cfg_path)
     _check_config(config, src)
-    shapes = target_shapes(config)
-    with open_weights(src, variant) as reader:
+    with open_weights(src, variant) as reader:  # the headers are checked before the model is traced
+        shapes = target_shapes(config)
         try:
             items, pipe = lazy_flax_items(reader, shapes, dtype)
         except CheckpointError as e:

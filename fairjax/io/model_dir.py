@@ -165,6 +165,8 @@ def atomic_output_dir(out: str, overwrite: bool = False):
             written = _tree_bytes(tmp) if isinstance(e, OSError) and e.errno in fs.DISK_FULL else 0
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError) and e.errno in fs.DISK_FULL:
+                if getattr(e, "needed_for", None):  # name the file where it would have been
+                    e.needed_for = out + e.needed_for[len(tmp):] if e.needed_for.startswith(tmp) else e.needed_for
                 raise OutputError(fs.disk_full_message(e, out, written)) from None
             raise
         old = None
