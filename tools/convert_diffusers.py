@@ -110,26 +110,28 @@ def convert(src: str, out: str, *, dtype: str | None = "float32", variant: str |
             overwrite: bool = False, log=print) -> dict:
     """Convert SRC into the fairjax model dir OUT (atomic). Returns ``{component: summary}``."""
     fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"SRC": src})
-    todo, copied, skipped = plan_sources(src, variant)
-    np_dtype = DTYPES[dtype] if dtype else None
-    done = {}
-    with atomic_output_dir(out, overwrite) as tmp:
-        for name, folder in todo:
-            t0 = time.time()
-            done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant)
-            log(f"{name}: {done[name]} in {time.time() - t0:.1f}s")
-        for name in copied:
-            pipe_convert.copy_part(src, tmp, name)
-        if copied:
-            log(f"copied: {', '.join(copied)}")
-        if os.path.isfile(os.path.join(src, pipe_convert.MODEL_INDEX)):
-            shutil.copyfile(os.path.join(src, pipe_convert.MODEL_INDEX), os.path.join(tmp, pipe_convert.MODEL_INDEX))
-        write_index(tmp, [n for n, _ in todo], source=os.path.abspath(src), dtype=dtype or "as stored",
-                    copied=copied, not_converted=skipped)
-    if skipped:
-        log(f"not yet supported, skipped: {', '.join(skipped)}")
-    log(f"wrote {out}")
-    return done
+    with fs.locked(out, what="OUT"):  # a second run on OUT is refused before anything is read
+        todo, copied, skipped = plan_sources(src, variant)
+        np_dtype = DTYPES[dtype] if dtype else None
+        done = {}
+        with atomic_output_dir(out, overwrite) as tmp:
+            for name, folder in todo:
+                t0 = time.time()
+                done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant)
+                log(f"{name}: {done[name]} in {time.time() - t0:.1f}s")
+            for name in copied:
+                pipe_convert.copy_part(src, tmp, name)
+            if copied:
+                log(f"copied: {', '.join(copied)}")
+            index = os.path.join(src, pipe_convert.MODEL_INDEX)
+            if os.path.isfile(index):
+                shutil.copyfile(index, os.path.join(tmp, pipe_convert.MODEL_INDEX))
+            write_index(tmp, [n for n, _ in todo], source=os.path.abspath(src), dtype=dtype or "as stored",
+                        copied=copied, not_converted=skipped)
+        if skipped:
+            log(f"not yet supported, skipped: {', '.join(skipped)}")
+        log(f"wrote {out}")
+        return done
 
 
 def main(argv: list[str] | None = None) -> int:

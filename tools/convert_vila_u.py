@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fs.check_output(args.out, what="OUT", overwrite=args.overwrite,
                         inputs={"SRC": args.src, "--siglip-config": args.siglip_config})
-        sig = read_json(args.siglip_config) if args.siglip_config else None
-        vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
-                                      siglip_config=sig, overwrite=args.overwrite)
+        with fs.locked(args.out, what="OUT"):  # a second run on OUT is refused before anything is read
+            sig = read_json(args.siglip_config) if args.siglip_config else None
+            vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
+                                          siglip_config=sig, overwrite=args.overwrite)
     except (UserError, OSError) as e:
         line = fs.error_line(e)
         if line is None:

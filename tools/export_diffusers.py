@@ -135,29 +135,31 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
     """Write every exportable component of ``model_dir`` under OUT/<component>/ (LoRA merged into the
     UNet if given), copy its weight-free folders and write its model_index.json back."""
     fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
-    comps = _components(model_dir)
-    copied = _copied_parts(model_dir)
-    lora, alpha = (None, None)
-    if lora_path:
-        if "unet" not in dict(comps):
-            raise UserError(f"{model_dir}: no unet to merge --lora {lora_path} into")
-        lora, alpha, _ = _load_lora(lora_path)
-        from fairjax import lora as lora_lib
+    with fs.locked(out, what="OUT"):  # a second run on OUT is refused before anything is read
+        comps = _components(model_dir)
+        copied = _copied_parts(model_dir)
+        lora, alpha = (None, None)
+        if lora_path:
+            if "unet" not in dict(comps):
+                raise UserError(f"{model_dir}: no unet to merge --lora {lora_path} into")
+            lora, alpha, _ = _load_lora(lora_path)
+            from fairjax import lora as lora_lib
 
-        with SafetensorsReader(os.path.join(dict(comps)["unet"], PARAMS_FILE)) as r:
-            try:
-                lora_lib.check_fits(lora, {k: r.shape(k) for k in r.keys()})
-            except UserError as e:
-                raise UserError(f"--lora {lora_path} does not fit {model_dir}'s UNet: {e}") from None
-    done = {}
-    with atomic_output_dir(out, overwrite) as tmp:
-        for name, folder in comps:
-            kw = {"lora": lora, "alpha": alpha} if name == "unet" else {}
-            done[name] = EXPORTERS[name](folder, os.path.join(tmp, name), dtype=DTYPES[dtype] if dtype else None, **kw)
-            log(f"{name}: {done[name]}")
-        _copy_parts(model_dir, tmp, copied, list(done), log)
-    log(f"wrote {out}")
-    return done
+            with SafetensorsReader(os.path.join(dict(comps)["unet"], PARAMS_FILE)) as r:
+                try:
+                    lora_lib.check_fits(lora, {k: r.shape(k) for k in r.keys()})
+                except UserError as e:
+                    raise UserError(f"--lora {lora_path} does not fit {model_dir}'s UNet: {e}") from None
+        done = {}
+        with atomic_output_dir(out, overwrite) as tmp:
+            for name, folder in comps:
+                kw = {"lora": lora, "alpha": alpha} if name == "unet" else {}
+                done[name] = EXPORTERS[name](folder, os.path.join(tmp, name), dtype=DTYPES[dtype] if dtype else None,
+                                             **kw)
+                log(f"{name}: {done[name]}")
+            _copy_parts(model_dir, tmp, copied, list(done), log)
+        log(f"wrote {out}")
+        return done
 
 
 def export_lora_file(model_dir: str, lora_path: str, out: str, *, prefix: str | None = "unet",
@@ -166,25 +168,25 @@ def export_lora_file(model_dir: str, lora_path: str, out: str, *, prefix: str | 
     is_file = out.endswith(".safetensors")
     fs.check_output(out, what="OUT", kind="file" if is_file else "dir", overwrite=overwrite,
                     inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
-    unet_dir = component_dir(model_dir, "unet")
-    lora, alpha, meta = _load_lora(lora_path)
-    np_dtype = DTYPES[dtype] if dtype else np.float32
-    extra = {k: json.dumps(v) for k, v in meta.items() if k not in ("alpha", "rank")}
-    if is_file:
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise UserError(f"cannot write {out}: folder {parent} does not exist")
-        with fs.locked(out, what="OUT"):
+    parent = os.path.dirname(os.path.abspath(out))
+    if is_file and not os.path.isdir(parent):
+        raise UserError(f"cannot write {out}: folder {parent} does not exist")
+    with fs.locked(out, what="OUT"):  # a second run on OUT is refused before anything is read
+        unet_dir = component_dir(model_dir, "unet")
+        lora, alpha, meta = _load_lora(lora_path)
+        np_dtype = DTYPES[dtype] if dtype else np.float32
+        extra = {k: json.dumps(v) for k, v in meta.items() if k not in ("alpha", "rank")}
+        if is_file:
             fs.remove_stale_temps(out)
             info = unet_convert.export_lora(unet_dir, lora, alpha, out, prefix=prefix, dtype=np_dtype, meta=extra)
-        target = out
-    else:
-        with atomic_output_dir(out, overwrite) as tmp:
-            info = unet_convert.export_lora(unet_dir, lora, alpha, os.path.join(tmp, LORA_FILE), prefix=prefix,
-                                            dtype=np_dtype, meta=extra)
-        target = os.path.join(out, LORA_FILE)
-    log(f"LoRA {info} (alpha {alpha:g} folded into lora_B) -> {target}")
-    return target
+            target = out
+        else:
+            with atomic_output_dir(out, overwrite) as tmp:
+                info = unet_convert.export_lora(unet_dir, lora, alpha, os.path.join(tmp, LORA_FILE), prefix=prefix,
+                                                dtype=np_dtype, meta=extra)
+            target = os.path.join(out, LORA_FILE)
+        log(f"LoRA {info} (alpha {alpha:g} folded into lora_B) -> {target}")
+        return target
 
 
 def main(argv: list[str] | None = None) -> int:

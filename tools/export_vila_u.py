@@ -142,16 +142,17 @@ def export_lora(model_dir: str, lora_path: str, out: str, *, dtype: str | None =
                 log=print) -> str:
     """Write the LoRA at ``lora_path`` (over ``model_dir``'s LLM) as a PEFT adapter folder ``out``."""
     fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
-    llm_dir = component_dir(model_dir, "llm")
-    lora, alpha, meta = load_lora(lora_path)
-    shapes = llm_kernel_shapes(llm_dir)
-    items = list(peft_state(lora, shapes, dtype=_np_dtype(dtype or "float32")))  # checks before writing
-    config = peft_config(lora, alpha, shapes, base_model=_source_llm(model_dir) or meta.get("base_model"))
-    with atomic_output_dir(out, overwrite) as tmp:
-        write_safetensors(os.path.join(tmp, ADAPTER_FILE), items, {"format": "pt"})
-        write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
-    log(f"PEFT adapter: {len(lora)} modules, r {config['r']}, lora_alpha {alpha:g} -> {out}")
-    return out
+    with fs.locked(out, what="OUT"):  # a second run on OUT is refused before anything is read
+        llm_dir = component_dir(model_dir, "llm")
+        lora, alpha, meta = load_lora(lora_path)
+        shapes = llm_kernel_shapes(llm_dir)
+        items = list(peft_state(lora, shapes, dtype=_np_dtype(dtype or "float32")))  # checks before writing
+        config = peft_config(lora, alpha, shapes, base_model=_source_llm(model_dir) or meta.get("base_model"))
+        with atomic_output_dir(out, overwrite) as tmp:
+            write_safetensors(os.path.join(tmp, ADAPTER_FILE), items, {"format": "pt"})
+            write_json(os.path.join(tmp, ADAPTER_CONFIG), config)
+        log(f"PEFT adapter: {len(lora)} modules, r {config['r']}, lora_alpha {alpha:g} -> {out}")
+        return out
 
 
 # ----------------------------------------------------------------------------- merged LLM
@@ -164,25 +165,26 @@ def export_llm(model_dir: str, out: str, *, lora_path: str | None = None, dtype:
     from fairjax.models import llama
 
     fs.check_output(out, what="OUT", overwrite=overwrite, inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
-    llm_dir = component_dir(model_dir, "llm")
-    config = read_json(os.path.join(llm_dir, CONFIG_FILE))
-    lora = alpha = None
-    if lora_path:
-        lora, alpha, _ = load_lora(lora_path)
-        try:
-            lora_lib.check_fits(lora, llm_kernel_shapes(llm_dir))  # before reading the weights
-        except UserError as e:
-            raise UserError(f"--lora {lora_path} does not fit {model_dir}'s LLM: {e}") from None
-    params = load_params(os.path.join(llm_dir, PARAMS_FILE), llama.param_shapes(llama.from_config(config)))
-    if lora:
-        params = lora_lib.merge(params, lora, alpha)
-    with atomic_output_dir(out, overwrite) as tmp:
-        export_hf_llama(params, config, tmp, dtype=dtype, overwrite=True)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(llm_dir, name)):
-                shutil.copyfile(os.path.join(llm_dir, name), os.path.join(tmp, name))
-    log(f"LLaMA{' + LoRA merged' if lora else ''} -> {out}")
-    return out
+    with fs.locked(out, what="OUT"):  # a second run on OUT is refused before anything is read
+        llm_dir = component_dir(model_dir, "llm")
+        config = read_json(os.path.join(llm_dir, CONFIG_FILE))
+        lora = alpha = None
+        if lora_path:
+            lora, alpha, _ = load_lora(lora_path)
+            try:
+                lora_lib.check_fits(lora, llm_kernel_shapes(llm_dir))  # before reading the weights
+            except UserError as e:
+                raise UserError(f"--lora {lora_path} does not fit {model_dir}'s LLM: {e}") from None
+        params = load_params(os.path.join(llm_dir, PARAMS_FILE), llama.param_shapes(llama.from_config(config)))
+        if lora:
+            params = lora_lib.merge(params, lora, alpha)
+        with atomic_output_dir(out, overwrite) as tmp:
+            export_hf_llama(params, config, tmp, dtype=dtype, overwrite=True)
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(llm_dir, name)):
+                    shutil.copyfile(os.path.join(llm_dir, name), os.path.join(tmp, name))
+        log(f"LLaMA{' + LoRA merged' if lora else ''} -> {out}")
+        return out
 
 
 def main(argv: list[str] | None = None) -> int:

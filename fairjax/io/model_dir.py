@@ -118,7 +118,8 @@ def write_json(path: str, obj) -> None:
     try:
         text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
     except ValueError as e:
-        raise CheckpointError(f"cannot write {path}: {e} (a value is NaN or infinite, which JSON cannot hold)") from None
+        raise CheckpointError(f"cannot write {path}: {e} (a value is NaN or infinite, which JSON cannot hold)") \
+            from None
     tmp = fs.temp_path(path)
     try:
         with open(tmp, "w") as f:

@@ -103,8 +103,8 @@ def check_header(header: dict, data_size: int, path: str) -> tuple[dict[str, str
         begin, end = offsets
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
         if end < begin or end - begin != nbytes:
-            raise CheckpointError(f"{bad}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but {entry['dtype']} "
-                                  f"x {tuple(shape)} needs {nbytes}")
+            raise CheckpointError(f"{bad}: data_offsets [{begin}, {end}] hold {end - begin} bytes, but "
+                                  f"{entry['dtype']} x {tuple(shape)} needs {nbytes}")
         info[key] = (dt, tuple(shape), begin, end)
     pos = 0
     for key, (_, _, begin, end) in sorted(info.items(), key=lambda kv: (kv[1][2], kv[1][3])):
@@ -291,8 +291,8 @@ class ShardedReader:
             shards = sorted(set(weight_map.values()))
             outside = [s for s in shards if not _inside(folder, s)]
             if outside:
-                raise CheckpointError(f"{index} names shard(s) outside {folder}: {', '.join(outside)}; an index may only "
-                                      "name files in its own folder")
+                raise CheckpointError(f"{index} names shard(s) outside {folder}: {', '.join(outside)}; an index may "
+                                      "only name files in its own folder")
             missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
             if missing:
                 raise CheckpointError(f"{index} names shard(s) not in {folder}: {', '.join(missing)}")
