@@ -87,9 +87,14 @@ class Range:
 
     def describe(self) -> str:
         if self.boolean:
-            return "true or false"
-        if self.choices:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            text = "true or false"
+        elif self.choices:
+            text = "one of " + ", ".join(repr(c) for c in self.choices)
+        else:
+            text = self._describe_number()
+        return f"{text} ({self.note})" if self.note else text
+
+    def _describe_number(self) -> str:
         kind = "an integer" if self.integer else "a number"
         lo, hi = (_num(self.lo), _num(self.hi))
         if self.lo is not None and self.hi is not None:
@@ -100,8 +105,7 @@ class Range:
             text = f"{kind} {'<' if self.hi_open else '<='} {hi}"
         else:
             text = f"a finite {kind.split()[-1]}"
-        text = " or ".join([repr(a) for a in self.also] + [text])
-        return f"{text} ({self.note})" if self.note else text
+        return " or ".join([repr(a) for a in self.also] + [text])
 
 
 def _num(x) -> str:
