@@ -137,6 +137,12 @@ def test_workdir_on_a_read_only_file_system(tmp_path, capsys):
         refused(train.main, mog(os.path.join(ro, "wd")), capsys, ["cannot write --workdir"], roots=[tmp_path])
 
 
+def test_existing_workdir_on_a_read_only_file_system(tmp_path, capsys):
+    """Resuming in a workdir that became read-only: refused before the lock or config.json is written."""
+    with readonly_dir(tmp_path / "wd") as wd:
+        refused(train.main, mog(wd), capsys, ["cannot write --workdir"], roots=[tmp_path])
+
+
 def test_workdir_read_only_injected(tmp_path, capsys, monkeypatch):
     inject_mkdir_error(monkeypatch, str(tmp_path), errno.EROFS)
     refused(train.main, mog(tmp_path / "runs" / "wd"), capsys, ["cannot write --workdir", "read-only file system"],

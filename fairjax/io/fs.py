@@ -87,10 +87,10 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def probe_writable(path: str, what: str = "output") -> None:
-    """Raise a one-line :class:`OutputError` unless a folder can be created where ``path`` would go
-    (the nearest existing ancestor; the probe is removed at once)."""
-    base = nearest_existing(os.path.dirname(os.path.abspath(path)) or ".")
+def probe_writable(path: str, what: str = "output", inside: bool = False) -> None:
+    """Raise a one-line :class:`OutputError` unless a folder can be created beside ``path`` (``inside``: in
+    it, for a workdir that exists), or in the nearest existing ancestor; the probe is removed at once."""
+    base = nearest_existing(os.path.abspath(path) if inside else os.path.dirname(os.path.abspath(path)) or ".")
     if not os.path.isdir(base):
         raise OutputError(f"cannot write {what} {path}: {base} is a file, not a folder")
     probe = os.path.join(base, f".fairjax-probe-{os.getpid()}-{time.monotonic_ns()}")
@@ -118,7 +118,7 @@ def check_output(path: str, *, what: str = "--out", kind: str = "dir", overwrite
             raise OutputError(f"{what} {path} is a folder; pass a file path")
         if must_be_new and not overwrite:
             raise OutputError(f"{path} already exists; choose another {what} or pass --overwrite")
-    probe_writable(path, what)
+    probe_writable(path, what, inside=not must_be_new)
     return os.path.abspath(path)
 
 
