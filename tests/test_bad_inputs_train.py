@@ -167,6 +167,7 @@ def test_a_run_that_saved_no_checkpoint_takes_the_new_config(tmp_path):
     assert train.has_checkpoint(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_two_runs_one_workdir(tmp_path):
     """Two real ``fairjax.train`` processes on one workdir (issue 23: steps logged twice, orbax crashed): the
     second is refused in one line naming the first's pid and leaves no trace; the first trains on, stops on
