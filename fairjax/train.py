@@ -6,6 +6,10 @@ sharded loop in :mod:`fairjax.trainer`. The resolved config is saved as
 checkpoint and must resolve to the same config (``--allow-config-change``
 resumes anyway and records the new one beside it).
 
+``model.dir`` may be a fairjax model dir, a diffusers / vila-u folder or a Hugging Face repo id
+(``ORG/NAME[@REVISION]``, ``--variant fp16``), converted once into the model cache
+(:mod:`fairjax.convert.resolve`; ``--no-cache``: into a temporary folder).
+
 Multi-host: run the same command on every host; ``--distributed`` (or the
 launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
 """
@@ -21,6 +25,7 @@ from fairjax.errors import UserError
 
 def parse_args(argv):
     from fairjax.config import split_overrides
+    from fairjax.convert.resolve import add_model_args
 
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(
@@ -34,6 +39,7 @@ def parse_args(argv):
                    help="resume a workdir whose saved config differs from this one")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see launch/)")
+    add_model_args(p)
     return p.parse_args(rest), overrides
 
 
@@ -51,9 +57,18 @@ def run(argv=None) -> dict:
 
     cfg = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(cfg, overrides)
+    spec = str(cfg.model.get("dir", "")) if "model" in cfg else ""
+    if spec:  # a diffusers folder or repo id is converted once; the config keeps what was given
+        from fairjax.convert.resolve import resolve_args
+
+        cfg.model.dir = resolve_args(spec, args)
     task = tasks.build(cfg, workdir=args.workdir)
     if jax.process_index() == 0:
-        changed = config_lib.check_or_save(cfg, args.workdir, args.allow_config_change)
+        saved = cfg
+        if spec and cfg.model.dir != spec:
+            saved = cfg.copy_and_resolve_references()
+            saved.model.dir = spec
+        changed = config_lib.check_or_save(saved, args.workdir, args.allow_config_change)
         if changed:
             print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)
     return trainer.train(cfg, task, args.workdir)

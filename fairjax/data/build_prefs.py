@@ -317,6 +317,7 @@ def read_summary(path: str) -> dict:
 
 def main(argv=None) -> int:
     from fairjax.config import apply_overrides, load_config_file, split_overrides
+    from fairjax.convert.resolve import add_model_args, resolve_args
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -328,12 +329,14 @@ def main(argv=None) -> int:
                                                        "e.g. configs/toy_world.py")
         p.add_argument("--out", required=True, help="dataset folder to write (the trainer's --config.data.path)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        add_model_args(p)
         args = p.parse_args(rest)
         cfg = load_config_file(args.config)
         apply_overrides(cfg, overrides)
         for key in ("prefs", "sample", "model"):
             if key not in cfg:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
+        cfg.model.dir = resolve_args(str(cfg.model.dir), args)  # a diffusers folder or repo id: converted once
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
