@@ -10,11 +10,13 @@ then, ``--rounds`` times, each in its own subprocess and in this order:
 
 1. diffusers: ``UNet2DConditionModel.from_pretrained(src, torch_dtype=float16)`` (lazy: the
    weights stay memory-mapped until used),
-2. fairjax cold: ``fairjax.convert.resolve.resolve_model(src)`` with an empty model cache
+2. the same, then one element read from every 4 KB page of every parameter (all of it resident),
+3. fairjax cold: ``fairjax.convert.resolve.resolve_model(src)`` with an empty model cache
    (``$FAIRJAX_CACHE_DIR``): the conversion into the cache, then ``fairjax.models.unet.load`` of
-   the entry (params as numpy arrays in host memory, as stored: float16),
-3. fairjax warm: the same command again: the cache is found and loaded,
-4. with ``--tool``: ``tools/convert_diffusers.py src out --dtype float16`` (the conversion alone, as
+   the entry (params as stored, float16: read-only views of the entry's memory map, as diffusers),
+4. fairjax warm: the same command again: the cache is found and loaded,
+5. fairjax warm, then every page read as in 2,
+6. with ``--tool``: ``tools/convert_diffusers.py src out --dtype float16`` (the conversion alone, as
    BENCHMARKS.md measured it before the model cache).
 
 and prints wall time and peak RSS (``ru_maxrss`` of the child) of each, with
@@ -51,9 +53,14 @@ print(f"@@ {rc} {dt:.3f} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 """
 
 _DIFFUSERS = """
-import sys, torch, diffusers
+import sys, time, torch, diffusers
+t0 = time.perf_counter()
 m = diffusers.UNet2DConditionModel.from_pretrained(sys.argv[1], torch_dtype=torch.float16)
-print(sum(p.numel() for p in m.parameters()))
+t1 = time.perf_counter()
+if sys.argv[2:] == ["touch"]:  # read one element per 4 KB page: every page resident
+    for p in m.parameters():
+        float(p.data.reshape(-1)[::2048].float().sum())
+print(sum(p.numel() for p in m.parameters()), f"load {t1 - t0:.1f}s, touch {time.perf_counter() - t1:.1f}s")
 """
 
 _FAIRJAX = """
@@ -64,8 +71,13 @@ from fairjax.models import unet
 d = resolve_model(sys.argv[1], log=lambda m: None)
 t1 = time.perf_counter()
 m, p = unet.load(d)
-import jax
-print(sum(x.size for x in jax.tree.leaves(p)), f"resolve {t1 - t0:.1f}s, load {time.perf_counter() - t1:.1f}s")
+t2 = time.perf_counter()
+import jax, numpy as np
+if sys.argv[2:] == ["touch"]:  # read one element per 4 KB page: every page resident
+    for x in jax.tree.leaves(p):
+        float(np.asarray(x).reshape(-1)[::2048].astype(np.float32).sum())
+print(sum(x.size for x in jax.tree.leaves(p)), f"resolve {t1 - t0:.1f}s, load {t2 - t1:.1f}s, "
+      f"touch {time.perf_counter() - t2:.1f}s")
 """
 
 
@@ -133,8 +145,10 @@ def main():
         print(f"checkpoint: {n:,} params, {size / 1e9:.2f} GB; load average {os.getloadavg()[0]:.1f}")
         runs = {
             "diffusers from_pretrained fp16": [sys.executable, "-c", _DIFFUSERS, src],
+            "diffusers + read every page": [sys.executable, "-c", _DIFFUSERS, src, "touch"],
             "fairjax cold (convert + load)": [sys.executable, "-c", _FAIRJAX, src],
             "fairjax warm (cached: load)": [sys.executable, "-c", _FAIRJAX, src],
+            "fairjax warm + read every page": [sys.executable, "-c", _FAIRJAX, src, "touch"],
         }
         if args.tool:
             runs["convert_diffusers --dtype float16"] = [

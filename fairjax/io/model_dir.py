@@ -42,7 +42,7 @@ def save_params(path: str, params: Mapping, metadata: dict | None = None) -> Non
     write_safetensors(path, items, metadata)
 
 
-def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4) -> dict:
+def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4, mmap: bool = False) -> dict:
     """Read a ``params.safetensors`` into a nested dict of numpy arrays.
 
     With ``target_shapes`` (``{flax path: shape}``), every missing, unexpected
@@ -51,6 +51,11 @@ def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4) 
     read, and the same error comes once both are done. Tensors are read with
     ``pread`` by ``workers`` threads (no file page stays mapped: the process holds
     the arrays it returns and nothing else), cast to ``dtype`` when given.
+
+    ``mmap=True``: a tensor that needs no cast is a read-only view of the file's memory map
+    instead (what diffusers' ``from_pretrained`` does with safetensors): nothing is read until
+    it is used, and its pages belong to the page cache, not to the process. fairjax writes
+    model files to a temporary name and renames them, so a view never sees a file change.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -71,8 +76,11 @@ def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4) 
             raise CheckpointError(f"{path} does not fit the model config: " + " | ".join(parts))
 
     def read(r: SafetensorsReader, k: str) -> np.ndarray:
+        same = dtype is None or np.dtype(dtype) == r.dtype(k)
+        if mmap and same:
+            return r[k]
         a = r.read(k)
-        return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
+        return a if same else a.astype(dtype)
 
     with SafetensorsReader(path) as r:
         if target_shapes is not None and not callable(target_shapes):

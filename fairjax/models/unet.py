@@ -484,6 +484,7 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     ``param_dtype``) or diffusers config keys to replace (e.g. ``upcast_attention``).
     Params are returned as stored (float32 masters unless converted otherwise),
     cast to ``param_dtype`` when given; every key and shape is checked against the config.
+    Params that need no cast are read-only views of the file's memory map (read on first use).
     """
     import os
 
@@ -495,6 +496,8 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     module_kw = {k: v for k, v in overrides.items() if k in module_keys}
     config.update({k: v for k, v in overrides.items() if k not in module_keys})
     unet = UNet2DConditionModel.from_config(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, **module_kw)
-    # the shapes are traced while the file is read (load_params takes them as a function)
-    params = load_params(os.path.join(folder, PARAMS_FILE), lambda: config_shapes(unet.config), dtype=param_dtype)
+    # the shapes are traced while the file is read (load_params takes them as a function); arrays that need no
+    # cast are memory-mapped, read when first used (as diffusers' from_pretrained)
+    params = load_params(os.path.join(folder, PARAMS_FILE), lambda: config_shapes(unet.config), dtype=param_dtype,
+                         mmap=True)
     return unet, params
