@@ -189,6 +189,18 @@ def test_local_folders_and_no_cache(hub, offline, capsys):
     _same_params(os.path.join(entry, "unet", "params.safetensors"),
                  os.path.join(hub["converted"], "unet", "params.safetensors"))
     assert resolve.resolve_model(hub["src"]) == entry
+
+    import jax
+
+    from fairjax.io.model_dir import load_params
+    from fairjax.models import unet
+
+    _, lazy = unet.load(entry)  # no cast: read-only views of the file's memory map
+    _, cast = unet.load(entry, param_dtype=np.float16)
+    eager = load_params(os.path.join(entry, "unet", "params.safetensors"))
+    for a, c, e in zip(jax.tree.leaves(lazy), jax.tree.leaves(cast), jax.tree.leaves(eager)):
+        assert not a.flags.writeable and e.flags.writeable and c.dtype == np.float16
+        assert np.array_equal(a, e) and np.array_equal(c, e.astype(np.float16))
     unet = resolve.resolve_model(os.path.join(hub["src"], "unet"))  # one component folder
     assert json.load(open(os.path.join(unet, "fairjax.json")))["components"] == ["unet"]
     capsys.readouterr()
