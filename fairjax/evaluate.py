@@ -1,7 +1,10 @@
 """Measure a text-to-image model's demographic bias, alone or beside a base model.
 
     python -m fairjax.evaluate --model DIR [--lora FILE] --out DIR [--base DIR [--base-lora FILE]]
-        [--config FILE[:preset]] [--config.eval.n_neutral=100 ...] [--overwrite]
+        [--config FILE[:preset]] [--config.eval.n_neutral=100 ...] [--overwrite] [--variant fp16] [--no-cache]
+
+``--model`` and ``--base`` may also be diffusers folders or Hugging Face repo ids, converted once into the
+model cache (:mod:`fairjax.convert.resolve`).
 
 For each model: generate ``eval.n_neutral`` images per neutral evaluation prompt
 (``eval.neutral_template`` over ``eval.occupations``; SDXL default: ``best quality, a
@@ -286,21 +289,26 @@ def _is_toy(model_dir: str) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from fairjax.config import split_overrides
+    from fairjax.convert.resolve import add_model_args, resolve_args
 
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.evaluate", description=__doc__.split("\n\n")[0])
-        p.add_argument("--model", required=True, help="fairjax model dir (or a fine-tuned unet-only output)")
+        p.add_argument("--model", required=True, help="fairjax model dir (or a fine-tuned unet-only output), diffusers "
+                                                      "folder or Hugging Face repo id ORG/NAME[@REVISION]")
         p.add_argument("--lora", default=None, help="fairjax LoRA file merged into --model's UNet")
         p.add_argument("--out", required=True, help="output folder (report/ inside)")
-        p.add_argument("--base", default=None, help="base model dir, evaluated first, side by side")
+        p.add_argument("--base", default=None, help="base model (dir, diffusers folder or repo id), evaluated first, "
+                                                    "side by side")
         p.add_argument("--base-lora", default=None, help="LoRA merged into --base")
         p.add_argument("--name", default=None, help="name of --model in the report (default: tuned, or model)")
         p.add_argument("--base-name", default="base", help="name of --base in the report")
         p.add_argument("--config", default=None, help="config file[:preset] with sample/eval sections")
         p.add_argument("--overwrite", action="store_true")
+        add_model_args(p)
         args = p.parse_args(rest)
+        args.model, args.base = resolve_args(args.model, args), resolve_args(args.base, args)
         cfg = load_eval_config(args.config, args.base or args.model, overrides)
         models = {}
         if args.base:

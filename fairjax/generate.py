@@ -1,9 +1,13 @@
 """Generate images for a prompt list with a converted SDXL model.
 
-    python -m fairjax.generate --model MODEL_DIR --prompts prompts.txt --out OUT \\
+    python -m fairjax.generate --model MODEL --prompts prompts.txt --out OUT \\
         --num-per-prompt 10 --steps 50 --cfg 5.0 --seed 0 [--lora lora.safetensors] \\
         [--sampler euler|ddim] [--save-latents] [--batch-size 8] [--height H --width W] \\
-        [--negative-prompt TEXT] [--dtype float32|bfloat16] [--overwrite]
+        [--negative-prompt TEXT] [--dtype float32|bfloat16] [--overwrite] [--variant fp16] [--no-cache]
+
+MODEL is a fairjax model dir, a diffusers pipeline / vila-u checkpoint folder or a Hugging Face repo id
+(``stabilityai/stable-diffusion-xl-base-1.0[@REVISION]``), converted once into the model cache
+(:mod:`fairjax.convert.resolve`).
 
 OUT gets ``{p:05d}_{i:04d}.png`` for prompt p (the p-th prompt of the prompt file: one prompt per
 line, taken literally -- ``a cat | a dog`` is the prompt "a cat | a dog"; blank lines and lines
@@ -32,6 +36,7 @@ import sys
 
 import numpy as np
 
+from fairjax.convert.resolve import add_model_args, resolve_args
 from fairjax.errors import UserError
 from fairjax.io import fs
 from fairjax.io.images import image_stem, write_png
@@ -42,7 +47,8 @@ DTYPES = ("float32", "bfloat16")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fairjax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True,
-                   help="fairjax model directory (tools/convert_diffusers.py or convert_vila_u.py output)")
+                   help="fairjax model dir, diffusers / vila-u folder or Hugging Face repo id ORG/NAME[@REVISION] "
+                        "(converted once into the model cache)")
     p.add_argument("--prompts", required=True, help="text file, one prompt per line")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt (default 1)")
@@ -60,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="UNet / text encoder compute dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_model_args(p)
     return p.parse_args(argv)
 
 
@@ -92,9 +99,10 @@ def run(argv=None) -> dict:
     from fairjax.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)
-    if args.lora is not None:
-        check_lora(args.model, args.lora)
     with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+        args.model = resolve_args(args.model, args)  # a diffusers folder or repo id: converted once
+        if args.lora is not None:
+            check_lora(args.model, args.lora)
         return _generate(args, prompts)
 
 

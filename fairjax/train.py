@@ -14,6 +14,10 @@ naming each bad key, its value and its range, and no ``config.json`` written),
 ``model.dir``, ``data.path``, ``lora.init`` or the config file, and ``DIR/.lock``
 (pid and host of the run holding it) refuses a second run on the same ``DIR``.
 
+``model.dir`` may be a fairjax model dir, a diffusers / vila-u folder or a Hugging Face repo id
+(``ORG/NAME[@REVISION]``, ``--variant fp16``), converted once into the model cache
+(:mod:`fairjax.convert.resolve`; ``--no-cache``: into a temporary folder).
+
 Multi-host: run the same command on every host; ``--distributed`` (or the
 launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
 """
@@ -32,6 +36,7 @@ from fairjax.io import fs
 
 def parse_args(argv):
     from fairjax.config import split_overrides
+    from fairjax.convert.resolve import add_model_args
 
     rest, overrides = split_overrides(argv)
     p = argparse.ArgumentParser(
@@ -45,6 +50,7 @@ def parse_args(argv):
                    help="resume a workdir whose saved config differs from this one")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see launch/)")
+    add_model_args(p)
     return p.parse_args(rest), overrides
 
 
@@ -66,9 +72,18 @@ def run(argv=None) -> dict:
     check_workdir(args.workdir, cfg, args.config)
     main_process = jax.process_index() == 0
     with fs.locked(args.workdir, inside=True, what="--workdir") if main_process else contextlib.nullcontext():
+        spec = str(cfg.model.get("dir", "")) if "model" in cfg else ""
+        if spec:  # a diffusers folder or repo id is converted once; the saved config keeps what was given
+            from fairjax.convert.resolve import resolve_args
+
+            cfg.model.dir = resolve_args(spec, args)
         task = tasks.build(cfg, workdir=args.workdir)
         if main_process:
-            changed = config_lib.check_or_save(cfg, args.workdir, args.allow_config_change,
+            saved = cfg
+            if spec and cfg.model.dir != spec:
+                saved = cfg.copy_and_resolve_references()
+                saved.model.dir = spec
+            changed = config_lib.check_or_save(saved, args.workdir, args.allow_config_change,
                                                resumable=has_checkpoint(args.workdir))
             if changed:
                 print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)

@@ -240,7 +240,10 @@ def test_non_unet_folders(tmp_path, capsys):
     vae = tmp_path / "vae"
     vae.mkdir()
     (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "latent_channels": 4}))
-    _fails(convert_tool, [str(vae), str(tmp_path / "o1")], capsys, "AutoencoderKL", "UNet2DConditionModel")
+    # a single VAE folder converts (fairjax.convert.pipeline.CLASS_TO_COMPONENT) when it has weights
+    _fails(convert_tool, [str(vae), str(tmp_path / "o1")], capsys, "diffusion_pytorch_model.safetensors", "config.json")
+    (vae / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+    _fails(convert_tool, [str(vae), str(tmp_path / "o1")], capsys, "ControlNetModel", "UNet2DConditionModel")
     empty = tmp_path / "empty"
     empty.mkdir()
     _fails(convert_tool, [str(empty), str(tmp_path / "o2")], capsys, "config.json")

@@ -4,6 +4,7 @@
     python tools/export_diffusers.py MODEL_DIR OUT [--dtype float32|float16|bfloat16] [--overwrite]
     python tools/export_diffusers.py MODEL_DIR OUT --lora LORA.safetensors --merge
     python tools/export_diffusers.py MODEL_DIR OUT --lora LORA.safetensors [--lora-prefix unet|none]
+    python tools/export_diffusers.py MODEL_DIR OUT --lora LORA.safetensors --format kohya
 
 Without ``--lora`` (or with ``--merge``): every fairjax component of MODEL_DIR
 (``unet/ vae/ text_encoder/ text_encoder_2/``) is written in diffusers /
@@ -22,6 +23,14 @@ gets ``pytorch_lora_weights.safetensors``. With the default ``--lora-prefix unet
 keys start with ``unet.`` (``pipe.load_lora_weights(OUT)``,
 ``unet.load_lora_adapter(path, prefix="unet")``); ``--lora-prefix none`` writes
 bare module keys (``unet.load_lora_adapter(state_dict, prefix=None)``).
+``--format kohya`` writes the format A1111, ComfyUI and diffusers' ``load_lora_weights`` read:
+``lora_unet_<module path with '.' -> '_'>.lora_down.weight`` (r, in[, kh, kw]), ``.lora_up.weight``
+(out, r[, 1, 1]) and ``.alpha`` (the LoRA's alpha; loaders scale by alpha / r); SDXL's
+``add_embedding.linear_1/2`` are written under their original names ``label_emb_0_0/2``, which every
+loader maps (``fairjax.convert.unet.lora_state_kohya``).
+
+MODEL_DIR may also be a diffusers folder or a Hugging Face repo id (converted once into the model
+cache, ``fairjax.convert.resolve``; ``--variant``, ``--no-cache``): the LoRA needs only its UNet's shapes.
 
 Everything is written to a temp path and renamed at the end; an existing OUT is
 refused unless ``--overwrite``, an OUT that equals, contains or is inside MODEL_DIR or
@@ -42,6 +51,7 @@ import numpy as np
 
 from fairjax.convert import pipeline as pipe_convert
 from fairjax.convert import unet as unet_convert
+from fairjax.convert.resolve import add_model_args, resolve_args
 from fairjax.errors import UserError
 from fairjax.io import fs
 from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
@@ -163,8 +173,9 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
 
 
 def export_lora_file(model_dir: str, lora_path: str, out: str, *, prefix: str | None = "unet",
-                     dtype: str | None = None, overwrite: bool = False, log=print) -> str:
-    """Write the LoRA at ``lora_path`` (for the UNet of ``model_dir``) in diffusers/PEFT format; returns the file."""
+                     dtype: str | None = None, overwrite: bool = False, log=print, format: str = "peft") -> str:
+    """Write the LoRA at ``lora_path`` (for the UNet of ``model_dir``) in diffusers/PEFT (``format='peft'``) or
+    kohya (``'kohya'``) format; returns the file."""
     is_file = out.endswith(".safetensors")
     fs.check_output(out, what="OUT", kind="file" if is_file else "dir", overwrite=overwrite,
                     inputs={"MODEL_DIR": model_dir, "--lora": lora_path})
@@ -178,34 +189,43 @@ def export_lora_file(model_dir: str, lora_path: str, out: str, *, prefix: str | 
         extra = {k: json.dumps(v) for k, v in meta.items() if k not in ("alpha", "rank")}
         if is_file:
             fs.remove_stale_temps(out)
-            info = unet_convert.export_lora(unet_dir, lora, alpha, out, prefix=prefix, dtype=np_dtype, meta=extra)
+            info = unet_convert.export_lora(unet_dir, lora, alpha, out, prefix=prefix, dtype=np_dtype, meta=extra,
+                                            format=format)
             target = out
         else:
             with atomic_output_dir(out, overwrite) as tmp:
                 info = unet_convert.export_lora(unet_dir, lora, alpha, os.path.join(tmp, LORA_FILE), prefix=prefix,
-                                                dtype=np_dtype, meta=extra)
+                                                dtype=np_dtype, meta=extra, format=format)
             target = os.path.join(out, LORA_FILE)
-        log(f"LoRA {info} (alpha {alpha:g} folded into lora_B) -> {target}")
+        how = "alpha in each module's .alpha" if format == "kohya" else "alpha/r folded into lora_B"
+        log(f"LoRA {info} (alpha {alpha:g}, {how}) -> {target}")
         return target
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="fairjax model directory (or its unet/ folder)")
+    p.add_argument("model_dir", help="fairjax model directory (or its unet/ folder), a diffusers folder or a "
+                                     "Hugging Face repo id")
     p.add_argument("out", help="output folder (or .safetensors file for a LoRA)")
     p.add_argument("--lora", help="fairjax LoRA file (fairjax.lora.save)")
     p.add_argument("--merge", action="store_true", help="merge --lora into the exported weights")
     p.add_argument("--lora-prefix", default="unet", choices=["unet", "none"],
-                   help="key prefix of an exported LoRA (default unet: the pipeline format)")
+                   help="key prefix of a PEFT-format LoRA (default unet: the pipeline format)")
+    p.add_argument("--format", default="peft", choices=list(unet_convert.LORA_FORMATS),
+                   help="LoRA file format: peft (diffusers / PEFT keys, default) or kohya (A1111, ComfyUI, diffusers)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype to write (default: as stored)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_model_args(p)
     args = p.parse_args(argv)
     try:
         if args.merge and not args.lora:
             raise UserError("--merge needs --lora FILE")
+        if args.format != "peft" and (args.merge or not args.lora):
+            raise UserError(f"--format {args.format} is for a LoRA file: pass --lora FILE without --merge")
+        args.model_dir = resolve_args(args.model_dir, args)  # a diffusers folder or repo id: converted once
         if args.lora and not args.merge:
             export_lora_file(args.model_dir, args.lora, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                             prefix=None if args.lora_prefix == "none" else args.lora_prefix)
+                             prefix=None if args.lora_prefix == "none" else args.lora_prefix, format=args.format)
         else:
             export_model(args.model_dir, args.out, dtype=args.dtype, lora_path=args.lora, overwrite=args.overwrite)
     except (UserError, OSError) as e:

@@ -39,6 +39,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fairjax.convert.core import flax_to_torch_key
+from fairjax.convert.resolve import add_model_args, resolve_args
 from fairjax.errors import UserError
 from fairjax.io import fs
 from fairjax.io.model_dir import (
@@ -189,15 +190,18 @@ def export_llm(model_dir: str, out: str, *, lora_path: str | None = None, dtype:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("model_dir", help="fairjax VILA-U model dir (tools/convert_vila_u.py output) or its llm/ folder")
+    p.add_argument("model_dir", help="fairjax VILA-U model dir (tools/convert_vila_u.py output) or its llm/ folder, a "
+                                     "vila-u checkpoint folder or a Hugging Face repo id")
     p.add_argument("out", help="output folder")
     p.add_argument("--lora", help="fairjax LoRA file over the LLM (fairjax.lora.save)")
     p.add_argument("--merge", action="store_true", help="merge --lora into a full LLaMA folder instead")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="dtype to write (default: float32 for an adapter, as stored for the LLM)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_model_args(p)
     args = p.parse_args(argv)
     try:
+        args.model_dir = resolve_args(args.model_dir, args)  # a vila-u checkpoint or repo id: converted once
         if args.merge and not args.lora:
             raise UserError("--merge needs --lora FILE")
         if args.lora and not args.merge:

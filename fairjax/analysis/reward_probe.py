@@ -232,6 +232,8 @@ def write_outputs(result: dict, out: str, overwrite: bool = False) -> None:
 
 
 def main(argv=None) -> int:
+    from fairjax.convert.resolve import add_model_args, resolve_args
+
     p = argparse.ArgumentParser(prog="python -m fairjax.analysis.reward_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="preference dataset dir (fairjax.data.build_prefs output)")
     p.add_argument("--tuned", default=None, help="fine-tuned model dir (a training run's model/)")
@@ -246,10 +248,12 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--by-prompt", action="store_true", help="also print the rows of every prompt's set")
     p.add_argument("--overwrite", action="store_true")
+    add_model_args(p)
     args = p.parse_args(argv)
     try:
         check_args(args)
         with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+            args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
             _run(args)
     except (UserError, OSError) as e:
         line = fs.error_line(e)

@@ -17,6 +17,9 @@ passed as ``None``), so ``DiffusionPipeline.from_pretrained`` loads the export a
 
 Conversion and export stream: every key and shape is checked from the file headers first,
 then tensors are read, transposed, cast and written one at a time.
+
+:func:`convert_folder` turns a whole source folder (a pipeline, or one component folder) into a
+model directory; ``tools/convert_diffusers.py`` and :mod:`fairjax.convert.resolve` call it.
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ import functools
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from fairjax.convert import clip as clip_convert
+from fairjax.convert import unet as unet_convert
 from fairjax.convert import vae as vae_convert
-from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion, torch_to_flax_array
-from fairjax.errors import CheckpointError
-from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
+from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion
+from fairjax.errors import CheckpointError, UserError
+from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, read_json, write_index, write_json
 from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str
 
@@ -182,7 +188,9 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
     """A diffusers / transformers component folder ``src`` -> fairjax component folder ``out``.
 
     ``out/config.json`` is the source config as is; ``out/params.safetensors`` holds the Flax
-    tree (``dtype``, or each tensor's own dtype). The caller owns atomicity (``atomic_output_dir``).
+    tree (``dtype``, or each tensor's own dtype). Tensors are read with ``pread`` and transposed in
+    worker threads while earlier ones are written (:func:`fairjax.convert.unet.pipelined`).
+    The caller owns atomicity (``atomic_output_dir``).
     """
     cfg_path = os.path.join(src, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
@@ -196,12 +204,18 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
         except CheckpointError as e:
             raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
         check_float(reader, mapping, src)
-        items = []
+        specs = []
         for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
-            fn = functools.partial(lambda k, lf: torch_to_flax_array(reader[k], lf), key, leaf)
-            items.append((path_str(path), LazyArray(fn, shapes[path], dtype or reader.dtype(key))))
+            dt = np.dtype(dtype or reader.dtype(key))
+            fn = functools.partial(lambda k, lf, d: unet_convert.to_flax_array(reader.read(k), lf, d), key, leaf, dt)
+            specs.append((path_str(path), fn, shapes[path], dt))
+        items, pipe = unet_convert.pipelined(specs, desc=os.path.basename(os.path.normpath(out)))
         os.makedirs(out, exist_ok=True)
-        write_safetensors(os.path.join(out, PARAMS_FILE), items, {"format": "fairjax", "source": os.path.abspath(src)})
+        try:
+            write_safetensors(os.path.join(out, PARAMS_FILE), items,
+                              {"format": "fairjax", "source": os.path.abspath(src)})
+        finally:
+            pipe.close()
     write_json(os.path.join(out, CONFIG_FILE), config)
     return {"arrays": len(items), "params": int(sum(np.prod(s) for s in shapes.values()))}
 
@@ -257,3 +271,106 @@ convert_vae = functools.partial(convert_component, VAE)
 convert_clip_text = functools.partial(convert_component, CLIP_TEXT)
 export_vae = functools.partial(export_component, VAE)
 export_clip_text = functools.partial(export_component, CLIP_TEXT)
+
+
+# ----------------------------------------------------------------------------- whole folders
+
+#: pipeline subfolder name -> converter(src, out, *, dtype, variant) -> summary dict
+CONVERTERS: dict[str, Callable[..., dict]] = {
+    "unet": unet_convert.convert_component,
+    "vae": convert_vae,
+    "text_encoder": convert_clip_text,
+    "text_encoder_2": convert_clip_text,
+}
+#: pipeline subfolder name -> weight file stem, to check every part's files before converting any
+WEIGHTS_PREFIX: dict[str, str] = {
+    "unet": unet_convert.WEIGHTS_NAME,
+    "vae": VAE.weights_prefix,
+    "text_encoder": CLIP_TEXT.weights_prefix,
+    "text_encoder_2": CLIP_TEXT.weights_prefix,
+}
+#: class of a single component folder (diffusers ``_class_name``, transformers ``architectures[0]``)
+#: -> the model dir's subfolder it becomes
+CLASS_TO_COMPONENT: dict[str, str] = {
+    "UNet2DConditionModel": "unet",
+    "AutoencoderKL": "vae",
+    "CLIPTextModel": "text_encoder",
+    "CLIPTextModelWithProjection": "text_encoder_2",
+}
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def component_class(config: Mapping) -> str | None:
+    """The class a component ``config.json`` names (diffusers ``_class_name``, else transformers ``architectures``)."""
+    arch = config.get("architectures")
+    return config.get("_class_name") or (arch[0] if isinstance(arch, list) and arch else None)
+
+
+def plan_pipeline(src: str, variant: str | None = None) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """``([(component, folder)] to convert, [folders to copy], [skipped])`` for a pipeline folder SRC.
+
+    Every part model_index.json names that is converted or copied must be there (one-line error
+    naming the first that is not), with its config.json and its weight files' headers; no tensor is read.
+    """
+    entries = index_entries(src)
+    todo = [(n, os.path.join(src, n)) for n in entries if n in CONVERTERS]
+    copied = [n for n, (_, c) in entries.items() if n not in CONVERTERS and is_copied_class(c)]
+    skipped = [n for n in entries if n not in CONVERTERS and n not in copied]
+    if not todo:
+        raise UserError(f"{src}: none of its components ({', '.join(entries) or 'none'}) can be converted yet "
+                        f"(supported: {', '.join(CONVERTERS)})")
+    for name, folder in todo:
+        if not os.path.isdir(folder):
+            raise UserError(f"{src}: model_index.json names {name} ({entries[name][1]}) but there is no {name}/ "
+                            f"folder; copy it from the original pipeline")
+        check_weights(folder, WEIGHTS_PREFIX[name], variant)
+    for name in copied:
+        check_copied(src, name, entries[name][1])
+    return todo, copied, skipped
+
+
+def plan_sources(src: str, variant: str | None = None) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """``([(component, its source folder)], [copied folders], [unsupported components])`` for SRC."""
+    if not os.path.isdir(src):
+        raise UserError(f"{src}: not a folder; pass a diffusers pipeline folder or its unet/ folder")
+    if os.path.isfile(os.path.join(src, MODEL_INDEX)):
+        return plan_pipeline(src, variant)
+    cfg = os.path.join(src, CONFIG_FILE)
+    if not os.path.isfile(cfg):
+        raise UserError(f"{src}: neither model_index.json nor config.json; pass a diffusers pipeline folder or "
+                        f"a component folder such as unet/")
+    cls = component_class(read_json(cfg))
+    name = CLASS_TO_COMPONENT.get(cls)
+    if name is None:
+        supported = ", ".join(f"{c} ({n}/)" for c, n in CLASS_TO_COMPONENT.items())
+        raise UserError(f"{src}: config.json is for {cls or 'an unnamed class'}, which has no converter "
+                        f"(supported: {supported})")
+    check_weights(src, WEIGHTS_PREFIX[name], variant)
+    return [(name, src)], [], []
+
+
+def convert_folder(src: str, out: str, *, dtype: str | None = "float32", variant: str | None = None,
+                   overwrite: bool = False, log=print, **index_extra) -> dict:
+    """Convert SRC (a pipeline folder or one component folder) into the fairjax model dir OUT (atomic:
+    written to a temp dir, renamed at the end). ``dtype`` None keeps each tensor's dtype; ``index_extra``
+    goes into ``fairjax.json``. Returns ``{component: summary}``."""
+    todo, copied, skipped = plan_sources(src, variant)
+    np_dtype = DTYPES[dtype] if dtype else None
+    done = {}
+    with atomic_output_dir(out, overwrite) as tmp:
+        for name, folder in todo:
+            t0 = time.time()
+            done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant)
+            log(f"{name}: {done[name]} in {time.time() - t0:.1f}s")
+        for name in copied:
+            copy_part(src, tmp, name)
+        if copied:
+            log(f"copied: {', '.join(copied)}")
+        if os.path.isfile(os.path.join(src, MODEL_INDEX)):
+            shutil.copyfile(os.path.join(src, MODEL_INDEX), os.path.join(tmp, MODEL_INDEX))
+        write_index(tmp, [n for n, _ in todo], **{"source": os.path.abspath(src), "dtype": dtype or "as stored",
+                                                  "copied": copied, "not_converted": skipped, **index_extra})
+    if skipped:
+        log(f"not yet supported, skipped: {', '.join(skipped)}")
+    log(f"wrote {out}")
+    return done

@@ -256,12 +256,13 @@ def check_vila_u(src: str, *, siglip_config: Mapping[str, Any] | None = None):
 
 
 def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str, Any] | None = None,
-                   overwrite: bool = False, log=print) -> dict:
+                   overwrite: bool = False, log=print, **index_extra) -> dict:
     """Convert the vila-u folder ``src`` into the fairjax model dir ``out`` (atomic; see module docstring).
 
     Everything is validated first (:func:`check_vila_u`); then each part is
     streamed from safetensors and written. ``dtype`` (``'float32'``, ``'bfloat16'``,
-    ``'float16'``, a numpy dtype, or None = as stored). Returns ``{component: n params}``.
+    ``'float16'``, a numpy dtype, or None = as stored); ``index_extra`` goes into ``fairjax.json``.
+    Returns ``{component: n params}``.
     """
     fs.check_disjoint({"OUT": out}, {"SRC": src})
     cfgs, vu, tower = check_vila_u(src, siglip_config=siglip_config)
@@ -296,8 +297,8 @@ def convert_vila_u(src: str, out: str, *, dtype=None, siglip_config: Mapping[str
         summary["llm"] = _count(lm)
         del lm
         log(f"llm: {time.time() - t0:.1f}s")
-        write_index(tmp, list(COMPONENTS), model_type="vila_u", source=os.path.abspath(src),
-                    dtype=str(dtype) if dtype is not None else "as stored")
+        write_index(tmp, list(COMPONENTS), **{"model_type": "vila_u", "source": os.path.abspath(src),
+                                              "dtype": str(dtype) if dtype is not None else "as stored", **index_extra})
     log(f"wrote {out}: " + ", ".join(f"{k} {v:,}" for k, v in summary.items()))
     return summary
 

@@ -344,6 +344,7 @@ def read_summary(path: str) -> dict:
 
 def main(argv=None) -> int:
     from fairjax.config import apply_overrides, load_config_file, split_overrides
+    from fairjax.convert.resolve import add_model_args, resolve_args
 
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -355,6 +356,7 @@ def main(argv=None) -> int:
                                                        "e.g. configs/toy_world.py")
         p.add_argument("--out", required=True, help="dataset folder to write (the trainer's --config.data.path)")
         p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+        add_model_args(p)
         args = p.parse_args(rest)
         cfg = load_config_file(args.config)
         apply_overrides(cfg, overrides)
@@ -362,6 +364,7 @@ def main(argv=None) -> int:
             if key not in cfg:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
         fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
+        cfg.model.dir = resolve_args(str(cfg.model.dir), args)  # a diffusers folder or repo id: converted once
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     except (UserError, OSError) as e:
         line = fs.error_line(e)

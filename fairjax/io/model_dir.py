@@ -43,33 +43,60 @@ def save_params(path: str, params: Mapping, metadata: dict | None = None) -> Non
     write_safetensors(path, items, metadata)
 
 
-def load_params(path: str, target_shapes: Mapping[tuple, tuple] | None = None, dtype=None) -> dict:
+def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4, mmap: bool = False) -> dict:
     """Read a ``params.safetensors`` into a nested dict of numpy arrays.
 
     With ``target_shapes`` (``{flax path: shape}``), every missing, unexpected
-    and mismatched key is reported in one error before anything is read.
+    and mismatched key is reported in one error before anything is read. It may
+    also be a function returning that mapping: it is then called while the file is
+    read, and the same error comes once both are done. Tensors are read with
+    ``pread`` by ``workers`` threads (no file page stays mapped: the process holds
+    the arrays it returns and nothing else), cast to ``dtype`` when given.
+
+    ``mmap=True``: a tensor that needs no cast is a read-only view of the file's memory map
+    instead (what diffusers' ``from_pretrained`` does with safetensors): nothing is read until
+    it is used, and its pages belong to the page cache, not to the process. fairjax writes
+    model files to a temporary name and renames them, so a view never sees a file change.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def check(r: SafetensorsReader, shapes) -> None:
+        want = {path_str(p): tuple(s) for p, s in shapes.items()}
+        have = {k: r.shape(k) for k in r.keys()}
+        missing = [k for k in want if k not in have]
+        unexpected = [k for k in have if k not in want]
+        bad = [f"{k} {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
+        if missing or unexpected or bad:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing: {', '.join(missing)}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
+            if bad:
+                parts.append(f"{len(bad)} shape mismatch: {'; '.join(bad)}")
+            raise CheckpointError(f"{path} does not fit the model config: " + " | ".join(parts))
+        check_float(r, want, path)  # integer or mislabelled tensors where weights go: an error, never a cast
+
+    def read(r: SafetensorsReader, k: str) -> np.ndarray:
+        same = dtype is None or np.dtype(dtype) == r.dtype(k)
+        if mmap and same:
+            return r[k]
+        a = r.read(k)
+        return a if same else a.astype(dtype)
+
     with SafetensorsReader(path) as r:
-        if target_shapes is not None:
-            want = {path_str(p): tuple(s) for p, s in target_shapes.items()}
-            have = {k: r.shape(k) for k in r.keys()}
-            missing = [k for k in want if k not in have]
-            unexpected = [k for k in have if k not in want]
-            bad = [f"{k} {have[k]} vs model {want[k]}" for k in want if k in have and have[k] != want[k]]
-            if missing or unexpected or bad:
-                parts = []
-                if missing:
-                    parts.append(f"{len(missing)} missing: {', '.join(missing)}")
-                if unexpected:
-                    parts.append(f"{len(unexpected)} unexpected: {', '.join(unexpected)}")
-                if bad:
-                    parts.append(f"{len(bad)} shape mismatch: {'; '.join(bad)}")
-                raise CheckpointError(f"{path} does not fit the model config: " + " | ".join(parts))
-            check_float(r, want, path)
-        flat = {}
-        for k in r.keys():
-            a = r[k]
-            flat[tuple(k.split("/"))] = np.array(a, dtype=dtype if dtype is not None else a.dtype, copy=True)
+        if target_shapes is not None and not callable(target_shapes):
+            check(r, target_shapes)
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fairjax-load") as pool:
+            futures = {k: pool.submit(read, r, k) for k in r.keys()}
+            try:
+                if callable(target_shapes):
+                    check(r, target_shapes())
+                flat = {tuple(k.split("/")): f.result() for k, f in futures.items()}
+            except BaseException:
+                for f in futures.values():
+                    f.cancel()
+                raise
     return unflatten(flat)
 
 

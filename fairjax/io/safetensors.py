@@ -5,7 +5,7 @@ bytes of JSON ``{key: {"dtype", "shape", "data_offsets": [begin, end]}, ...,
 "__metadata__": {...}}``, then the raw little-endian tensor bytes. We parse it
 ourselves so that
 
-* tensors are read one at a time from a memory map (never the whole file),
+* tensors are read one at a time, from a memory map or with ``pread`` (never the whole file),
 * bfloat16 / float8 work through ``ml_dtypes`` (numpy has no bf16),
 * a truncated or corrupt file is a one-line error naming the file and the key: the header must be a
   JSON object whose entries tile the data section exactly (:func:`check_header`), and a sharded
@@ -196,6 +196,26 @@ class SafetensorsReader:
                             offset=self._data_start + begin)
         return arr.reshape(shape)
 
+    def read(self, key: str) -> np.ndarray:
+        """A new array holding ``key``'s tensor, read with ``pread`` rather than through the memory map:
+        no file page stays mapped, so reading a whole file this way holds only the arrays returned
+        (safe to call from several threads at once)."""
+        dt, shape, begin, end = self._info[key]
+        out = np.empty(shape, dt)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        fd, pos, got = self._file.fileno(), self._data_start + begin, 0
+        while got < end - begin:
+            if hasattr(os, "preadv"):
+                n = os.preadv(fd, [view[got:]], pos + got)
+            else:  # pragma: no cover (platforms without preadv)
+                chunk = os.pread(fd, end - begin - got, pos + got)
+                view[got:got + len(chunk)] = chunk
+                n = len(chunk)
+            if n == 0:
+                raise CheckpointError(f"{self.path}: truncated while reading {key!r}; re-download or re-export it")
+            got += n
+        return out
+
     def close(self) -> None:
         # Arrays handed out may still reference the map; let GC close it then.
         self._mm = None
@@ -336,6 +356,10 @@ class ShardedReader:
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._readers[self._where[key]][key]
+
+    def read(self, key: str) -> np.ndarray:
+        """:meth:`SafetensorsReader.read` of the shard holding ``key``."""
+        return self._readers[self._where[key]].read(key)
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for key in self._where:

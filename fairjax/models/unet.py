@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -463,6 +464,19 @@ def param_shapes(model: UNet2DConditionModel) -> dict:
     return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
 
 
+@functools.lru_cache(maxsize=8)
+def _config_shapes(config: UNetConfig) -> tuple:
+    from fairjax.io.tree import shapes_of
+
+    return tuple(shapes_of(param_shapes(UNet2DConditionModel(config))).items())
+
+
+def config_shapes(config: Mapping[str, Any] | UNetConfig) -> dict:
+    """``{flax path: shape}`` of the params a diffusers UNet config describes (:func:`param_shapes`, traced once
+    per config and process: converting a model and then loading it traces it once)."""
+    return dict(_config_shapes(config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)))
+
+
 def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, **overrides):
     """Load ``(unet, params)`` from a fairjax model dir (or its ``unet/`` folder).
 
@@ -470,11 +484,11 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     ``param_dtype``) or diffusers config keys to replace (e.g. ``upcast_attention``).
     Params are returned as stored (float32 masters unless converted otherwise),
     cast to ``param_dtype`` when given; every key and shape is checked against the config.
+    Params that need no cast are read-only views of the file's memory map (read on first use).
     """
     import os
 
     from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
-    from fairjax.io.tree import shapes_of
 
     folder = component_dir(model_dir, "unet")
     config = read_json(os.path.join(folder, CONFIG_FILE))
@@ -482,5 +496,8 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     module_kw = {k: v for k, v in overrides.items() if k in module_keys}
     config.update({k: v for k, v in overrides.items() if k not in module_keys})
     unet = UNet2DConditionModel.from_config(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, **module_kw)
-    params = load_params(os.path.join(folder, PARAMS_FILE), shapes_of(param_shapes(unet)), dtype=param_dtype)
+    # the shapes are traced while the file is read (load_params takes them as a function); arrays that need no
+    # cast are memory-mapped, read when first used (as diffusers' from_pretrained)
+    params = load_params(os.path.join(folder, PARAMS_FILE), lambda: config_shapes(unet.config), dtype=param_dtype,
+                         mmap=True)
     return unet, params
