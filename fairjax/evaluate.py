@@ -20,6 +20,9 @@ the ``base_model`` its ``fairjax.json`` names. Without ``--config`` a toy-world 
 ``toy_world.json``) uses :func:`fairjax.toy.config.make_config`, any other model the SDXL
 defaults of :func:`default_config`.
 
+SIGTERM / SIGINT stop it between generation batches with one line and exit status 128 + the signal
+number; the temporary folder is removed, so a re-run starts over.
+
 ``OUT`` (written to a temporary folder, renamed at the end): ``report/`` (index.html,
 report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
 ``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image).
@@ -259,9 +262,23 @@ def _is_toy(model_dir: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fairjax.config import split_overrides
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
+    generation batches; OUT is not written, a re-run starts over)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    with PreemptionGuard():
+        try:
+            return _main(argv)
+        except Interrupted as e:  # between generation batches; OUT was not written
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv: list[str]) -> int:
+    from fairjax.config import split_overrides
+
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.evaluate", description=__doc__.split("\n\n")[0])

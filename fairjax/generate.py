@@ -15,7 +15,9 @@ A VILA-U model dir (``tools/convert_vila_u.py``, ``model_type: vila_u``) goes to
 :mod:`fairjax.vila_u.generate` (``--steps``/``--sampler`` ignored: it draws the model's 16x16x4
 codes; ``--save-latents`` saves those codes).
 OUT is written to a temporary folder and renamed at the end; an existing OUT is refused unless
-``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2.
+``--overwrite``. Bad input is a one-line ``error: ...`` and exit status 2. SIGTERM / SIGINT stop it
+between batches with one line and exit status 128 + the signal number; the temporary folder is
+removed, so a re-run starts over.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ def run(argv=None) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
+    from fairjax.checkpoint import raise_if_stopped
     from fairjax.diffusion import pipeline as pl
     from fairjax.io.model_dir import atomic_output_dir
     from fairjax.io.safetensors import write_safetensors
@@ -117,6 +120,8 @@ def run(argv=None) -> dict:
                                           {"prompt": prompts[p], "seed": str(args.seed), "index": str(i)})
                     rows.append(row)
                 bar.update(len(jobs))
+                raise_if_stopped(f"while generating ({len(rows)} of {total} images done): {args.out} not written; "
+                                 "run the same command again to start over")
         height, width = images.shape[1:3]
         with open(os.path.join(tmp, "images.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -127,11 +132,20 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it between
+    batches (OUT is not written; nothing partial is kept)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    with PreemptionGuard():
+        try:
+            summary = run(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
     print(json.dumps(summary, indent=2))
     return 0
 

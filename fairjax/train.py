@@ -6,6 +6,9 @@ sharded loop in :mod:`fairjax.trainer`. The resolved config is saved as
 checkpoint and must resolve to the same config (``--allow-config-change``
 resumes anyway and records the new one beside it).
 
+SIGTERM / SIGINT stop the run at the next step boundary after a checkpoint is saved: one line says
+where, the exit status is 128 + the signal number (143 / 130), and re-running resumes.
+
 Multi-host: run the same command on every host; ``--distributed`` (or the
 launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
 """
@@ -60,12 +63,24 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
+    """Exit status: 0 trained, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the
+    run (after a checkpoint; a re-run resumes there)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    with PreemptionGuard():
+        try:
+            summary = run(argv)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        print(json.dumps(summary, indent=2, default=str))
+        if summary.get("preempted"):
+            print(summary["message"], file=sys.stderr)
+            return Interrupted("", summary["signal"]).exit_code
     return 0
 
 

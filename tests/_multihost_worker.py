@@ -6,7 +6,9 @@
 Run alone (one process) or under ``launch/local_multiprocess.sh`` (which sets
 FAIRJAX_COORDINATOR / FAIRJAX_NUM_PROCESSES / FAIRJAX_PROCESS_ID and XLA_FLAGS).
 Process 0 writes ``final_params.npz`` to ``--out`` (default: the workdir) and prints
-the summary as a JSON line starting with ``SUMMARY``.
+the summary as a JSON line starting with ``SUMMARY``.  Every process writes its pid to
+``<workdir>/pid_<process index>`` (so a test can signal one of them); a run stopped by a
+signal exits with 128 + its number, as ``python -m fairjax.train`` does.
 """
 
 import argparse
@@ -46,10 +48,20 @@ def main():
     cfg.checkpoint["async"] = a.async_ckpt
     from fairjax import trainer
 
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    os.makedirs(a.workdir, exist_ok=True)
+    with open(os.path.join(a.workdir, f"pid_{jax.process_index()}"), "w") as f:
+        f.write(str(os.getpid()))
     task = ToyTask(cfg, sleep=a.sleep, out_dir=a.out)
-    summary = trainer.train(cfg, task, a.workdir)
+    with PreemptionGuard():
+        summary = trainer.train(cfg, task, a.workdir)
     if jax.process_index() == 0:
         print("SUMMARY " + json.dumps(summary, default=str), flush=True)
+    if summary["preempted"]:
+        print(summary["message"], file=sys.stderr, flush=True)
+        sys.exit(Interrupted("", summary["signal"]).exit_code)
 
 
 if __name__ == "__main__":

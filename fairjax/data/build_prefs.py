@@ -27,7 +27,9 @@ is_winner, set_id, labels as class indices, prompt) that ``python -m fairjax.tra
 and in total, group frequencies of winners and losers, prompts that are not identity-neutral.
 
 A neutral prompt that names a gender or race is warned about and listed (it is kept); an
-image batch in which the classifier finds no face at all is an error.
+image batch in which the classifier finds no face at all is an error. SIGTERM / SIGINT stop it
+between generation batches with one line and exit status 128 + the signal number; nothing is
+written (the dataset appears only complete), so a re-run starts over.
 """
 
 from __future__ import annotations
@@ -316,9 +318,23 @@ def read_summary(path: str) -> dict:
 
 
 def main(argv=None) -> int:
-    from fairjax.config import apply_overrides, load_config_file, split_overrides
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
+    generation batches; nothing is written, a re-run starts over)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
 
     argv = sys.argv[1:] if argv is None else argv
+    with PreemptionGuard():
+        try:
+            return _main(argv)
+        except Interrupted as e:  # between generation batches; nothing was written
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv) -> int:
+    from fairjax.config import apply_overrides, load_config_file, split_overrides
+
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.data.build_prefs",
