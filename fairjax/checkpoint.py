@@ -131,8 +131,9 @@ class Checkpointer:
             state = ocp.StandardCheckpointHandler().restore(path, args=ocp.args.StandardRestore(abstract_state))
             jax.block_until_ready(state)
             return state, ""
-        except (OSError, ValueError, KeyError) as e:  # what unreadable files raise (tensorstore: ValueError);
-            # anything else is a bug and propagates
+        except Exception as e:  # noqa: BLE001 - only what unreadable files raise; anything else propagates
+            if not _unreadable(e):
+                raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             return None, f"{type(e).__name__}: {first}" if first else type(e).__name__
 
@@ -152,6 +153,19 @@ class Checkpointer:
         for name in os.listdir(self.directory):
             if re.search(r"orbax-checkpoint-tmp", name):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is what a missing, truncated or corrupt file
+    raises: ``OSError``, ``ValueError`` (tensorstore's read errors, JSON decoding) or ``KeyError``
+    (orbax wraps tensorstore's errors in a bare ``Exception`` raised from them)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (OSError, ValueError, KeyError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _agree_on_steps(steps: list[int]) -> list[int]:

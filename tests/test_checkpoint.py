@@ -208,8 +208,8 @@ def _summary(stdout):
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY"))[8:])
 
 
-def _single_process_reference(tmp_path, steps):
-    cmd, env = _worker(tmp_path / "ref", tmp_path / "ref", "--steps", str(steps), "--every", "0", devices=2)
+def _single_process_reference(tmp_path, steps, *extra):
+    cmd, env = _worker(tmp_path / "ref", tmp_path / "ref", "--steps", str(steps), "--every", "0", *extra, devices=2)
     cmd[cmd.index("--mesh") + 1] = "1,2,1"
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
     return dict(np.load(tmp_path / "ref" / "final_params.npz"))
@@ -221,13 +221,13 @@ def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp
     process 1 wrote for step 2 are truncated, so only process 1 fails to read step 2. The re-run
     warns once, both processes restore step 1 (not each its own newest), and training ends where a
     1-process run ends."""
-    work = tmp_path / "run"
-    cmd, env = _launch(tmp_path, "a", "--workdir", str(work), "--steps", "2", "--every", "1")
+    work, wide = tmp_path / "run", ("--hidden", "4096")  # shards of 32 KiB: on disk in each process's own files
+    cmd, env = _launch(tmp_path, "a", "--workdir", str(work), "--steps", "2", "--every", "1", *wide)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300, cwd=ROOT)
     shards = work / "checkpoints" / "2" / "state" / "ocdbt.process_1"
     assert shards.is_dir(), sorted(os.listdir(work / "checkpoints" / "2" / "state"))
     _corrupt(shards)
-    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", "4", "--every", "0")
+    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", "4", "--every", "0", *wide)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     p1 = (tmp_path / "logs_b" / "proc_1.log").read_text()
@@ -237,7 +237,7 @@ def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp
     assert "resumed from" in out.stdout and out.stdout.count("checkpoints/1\n") >= 1
     assert "Traceback" not in p1, p1[-3000:]
     assert _summary(out.stdout)["step"] == 4
-    got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, 4)
+    got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, 4, *wide)
     for k in ref:
         assert rel(got[k], ref[k]) <= 1e-5, k
 

@@ -24,7 +24,6 @@ import numpy as np
 import optax
 import pytest
 
-from fairjax import lora as lora_lib
 from fairjax import trainer
 from fairjax.diffusion import text_embeds
 from fairjax.diffusion import tiny as tiny_sdxl
@@ -156,3 +155,90 @@ def test_popalign_update_ignores_accumulation_devices_processes_and_tensor_axis(
         assert max(jax.tree.leaves(jax.tree.map(rel, params, want))) <= 1e-5, name
         assert rel(_flat(params) - _flat(before), moved) <= 1e-4, name
         assert rel(np.asarray(losses), np.asarray(ref_losses)) <= 1e-5, name
+
+
+# ----------------------------------------------------------------------------- SIGKILL and resume
+
+
+def _kill_rng():
+    """``(seed, random.Random(seed))`` for a random kill point: FAIRJAX_KILL_SEED replays a failure's seed
+    (every assertion message names it)."""
+    seed = int(os.environ.get("FAIRJAX_KILL_SEED") or random.randrange(2**31))
+    return seed, random.Random(seed)
+
+
+def _cached_env(tmp_path, devices=2):
+    """Subprocess env with a persistent compilation cache shared by the runs of one test (the killed,
+    the resumed and the uninterrupted run compile the same programs)."""
+    env = _env(devices)
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return env
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def kill_and_resume(cmd, workdir, output, env, steps, every):
+    """Run ``cmd`` (a ``python -m fairjax.train`` command line) uninterrupted in ``workdir/ref``, then in
+    ``workdir/run``: SIGKILL it once a seeded random number of steps are logged (after at least one
+    checkpoint), run it again (it resumes), and compare: the final params (``output``, a safetensors
+    file under the workdir) bit for bit and every metrics row but the timing."""
+    seed, r = _kill_rng()
+    ref, run = os.path.join(workdir, "ref"), os.path.join(workdir, "run")
+    done = subprocess.run(cmd + ["--workdir", ref], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    kill_after = r.randint(every + 1, steps - every)
+    proc = subprocess.Popen(cmd + ["--workdir", run], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+    metrics, deadline = os.path.join(run, "metrics.jsonl"), time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.isfile(metrics) and len(open(metrics).read().splitlines()) >= kill_after:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"seed {seed}: ended before step {kill_after}: {proc.stderr.read()[-2000:]}"
+    time.sleep(r.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not os.path.exists(os.path.join(run, output)), f"seed {seed}"
+    again = subprocess.run(cmd + ["--workdir", run], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert again.returncode == 0, f"seed {seed}: {again.stdout[-3000:]}{again.stderr[-3000:]}"
+    resumed = [line for line in again.stdout.splitlines() if line.startswith("resumed from")]
+    assert resumed and every <= int(resumed[0].rsplit("/", 1)[1]) <= kill_after + every, (seed, resumed)
+    want, got = _tensors(os.path.join(ref, output)), _tensors(os.path.join(run, output))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} (seed {seed}, killed after step {kill_after})")
+    rows = {w: [{k: v for k, v in row.items() if k != "steps_per_sec"} for row in _rows(w)] for w in (ref, run)}
+    assert [row["step"] for row in rows[run]] == list(range(1, steps + 1)), f"seed {seed}"
+    assert rows[run] == rows[ref], f"seed {seed}"
+    return seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_sdxl_sigkill_then_resume_equals_uninterrupted(tiny, tmp_path, lora):
+    """PopAlign on the tiny SDXL, full UNet and rank-4 LoRA, AdamW with warm-up, 10 steps, a checkpoint
+    every 2: killed with SIGKILL at a seeded random step and resumed == uninterrupted, bit for bit."""
+    steps, every = 10, 2
+    over = {"total_steps": steps, "checkpoint.every_steps": every, "mesh": dict(data=2)}
+    if lora:
+        over.update({"lora.rank": lora, "lora.alpha": float(lora), "optimizer.lr": 1e-3})
+    cmd = [sys.executable, "-m", "fairjax.train", "--config", config_file(tmp_path, tiny, **over)]
+    output = "unet_lora.safetensors" if lora else os.path.join("model", "unet", "params.safetensors")
+    kill_and_resume(cmd, str(tmp_path), output, _cached_env(tmp_path), steps, every)
+
+
+@pytest.mark.slow
+def test_vila_u_bpo_lora_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    """``configs/bpo_vila_u.py:tiny`` (BPO on explicit pairs, LoRA with dropout 0.1, cosine schedule):
+    killed with SIGKILL at a seeded random step and resumed == uninterrupted, bit for bit."""
+    steps, every = 10, 2
+    cmd = [sys.executable, "-m", "fairjax.train", "--config", "configs/bpo_vila_u.py:tiny",
+           f"--config.tiny_root={tmp_path / 'tiny'}", f"--config.total_steps={steps}",
+           f"--config.checkpoint.every_steps={every}", "--config.log_every_steps=1", "--config.progress_bar=False",
+           "--config.mesh.data=2"]
+    kill_and_resume(cmd, str(tmp_path), "lora.safetensors", _cached_env(tmp_path), steps, every)
