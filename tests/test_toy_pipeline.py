@@ -160,8 +160,9 @@ def test_sigterm_stops_the_whole_job_and_a_rerun_resumes_the_stage(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wd = tmp_path / "toy"
     cmd = [sys.executable, "-m", "fairjax.toy.run", "--workdir", str(wd), "--preset", "smoke"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)  # the re-run reuses the first run's compiled programs
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
     metrics, deadline = wd / "popalign" / "metrics.jsonl", time.time() + 600
     while time.time() < deadline and proc.poll() is None:
