@@ -9,7 +9,7 @@ biased corpus (shipped in fairjax/assets/toy/), PopAlign / SFT / Diffusion-DPO o
   python -m fairjax.evaluate --config configs/toy_world.py --model fairjax/assets/toy \
       --lora runs/toy/popalign/unet_lora.safetensors --base fairjax/assets/toy --out runs/toy/report
 
-Presets: popalign (default: rank-8 LoRA), full (the whole UNet), sft, dpo, quick, quick_sft
+Presets: popalign (default: rank-8 LoRA), full (the whole UNet), sft, dpo, quick, quick_sft, smoke, smoke_sft
 (see fairjax/toy/config.py).
 """
 

@@ -9,14 +9,19 @@ kept.  Restoring uses ``StandardRestore`` of an abstract state (shapes, dtypes a
 on any mesh.
 
 A step directory that exists but cannot be read (truncated file, deleted shard) is
-skipped with a warning and the next older one is tried; if none can be read the error
-says which directories were tried.  Temporary directories of an interrupted save are
-ignored (and removed on start-up).
+skipped with a one-line warning and the next older one is tried; with several processes they
+agree on the step first (process 0's list of steps, broadcast; a step counts as readable only
+if every process read its shards of it), so all of them restore the same step.  If none can be
+read the one-line error says which steps were tried and why.  Temporary directories of an
+interrupted save are ignored (and removed on start-up).
 
 Preemption: :class:`PreemptionGuard` installs a SIGTERM (and SIGINT) handler that only
 sets a flag; the training loop calls :meth:`PreemptionGuard.should_stop` at each step
 boundary (with several processes the flag is OR-ed across processes so all of them stop
-at the same step), saves a checkpoint and exits cleanly.
+at the same step), saves a checkpoint and returns ``preempted``; the entry points hold a
+guard for the whole job, stop it there with one line and exit 128 + the signal number
+(:class:`fairjax.errors.Interrupted`); other long loops (image generation) poll
+:func:`raise_if_stopped` between batches.
 """
 
 from __future__ import annotations
@@ -84,30 +89,53 @@ class Checkpointer:
         return bool(self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force))
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
-        """Restore the newest readable checkpoint (or ``step``) into ``abstract_state``'s structure/shardings.
+        """Restore the newest checkpoint every process can read (or ``step``) into ``abstract_state``'s
+        structure/shardings.
 
-        Returns ``(step, state)``, or ``None`` when the directory holds no checkpoint.
-        Unreadable checkpoints are skipped (warning); if every one fails -> CheckpointError.
+        Returns ``(step, state)``, or ``None`` when the directory holds no checkpoint.  All
+        processes restore the same step: the candidate steps are process 0's list (broadcast),
+        each process reads its own shards of a candidate without any collective, and the
+        processes then agree (one all-gather of a success flag and of each failure's first
+        line).  A step that fails on any process is skipped with one warning line naming the
+        processes and their reasons, and the next older one is tried on every process; if none
+        is readable everywhere: one-line :class:`CheckpointError`.
         """
-        ocp = _ocp()
-        steps = self.all_steps() if step is None else [int(step)]
+        steps = _agree_on_steps(self.all_steps() if step is None else [int(step)])
         if not steps:
             return None
         failures = []
         for s in reversed(steps):
-            try:
-                restored = self.manager.restore(
-                    s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-                )
-                return s, restored["state"]
-            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the previous one
-                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                log.warning("checkpoint %s/%d unreadable (%s: %s); trying an older one", self.directory, s, type(e).__name__, msg)
-                failures.append(f"{s} ({type(e).__name__}: {msg})")
+            restored, reason = self._read(s, abstract_state)
+            reasons = _gather_reasons(reason)
+            bad = {i: r for i, r in enumerate(reasons) if r}
+            if not bad:
+                return s, restored
+            where = "; ".join(f"process {i}: {r}" for i, r in bad.items()) if len(reasons) > 1 else bad[0]
+            failures.append(f"{s} ({where})")
+            older = [t for t in steps if t < s]
+            then = f"restoring {self.directory}/{older[-1]} instead" if older else "no older checkpoint"
+            log.warning("checkpoint %s/%d unreadable (%s); %s", self.directory, s, where, then)
         raise CheckpointError(
-            f"no readable checkpoint in {self.directory} (tried steps {', '.join(failures)}); "
+            f"no readable checkpoint in {self.directory} (every process must read it; tried steps {', '.join(failures)}); "
             "delete the broken step directories or start from a new --workdir"
         )
+
+    def _read(self, step: int, abstract_state: Any) -> tuple[Any, str]:
+        """``(state, "")`` or ``(None, why)``: this process's shards of checkpoint ``step`` read with the
+        orbax handler alone (no barrier: a process that fails cannot leave the others waiting)."""
+        ocp = _ocp()
+        from etils import epath
+
+        path = epath.Path(self.directory) / str(step) / "state"
+        try:
+            state = ocp.StandardCheckpointHandler().restore(path, args=ocp.args.StandardRestore(abstract_state))
+            jax.block_until_ready(state)
+            return state, ""
+        except Exception as e:  # noqa: BLE001 - only what unreadable files raise; anything else propagates
+            if not _unreadable(e):
+                raise
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            return None, f"{type(e).__name__}: {first}" if first else type(e).__name__
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -127,25 +155,73 @@ class Checkpointer:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
 
+def _unreadable(e: BaseException) -> bool:
+    """Whether ``e`` (or an exception it was raised from) is what a missing, truncated or corrupt file
+    raises: ``OSError``, ``ValueError`` (tensorstore's read errors, JSON decoding) or ``KeyError``
+    (orbax wraps tensorstore's errors in a bare ``Exception`` raised from them)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (OSError, ValueError, KeyError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _agree_on_steps(steps: list[int]) -> list[int]:
+    """Process 0's list of steps, on every process (a process may list the directory a moment later)."""
+    if jax.process_count() == 1:
+        return steps
+    from jax.experimental import multihost_utils
+
+    padded = np.full((_MAX_STEPS,), -1, np.int64)
+    padded[: min(len(steps), _MAX_STEPS)] = steps[-_MAX_STEPS:]
+    got = np.asarray(multihost_utils.broadcast_one_to_all(padded))
+    return [int(x) for x in got if x >= 0]
+
+
+def _gather_reasons(reason: str) -> list[str]:
+    """Every process's failure reason for one restore attempt ("" = read fine), in process order."""
+    if jax.process_count() == 1:
+        return [reason]
+    from jax.experimental import multihost_utils
+
+    buf = np.zeros((_REASON_BYTES,), np.uint8)
+    raw = reason.encode("utf-8", "replace")[:_REASON_BYTES]
+    buf[: len(raw)] = np.frombuffer(raw, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), _REASON_BYTES)
+    return [bytes(r).rstrip(b"\0").decode("utf-8", "replace") for r in rows]
+
+
+_MAX_STEPS = 1024
+_REASON_BYTES = 256
+
+
 def abstract_like(tree: Any, shardings: Any) -> Any:
     """``ShapeDtypeStruct`` tree (with shardings) describing ``tree`` for StandardRestore."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
-class PreemptionGuard:
-    """Turn SIGTERM / SIGINT into a flag the training loop polls at step boundaries.
+_ACTIVE: list["PreemptionGuard"] = []  # the guards entered in this process, outermost first
 
-    Use as a context manager; the previous handlers are restored on exit.  A second
-    SIGINT while the flag is already set falls through to the previous handler
-    (Ctrl-C twice still kills).  Only the main thread can install handlers; elsewhere
-    the guard is inert.
+
+class PreemptionGuard:
+    """Turn SIGTERM / SIGINT into a flag that long loops poll at safe points (step or batch boundaries).
+
+    Use as a context manager; the previous handlers are restored on exit.  Guards nest: an entry
+    point holds one for the whole job and the trainer enters its own inside it; the inner one
+    installs nothing and shares the outer one's flag, so a signal received anywhere in the job
+    (set-up, compilation, another stage) is seen by the next poll.  A second SIGINT while the
+    flag is already set falls through to the previous handler (Ctrl-C twice still kills).  Only
+    the main thread can install handlers; elsewhere the guard is inert.
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self._flag = threading.Event()
         self._previous: dict[int, Any] = {}
-        self.signal_name: str | None = None
+        self._outer: PreemptionGuard | None = None
+        self._signal_name: str | None = None
 
     def _handler(self, signum, frame):
         if self._flag.is_set() and signum == signal.SIGINT:
@@ -153,32 +229,58 @@ class PreemptionGuard:
             if callable(prev):
                 prev(signum, frame)
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self._signal_name = signal.Signals(signum).name
         self._flag.set()
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if _ACTIVE:
+            self._outer = _ACTIVE[0]
+        elif threading.current_thread() is threading.main_thread():
             for s in self.signals:
                 self._previous[s] = signal.signal(s, self._handler)
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc):
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         return False
+
+    @property
+    def signal_name(self) -> str | None:
+        """``'SIGTERM'`` / ``'SIGINT'`` once a stop signal arrived, else None."""
+        return self._outer.signal_name if self._outer is not None else self._signal_name
 
     @property
     def requested(self) -> bool:
         """This process received a stop signal."""
-        return self._flag.is_set()
+        return self._outer.requested if self._outer is not None else self._flag.is_set()
 
     def should_stop(self) -> bool:
         """True on every process once any process received a stop signal (collective when multi-process)."""
-        local = self._flag.is_set()
+        local = self.requested
         if jax.process_count() == 1:
             return local
         from jax.experimental import multihost_utils
 
         flags = multihost_utils.process_allgather(np.asarray([int(local)], np.int32))
         return bool(np.asarray(flags).any())
+
+
+def stop_requested() -> str | None:
+    """The stop signal's name if the job's guard (an entry point's :class:`PreemptionGuard`) caught one."""
+    return _ACTIVE[0].signal_name if _ACTIVE else None
+
+
+def raise_if_stopped(what: str) -> None:
+    """Raise :class:`fairjax.errors.Interrupted` (``"stopped by SIGTERM <what>"``) once a stop signal
+    arrived; a no-op without a guard (library use: the signals keep their default behaviour).
+    ``what`` says where the job stopped and what it kept, e.g. ``"while generating: nothing written"``."""
+    name = stop_requested()
+    if name:
+        from fairjax.errors import Interrupted
+
+        raise Interrupted(f"stopped by {name} {what}", name)

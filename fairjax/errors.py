@@ -12,6 +12,11 @@ says what is wrong and what to do.
       OutputError         an output path that would overlap an input, is in use by another run, or that the
                           operating system refuses (read-only, disk full, a file where a folder goes)
       NonFiniteLossError  the loss or gradient became NaN/inf (also a FloatingPointError)
+
+    Interrupted           not an error: SIGTERM / SIGINT stopped the job after the current stage saved
+                          what it could (a BaseException, like KeyboardInterrupt: ``except Exception``
+                          blocks do not swallow it); entry points print it as one line and exit with
+                          128 + the signal's number (143 SIGTERM, 130 SIGINT)
 """
 
 
@@ -45,3 +50,18 @@ class OutputError(UserError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss (or gradient) became NaN/inf; training stopped without saving the bad state."""
+
+
+class Interrupted(BaseException):
+    """A stop signal ended the job at a safe point; ``str(e)`` says where and how to resume."""
+
+    def __init__(self, message: str, signal_name: str = "SIGTERM"):
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signum``: what a shell reports for a process the signal ended (143, 130)."""
+        import signal
+
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGTERM))

@@ -28,6 +28,8 @@ defaults of :func:`default_config`.
 ``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image). An ``OUT`` that equals,
 contains or is inside a model, a LoRA or the config file is refused (also with ``--overwrite``), and
 the ``sample`` / ``eval`` values are checked against their ranges before any model is loaded.
+SIGTERM / SIGINT stop it between generation batches with one line and exit status 128 + the signal
+number; the temporary folder is removed, so a re-run starts over.
 """
 
 from __future__ import annotations
@@ -288,10 +290,24 @@ def _is_toy(model_dir: str) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
+    generation batches; OUT is not written, a re-run starts over)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with PreemptionGuard():
+        try:
+            return _main(argv)
+        except Interrupted as e:  # between generation batches; OUT was not written
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv: list[str]) -> int:
     from fairjax.config import split_overrides
     from fairjax.convert.resolve import add_model_args, resolve_args
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.evaluate", description=__doc__.split("\n\n")[0])

@@ -24,6 +24,8 @@ OUT is written to a temporary folder and renamed at the end; an existing OUT is 
 ``--lora`` (even with ``--overwrite``). OUT is locked while it is written (a second run on it is
 refused). Bad input and the operating system's refusals (read-only, disk full) are a one-line
 ``error: ...`` and exit status 2; nothing is left behind.
+SIGTERM / SIGINT stop it between batches with one line and exit status 128 + the signal number;
+the temporary folder is removed, so a re-run starts over.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
     import jax.numpy as jnp
     from tqdm import tqdm
 
+    from fairjax.checkpoint import raise_if_stopped
     from fairjax.diffusion import pipeline as pl
     from fairjax.io.model_dir import atomic_output_dir
     from fairjax.io.safetensors import write_safetensors
@@ -164,6 +167,8 @@ def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
                                           {"prompt": prompts[p], "seed": str(args.seed), "index": str(i)})
                     rows.append(row)
                 bar.update(len(jobs))
+                raise_if_stopped(f"while generating ({len(rows)} of {total} images done): {args.out} not written; "
+                                 "run the same command again to start over")
         height, width = images.shape[1:3]
         with open(os.path.join(tmp, "images.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -174,14 +179,23 @@ def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run(argv)
-    except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it between
+    batches (OUT is not written; nothing partial is kept)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    with PreemptionGuard():
+        try:
+            summary = run(argv)
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        except (UserError, OSError) as e:
+            line = fs.error_line(e)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return 2
     print(json.dumps(summary, indent=2))
     return 0
 

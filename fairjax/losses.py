@@ -29,7 +29,7 @@ from fairjax.errors import UserError
 
 Metrics = dict[str, jax.Array]
 
-__all__ = ["sft", "diffusion_dpo", "popalign", "dpo", "mdpo", "bpo", "log1mexp", "log_odds", "calibrate_beta"]
+__all__ = ["sft", "diffusion_dpo", "popalign", "popalign_rows", "dpo", "mdpo", "bpo", "log1mexp", "log_odds", "calibrate_beta"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,13 +86,22 @@ def diffusion_dpo(g_w, g_l, beta) -> tuple[jax.Array, Metrics]:
     return loss, _pair_metrics(g_w, g_l)
 
 
-def _masked_mean(x, mask):
-    """``sum(x[mask]) / max(count(mask), 1)``: 0 when the mask is empty (jittable, shardable)."""
-    n = jnp.sum(mask)
-    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(n, 1), n
+def popalign_rows(g, is_winner) -> Metrics:
+    """Per-sample terms whose sums over a batch are PopAlign's side statistics:
+    ``g_w = g * [win]``, ``n_w = [win]``, ``g_l = g * [lose]``, ``n_l = [lose]`` (float32, no gradient).
+
+    Summed over the whole global batch they give :func:`popalign`'s ``totals`` (what the trainer's
+    batch-statistics pass hands a micro-batch under gradient accumulation).
+    """
+    g = jax.lax.stop_gradient(_f32(g))
+    is_winner = jnp.asarray(is_winner)
+    _same_shape(("g", "is_winner"), g, is_winner)
+    win = is_winner.astype(bool)
+    w = win.astype(jnp.float32)
+    return {"g_w": g * w, "n_w": w, "g_l": g * (1.0 - w), "n_l": 1.0 - w}
 
 
-def popalign(g, is_winner, beta, alpha=0.5) -> tuple[jax.Array, Metrics]:
+def popalign(g, is_winner, beta, alpha=0.5, totals=None) -> tuple[jax.Array, Metrics]:
     """PopAlign (population-level preference) over a batch of winners and losers.
 
     ``g = mse_ref - mse_policy`` per sample, ``s = +1`` for winners, ``-1`` for losers,
@@ -107,6 +116,12 @@ def popalign(g, is_winner, beta, alpha=0.5) -> tuple[jax.Array, Metrics]:
     With one winner and one loser and ``alpha = 0.5`` this equals
     :func:`diffusion_dpo` with the same ``beta``.
 
+    ``totals`` (``{g_w, n_w, g_l, n_l}``: the sums of :func:`popalign_rows` over a larger
+    batch that ``g`` is one part of): the side means, hence ``k``, are those of the larger
+    batch, ``mean(g[win]) = totals.g_w / totals.n_w``; the loss is still the mean over ``g``'s
+    samples, so the mean of the parts' losses (equal sizes) is the larger batch's loss, and
+    likewise its gradient (``k`` is held fixed either way). ``None``: ``g``'s own sums.
+
     Empty side: a batch with no winners (or no losers) takes that side's mean
     as 0, the value of ``g`` at the reference model, so ``k`` is ``(1-alpha)*mean(g[lose])``
     (or ``alpha*mean(g[win])``); the loss and its gradient stay finite and the
@@ -114,15 +129,18 @@ def popalign(g, is_winner, beta, alpha=0.5) -> tuple[jax.Array, Metrics]:
     empty side too.
 
     Metrics: ``accuracy`` (fraction with ``s_i * (g_i - k) > 0``), ``g_w``, ``g_l``
-    (side means), ``margin`` (``g_w - g_l``), ``k``, ``n_w``, ``n_l``, ``one_sided``.
+    (side means), ``margin`` (``g_w - g_l``), ``k``, ``n_w``, ``n_l``, ``one_sided``
+    (the side statistics of ``totals`` when given).
     """
     g = _f32(g)
     is_winner = jnp.asarray(is_winner)
     _same_shape(("g", "is_winner"), g, is_winner)
     win = is_winner.astype(bool)
-    lose = jnp.logical_not(win)
-    g_w, n_w = _masked_mean(g, win)
-    g_l, n_l = _masked_mean(g, lose)
+    if totals is None:
+        totals = {k: jnp.sum(v) for k, v in popalign_rows(g, is_winner).items()}
+    n_w, n_l = _f32(totals["n_w"]), _f32(totals["n_l"])
+    g_w = _f32(totals["g_w"]) / jnp.maximum(n_w, 1.0)
+    g_l = _f32(totals["g_l"]) / jnp.maximum(n_l, 1.0)
     k = jax.lax.stop_gradient(alpha * g_w + (1.0 - alpha) * g_l)
     s = jnp.where(win, 1.0, -1.0)
     z = s * beta * (g - k)

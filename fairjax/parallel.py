@@ -5,8 +5,11 @@ One `Mesh` with axes ``('data', 'fsdp', 'tensor')`` serves every model:
 * parameters are placed by *sharding rules*: ``(regex, spec)`` pairs matched with
   ``re.search`` against the '/'-joined param path (``'down_blocks_1/attentions_0/.../to_q/kernel'``);
   the first match wins; ``spec`` is a ``PartitionSpec``-like tuple (``None``, an axis
-  name, or a tuple of axis names per dim).  A param no rule matches is sharded FSDP
-  style: over its largest dim divisible by the ``fsdp`` axis size, replicated if none is.
+  name, :data:`FSDP_IF_FITS`, or a tuple of axis names per dim).  The models ship rules for
+  the ``tensor`` axis (:func:`tensor_rules`: attention q/k/v and MLP-in kernels split on their
+  output dim, attention-out and MLP-down kernels on their input dim).  A param no rule matches
+  is sharded FSDP style: over its largest dim divisible by the ``fsdp`` axis size; replicated
+  if none is, or if it has fewer than ``fsdp_min_size`` elements (config key).
 * the batch is split over ``('data', 'fsdp')`` on its leading dim (both axes hold
   different examples; ``tensor`` holds copies).
 * each process feeds its own contiguous slice of the global batch (process ``i`` of
@@ -197,12 +200,18 @@ def _axis_size(mesh: Mesh, entry: Any) -> int:
     return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
-    """Default placement: shard the largest dim divisible by ``fsdp_size``; replicate otherwise.
+#: a rule entry that shards its dim over ``fsdp`` only when that fits (the dim divides over the
+#: ``fsdp`` axis and the param has at least ``min_size`` elements), and leaves it whole otherwise
+FSDP_IF_FITS = "fsdp?"
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp", min_size: int = 0) -> P:
+    """Default placement: shard the largest dim divisible by ``fsdp_size``; replicate otherwise, and
+    replicate a param with fewer than ``min_size`` elements (sharding it would save nothing).
 
     Ties go to the last such dim (the output/feature dim of a Dense kernel or conv).
     """
-    if fsdp_size <= 1 or not shape:
+    if fsdp_size <= 1 or not shape or int(np.prod(shape)) < min_size:
         return P()
     best = None
     for i, d in enumerate(shape):
@@ -215,8 +224,31 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, axis: str = "fsdp") -> P:
     return P(*spec)
 
 
-def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()) -> P:
-    """PartitionSpec of one param: the first rule whose regex ``re.search``-es ``path``, else FSDP."""
+def tensor_rules(column: Sequence[str], row: Sequence[str]) -> list[tuple[str, tuple]]:
+    """Megatron-style rules for ``nn.Dense`` kernels ``(in, out)`` on the ``tensor`` axis, by module path regex:
+
+    * ``column`` (attention q/k/v, MLP in): ``out`` split over ``tensor``, ``in`` over ``fsdp`` if it
+      fits (:data:`FSDP_IF_FITS`); the bias split like ``out``;
+    * ``row`` (attention out, MLP down): ``in`` split over ``tensor``, ``out`` over ``fsdp`` if it fits;
+      the bias (whole ``out``, needed after the reduction) falls to the FSDP default.
+
+    A column layer's output stays split over ``tensor`` into the row layer that consumes it, so a
+    block needs one reduction over ``tensor``; XLA inserts it (the result is the unsplit one up to
+    float summation order)."""
+    rules: list[tuple[str, tuple]] = []
+    for pat in column:
+        rules += [(rf"{pat}/kernel$", (FSDP_IF_FITS, "tensor")), (rf"{pat}/bias$", ("tensor",))]
+    for pat in row:
+        rules.append((rf"{pat}/kernel$", ("tensor", FSDP_IF_FITS)))
+    return rules
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, Any]] = (),
+               min_size: int = 0) -> P:
+    """PartitionSpec of one param: the first rule whose regex ``re.search``-es ``path``, else FSDP
+    (:func:`fsdp_spec` with ``min_size``).  A rule's :data:`FSDP_IF_FITS` entries become ``fsdp`` or
+    ``None``; any other entry must divide its dim (else a one-line :class:`ShardingError`)."""
+    fsdp = mesh.shape["fsdp"]
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = _norm_spec(spec)
@@ -224,6 +256,9 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tupl
                 raise ShardingError(
                     f"sharding rule {pattern!r} -> {tuple(spec)} has {len(spec)} dims but param {path} has shape {tuple(shape)}"
                 )
+            fits = fsdp > 1 and int(np.prod(shape)) >= min_size
+            spec = P(*[("fsdp" if fits and d % fsdp == 0 else None) if e == FSDP_IF_FITS else e
+                       for d, e in zip(shape, spec)])
             for d, entry in zip(shape, spec):
                 n = _axis_size(mesh, entry)
                 if d % n:
@@ -232,15 +267,15 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tupl
                         f"{n} ways; change the rule"
                     )
             return spec
-    return fsdp_spec(shape, mesh.shape["fsdp"])
+    return fsdp_spec(shape, fsdp, min_size=min_size)
 
 
-def param_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = ()) -> Any:
+def param_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = (), min_size: int = 0) -> Any:
     """``NamedSharding`` tree for a tree of arrays / ``ShapeDtypeStruct`` (see :func:`param_spec`)."""
     rules = [(str(r), s) for r, s in (rules or ())]
 
     def one(path, leaf):
-        return NamedSharding(mesh, param_spec(path_str(path), np.shape(leaf), mesh, rules))
+        return NamedSharding(mesh, param_spec(path_str(path), np.shape(leaf), mesh, rules, min_size))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 

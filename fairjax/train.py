@@ -18,6 +18,9 @@ naming each bad key, its value and its range, and no ``config.json`` written),
 (``ORG/NAME[@REVISION]``, ``--variant fp16``), converted once into the model cache
 (:mod:`fairjax.convert.resolve`; ``--no-cache``: into a temporary folder).
 
+SIGTERM / SIGINT stop the run at the next step boundary after a checkpoint is saved: one line says
+where, the exit status is 128 + the signal number (143 / 130), and re-running resumes.
+
 Multi-host: run the same command on every host; ``--distributed`` (or the
 launch scripts in ``launch/``) calls ``jax.distributed.initialize()`` first.
 """
@@ -115,15 +118,27 @@ def has_checkpoint(workdir: str) -> bool:
 
 
 def main(argv=None) -> int:
-    try:
-        summary = run(argv)
-    except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
-            raise
-        print(line, file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2, default=str))
+    """Exit status: 0 trained, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the
+    run (after a checkpoint; a re-run resumes there)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    with PreemptionGuard():
+        try:
+            summary = run(argv)
+        except Interrupted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        except (UserError, OSError) as e:
+            line = fs.error_line(e)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            return 2
+        print(json.dumps(summary, indent=2, default=str))
+        if summary.get("preempted"):
+            print(summary["message"], file=sys.stderr)
+            return Interrupted("", summary["signal"]).exit_code
     return 0
 
 

@@ -13,8 +13,11 @@ The contract with a task (built by ``fairjax.train`` from the config)::
         def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]
             # this process's contiguous slice (batch_size / process_count rows) of global
             # batch `step`; a pure function of step, so the data position resumes exactly.
-        def loss(self, trainable, frozen, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]
+        def loss(self, trainable, frozen, batch, rng[, stats]) -> tuple[jax.Array, dict[str, jax.Array]]
             # pure and jittable; `batch` holds global (sharded) arrays; metrics are scalars.
+            # Draw per-row randomness from `rng` keyed by the row's global identity carried in the
+            # batch (a pair's position in the global batch, a record index), never by its position
+            # in `batch`: then the draws do not depend on grad_accum_steps or on the devices.
         def finish(self, trainable, frozen, workdir: str) -> dict
             # once after training, on every process (writes outputs on process 0).
 
@@ -25,29 +28,40 @@ The contract with a task (built by ``fairjax.train`` from the config)::
             # reads weights from disk) and its result is placed onto the shardings.
         def param_partition_rules(self) -> list[tuple[regex, spec]]
             # tried after config.sharding_rules, before the FSDP default.
+        uses_batch_stats: bool = False
+        def batch_stats(self, trainable, frozen, batch, rng) -> dict[str, jax.Array]
+            # a loss that needs statistics of the whole global batch (PopAlign's centring term k)
+            # declares uses_batch_stats = True and returns per-row values here (leading dim = the
+            # rows of `batch`, no gradient needed); see "gradient accumulation" below.
 
 Step semantics (one jitted function, state donated):
 
 * ``state = {step, trainable, opt_state, rng}``; ``step`` counts completed steps;
-  the randomness of step ``s`` is ``fold_in(rng, s)`` (micro-batch ``j``:
-  ``fold_in(fold_in(rng, s), j)``), so a resumed run draws exactly what an
-  uninterrupted one would.
-* gradient accumulation: the global batch ``B`` is split into ``k = grad_accum_steps``
-  micro-batches ``batch[j::k]`` (strided, so each micro-batch stays spread over all
+  the key of step ``s`` is ``fold_in(fold_in(rng, s), 0)`` (:func:`step_key`), the same for
+  every micro-batch of the step, so a resumed run draws exactly what an uninterrupted one
+  would, and (with the per-row keying above) the draws of a row do not depend on
+  ``grad_accum_steps``, the mesh or the process count.
+* gradient accumulation: the global batch ``B`` is split into ``K = grad_accum_steps``
+  micro-batches ``batch[j::K]`` (strided, so each micro-batch stays spread over all
   devices without communication), ``lax.scan`` sums their gradients and the update uses
-  ``g = (1/k) sum_j grad L_j``; for a loss that is a per-example mean this equals the
+  ``g = (1/K) sum_j grad L_j``; for a loss that is a per-example mean this equals the
   gradient of the whole batch.  Metrics are averaged the same way.
-* update: ``optax.chain(clip_by_global_norm(grad_clip), adamw|adam|sgd(schedule))``;
-  ``schedule(s)`` = linear warm-up ``lr * s / warmup_steps`` then constant or cosine
-  decay to 0 at ``total_steps``.  Logged ``grad_norm`` is the norm before clipping,
-  ``lr`` the rate the update of that step used.
-* a non-finite loss or gradient stops the loop with :class:`NonFiniteLossError`; every
-  step's ``finite`` flag is checked before a checkpoint is written, so no checkpoint ever
-  holds the bad state (the last periodic one is kept).
+* batch-global statistics (``uses_batch_stats``): with ``K = 1`` the loss sees the whole
+  global batch and computes them itself (``loss`` is called without ``stats``).  With
+  ``K > 1`` the step first runs ``batch_stats`` on every micro-batch (forward only, under
+  ``stop_gradient``) and then the gradient passes, each called with
+  ``stats = {'rows': batch_stats of its own micro-batch, 'total': every entry summed over
+  all rows of all micro-batches}``.  The loss takes its batch statistics from ``total``
+  and may reuse its own ``rows`` (e.g. a frozen reference's outputs) instead of recomputing
+  them.  This is exact for statistics the reference objective holds fixed
+  (``stop_gradient``, as PopAlign's ``k``): ``L = (1/B) sum_i l_i(theta; sg(k))`` with ``k``
+  a function of the whole batch, so ``grad L = (1/K) sum_j grad L_j`` with every ``L_j``
+  using the global ``k``.  It costs one more forward pass over the batch (BENCHMARKS.md).
 
 Checkpoints: ``<workdir>/checkpoints`` (orbax, see :mod:`fairjax.checkpoint`); every
 ``checkpoint.every_steps``, at the end, and on SIGTERM/SIGINT (save, then return with
-``summary['preempted'] = True``).  Running again with the same workdir resumes.  With several processes the workdir must be
+``summary['preempted'] = True``, ``summary['signal']`` and a one-line ``summary['message']``
+for the caller to print; ``task.finish`` is not called, so no output says the run finished).  Running again with the same workdir resumes.  With several processes the workdir must be
 one directory they all see (shared filesystem): each writes its own shards there.
 Metrics: TensorBoard events in ``<workdir>/tb`` and one JSON line per logged step in
 ``<workdir>/metrics.jsonl`` (process 0).
@@ -84,7 +98,7 @@ class Task(Protocol):  # pragma: no cover - documentation of the contract
 
     def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]: ...
 
-    def loss(self, trainable, frozen, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+    def loss(self, trainable, frozen, batch, rng, stats=None) -> tuple[jax.Array, dict[str, jax.Array]]: ...
 
     def finish(self, trainable, frozen, workdir: str) -> dict: ...
 
@@ -114,9 +128,13 @@ def default_train_config() -> ml_collections.ConfigDict:
         )
     )
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # (regex over '/'-joined param path, partition spec tuple); first match wins,
-    # unmatched params: FSDP over their largest dim divisible by mesh.fsdp.
+    # (regex over '/'-joined param path, partition spec tuple); first match wins, then the task's
+    # param_partition_rules() (the models' tensor-axis rules); unmatched params: FSDP over their
+    # largest dim divisible by mesh.fsdp.
     c.sharding_rules = []
+    # params with fewer elements stay replicated rather than FSDP-sharded (the default and the
+    # rules' "fsdp?" entries): splitting a bias or a norm scale saves nothing and costs a gather
+    c.fsdp_min_size = 4096
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3, "async": False})
     c.log_every_steps = 50
     c.progress_bar = True
@@ -211,6 +229,12 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
 # ----------------------------------------------------------------------------- the step
 
 
+def step_key(rng, step):
+    """The key of step ``step``, handed to every micro-batch of it: ``fold_in(fold_in(rng, step), 0)``
+    (the trailing 0 is the key a run without accumulation always used, so its draws are unchanged)."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), 0)
+
+
 def split_micro(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Array]:
     """``(B, ...) -> (k, B/k, ...)`` with micro-batch ``j = batch[j::k]`` (stays device-local)."""
     sh = NamedSharding(mesh, P(None, parallel.BATCH_AXES))
@@ -222,39 +246,76 @@ def split_micro(batch: dict[str, jax.Array], k: int, mesh) -> dict[str, jax.Arra
     return jax.tree.map(one, batch)
 
 
+def _zeros_like_shapes(shapes):
+    """Zeros of ``jax.eval_shape`` results (floating leaves in float32: accumulators)."""
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype),
+                        shapes)
+
+
+def uses_batch_stats(task) -> bool:
+    """Whether ``task`` declares batch-global statistics (``uses_batch_stats`` and ``batch_stats``)."""
+    return bool(getattr(task, "uses_batch_stats", False)) and hasattr(task, "batch_stats")
+
+
+def batch_stats_pass(task, trainable, frozen, micro, key):
+    """The no-gradient pass over the micro-batches ``micro`` (leading axis ``k``):
+    ``(rows, total)`` with ``rows`` = ``task.batch_stats`` of each micro-batch stacked on a new
+    leading axis and ``total`` = every entry summed over all rows of all micro-batches (the
+    whole global batch: the arrays are global, so the sum covers every device and process)."""
+
+    def stats(mb):
+        return jax.lax.stop_gradient(task.batch_stats(trainable, frozen, mb, key))
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    zeros = _zeros_like_shapes(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                                            jax.eval_shape(stats, first)))
+
+    def body(total, mb):
+        rows = stats(mb)
+        return jax.tree.map(lambda t, r: t + jnp.sum(r, axis=0).astype(t.dtype), total, rows), rows
+
+    total, rows = jax.lax.scan(body, zeros, micro)
+    return rows, total
+
+
 def make_train_step(task, tx: optax.GradientTransformation, schedule, grad_accum_steps: int, mesh):
     """The pure step ``(state, frozen, batch) -> (state, metrics)`` (see module docstring)."""
     k = int(grad_accum_steps)
+    global_stats = uses_batch_stats(task) and k > 1
 
     def grads_of(trainable, frozen, batch, key):
-        def f(p, b, r):
-            loss, metrics = task.loss(p, frozen, b, r)
-            return loss, metrics
+        def f(p, b, r, stats):
+            extra = {"stats": stats} if stats is not None else {}
+            return task.loss(p, frozen, b, r, **extra)
 
         vg = jax.value_and_grad(f, has_aux=True)
-        if k == 1:
-            (loss, metrics), grads = vg(trainable, batch, jax.random.fold_in(key, 0))
+        if k == 1:  # the loss sees the whole global batch: it computes any batch statistic itself
+            (loss, metrics), grads = vg(trainable, batch, key, None)
             return loss, metrics, grads
         micro = split_micro(batch, k, mesh)
+        if global_stats:
+            rows, total = batch_stats_pass(task, trainable, frozen, micro, key)
+        else:
+            rows = total = None
 
         def body(carry, xs):
-            j, mb = xs
-            (loss, metrics), grads = vg(trainable, mb, jax.random.fold_in(key, j))
-            acc = jax.tree.map(jnp.add, carry, (loss, metrics, grads))
-            return acc, None
+            mb, rows_j = xs
+            stats = None if total is None else {"rows": rows_j, "total": total}
+            (loss, metrics), grads = vg(trainable, mb, key, stats)
+            return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        shapes = jax.eval_shape(lambda p, b: vg(p, b, key), trainable, first)
-        (l0, m0), g0 = shapes
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32 if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype), (l0, m0, g0))
-        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        first = jax.tree.map(lambda x: x[0], (micro, rows))
+        st0 = None if total is None else {"rows": first[1], "total": total}
+        zeros = _zeros_like_shapes(jax.eval_shape(lambda p, b: vg(p, b, key, st0), trainable, first[0]))
+        zeros = (zeros[0][0], zeros[0][1], zeros[1])
+        (loss, metrics, grads), _ = jax.lax.scan(body, zeros, (micro, rows))
         scale = lambda x: (x / k).astype(x.dtype)  # noqa: E731
         grads = jax.tree.map(lambda g, p: (g / k).astype(p.dtype), grads, trainable)
         return scale(loss), jax.tree.map(scale, metrics), grads
 
     def step_fn(state, frozen, batch):
         step = state["step"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        key = step_key(jax.random.wrap_key_data(state["rng"]), step)
         loss, metrics, grads = grads_of(state["trainable"], frozen, batch, key)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
@@ -281,8 +342,8 @@ def _rules(config, task) -> list[tuple[str, Any]]:
     return rules
 
 
-def _state_shardings(abstract, tx, mesh, rules):
-    tr_sh = parallel.param_shardings(abstract["trainable"], mesh, rules)
+def _state_shardings(abstract, tx, mesh, rules, min_size):
+    tr_sh = parallel.param_shardings(abstract["trainable"], mesh, rules, min_size)
     rep = parallel.replicated(mesh)
     opt_sh = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract["opt_state"], tr_sh, transform_non_params=lambda _: rep
@@ -304,6 +365,7 @@ class _Setup:
         self.total_steps = int(config.total_steps)
         self.tx, self.schedule = make_optimizer(config.optimizer, self.total_steps)
         self.rules = _rules(config, task)
+        self.min_size = int(_get(config, "fsdp_min_size"))
         base = jax.random.key(int(_get(config, "seed")))
         self.init_key, self.train_key = jax.random.split(base)
         self.task = task
@@ -316,8 +378,8 @@ class _Setup:
         opt_abs = jax.eval_shape(self.tx.init, tr_abs)
         rng_abs = jax.ShapeDtypeStruct(jax.random.key_data(self.train_key).shape, jnp.uint32)
         abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": tr_abs, "opt_state": opt_abs, "rng": rng_abs}
-        self.state_sh = _state_shardings(abstract, self.tx, self.mesh, self.rules)
-        self.frozen_sh = parallel.param_shardings(fr_abs, self.mesh, self.rules)
+        self.state_sh = _state_shardings(abstract, self.tx, self.mesh, self.rules, self.min_size)
+        self.frozen_sh = parallel.param_shardings(fr_abs, self.mesh, self.rules, self.min_size)
         self.abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, self.state_sh)
 
     def initial(self, fresh: bool) -> tuple[dict | None, Any]:
@@ -533,11 +595,11 @@ def train(config, task, workdir: str) -> dict:
             logger.close()
             ckpt.close()
     summary: dict[str, Any] = {"step": int(jax.device_get(state["step"])), "preempted": preempted is not None}
-    if preempted is not None:
-        msg = (f"stopped by {guard.signal_name or 'signal'} at step {preempted}: checkpoint saved in "
-               f"{ckpt.directory}/{preempted}; run the same command again to resume")
-        logger.message(msg)
-        summary["message"] = msg
+    if preempted is not None:  # the caller says so (entry points: one line, exit 128 + signal number)
+        name = guard.signal_name or "SIGTERM"  # another process's signal: this one stops with it
+        summary["signal"] = name
+        summary["message"] = (f"stopped by {name} at step {preempted}: checkpoint saved in "
+                              f"{ckpt.directory}/{preempted}; run the same command again to resume")
         summary.update(last_metrics)
         return summary
     summary.update(last_metrics)

@@ -10,7 +10,9 @@ losers, and with ``centre=True``
 ``init_in_jit=False`` makes init eager (host numpy), ``with_ref=False`` leaves ``frozen = {}``
 (then ``g = f_policy``).  ``signal_at_step`` sends SIGTERM to this process while drawing that batch (preemption).
 With ``centre=False`` the loss is a plain per-example mean (k = 0).  ``noise`` adds
-``noise * normal(rng)`` to the inputs so the step randomness is exercised.
+``noise * normal(fold_in(rng, row))`` to the inputs (``row`` = the example's position in the
+global batch) so the step randomness is exercised.  ``k`` is declared a batch statistic
+(``uses_batch_stats``): under gradient accumulation it stays the global batch's.
 Data: global batch ``step`` is drawn from ``np.random.default_rng([seed, step])``;
 process i of n takes rows ``[i*B/n, (i+1)*B/n)``.
 """
@@ -64,7 +66,7 @@ class ToyTask:
         s = np.where(np.arange(batch_size) % 2 == 0, 1.0, -1.0).astype(np.float32)
         if self.nan_at_step is not None and step == self.nan_at_step:
             x[0, 0] = np.nan
-        return {"x": x, "s": s}
+        return {"x": x, "s": s, "row": np.arange(batch_size, dtype=np.int32)}
 
     def batch(self, step, process_index, process_count):
         self.batches_drawn.append(step)
@@ -80,15 +82,30 @@ class ToyTask:
         per = b["x"].shape[0] // process_count
         return {k: v[process_index * per:(process_index + 1) * per] for k, v in b.items()}
 
-    def loss(self, trainable, frozen, batch, rng):
-        x = batch["x"] + self.noise * jax.random.normal(rng, batch["x"].shape, jnp.float32)
+    uses_batch_stats = True  # with centre=True, k is a statistic of the global batch
+
+    def _g(self, trainable, frozen, batch, rng):
+        """Per-row ``g``; row ``i``'s input noise is drawn from ``fold_in(rng, row_i)`` (its global row)."""
+        noise = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(rng, r), (self.dim,), jnp.float32))(batch["row"])
+        x = batch["x"] + self.noise * noise
         f = self.model.apply({"params": trainable}, x)
         f_ref = self.model.apply({"params": frozen["ref"]}, x) if self.with_ref else 0.0
-        g = f - f_ref
+        return f - f_ref, f
+
+    @staticmethod
+    def _rows(g, s):
+        w, l = (s > 0).astype(g.dtype), (s < 0).astype(g.dtype)
+        return {"gw": g * w, "nw": w, "gl": g * l, "nl": l}
+
+    def batch_stats(self, trainable, frozen, batch, rng):
+        return self._rows(self._g(trainable, frozen, batch, rng)[0], batch["s"])
+
+    def loss(self, trainable, frozen, batch, rng, stats=None):
+        g, f = self._g(trainable, frozen, batch, rng)
         s = batch["s"]
         if self.centre:
-            w, l = (s > 0).astype(g.dtype), (s < 0).astype(g.dtype)
-            k = 0.5 * jnp.sum(g * w) / jnp.sum(w) + 0.5 * jnp.sum(g * l) / jnp.sum(l)
+            t = stats["total"] if stats is not None else {k: jnp.sum(v) for k, v in self._rows(g, s).items()}
+            k = 0.5 * t["gw"] / jnp.maximum(t["nw"], 1) + 0.5 * t["gl"] / jnp.maximum(t["nl"], 1)
             k = jax.lax.stop_gradient(k)
         else:
             k = 0.0
@@ -117,6 +134,7 @@ def toy_config(**over):
     c.optimizer.grad_clip = 1.0
     c.optimizer.weight_decay = 1e-2
     c.checkpoint.every_steps = 0
+    c.fsdp_min_size = 0  # the toy's params are tiny: shard them anyway, so the FSDP paths are exercised
     c.log_every_steps = 1
     c.progress_bar = False
     for k, v in over.items():

@@ -181,3 +181,98 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path):
     assert got.keys() == ref.keys()
     for k in ref:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{k} (killed after checkpoint {kill_after})")
+
+
+# ----------------------------------------------------------------------------- two processes
+
+
+def _kill_rng():
+    """``(seed, random.Random(seed))`` for a random kill point: FAIRJAX_KILL_SEED replays a failure's seed
+    (every assertion message names it)."""
+    seed = int(os.environ.get("FAIRJAX_KILL_SEED") or random.randrange(2**31))
+    return seed, random.Random(seed)
+
+
+def _launch(tmp_path, name, *extra, devices=1, mesh="1,2,1"):
+    """``launch/local_multiprocess.sh -n 2`` running the toy worker (FSDP over the two processes by
+    default, so each process owns its own shards on disk)."""
+    launcher = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    cmd = ["bash", launcher, "-n", "2", "-d", str(devices), "-l", str(tmp_path / f"logs_{name}"), "--",
+           sys.executable, os.path.join(HERE, "_multihost_worker.py"), "--mesh", mesh, "--batch", "16", *extra]
+    return cmd, env
+
+
+def _summary(stdout):
+    return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY"))[8:])
+
+
+def _single_process_reference(tmp_path, steps, *extra):
+    cmd, env = _worker(tmp_path / "ref", tmp_path / "ref", "--steps", str(steps), "--every", "0", *extra, devices=2)
+    cmd[cmd.index("--mesh") + 1] = "1,2,1"
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    return dict(np.load(tmp_path / "ref" / "final_params.npz"))
+
+
+@pytest.mark.slow
+def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp_path, rel):
+    """Checkpoints 1 and 2 of a 2-process run (params FSDP-split over the processes); the shards
+    process 1 wrote for step 2 are truncated, so only process 1 fails to read step 2. The re-run
+    warns once, both processes restore step 1 (not each its own newest), and training ends where a
+    1-process run ends."""
+    work, wide = tmp_path / "run", ("--hidden", "4096")  # shards of 32 KiB: on disk in each process's own files
+    cmd, env = _launch(tmp_path, "a", "--workdir", str(work), "--steps", "2", "--every", "1", *wide)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300, cwd=ROOT)
+    shards = work / "checkpoints" / "2" / "state" / "ocdbt.process_1"
+    assert shards.is_dir(), sorted(os.listdir(work / "checkpoints" / "2" / "state"))
+    _corrupt(shards)
+    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", "4", "--every", "0", *wide)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    p1 = (tmp_path / "logs_b" / "proc_1.log").read_text()
+    warned = [line for line in (out.stdout + out.stderr).splitlines() if "checkpoints/2 unreadable" in line]
+    assert len(warned) == 1 and "process 1:" in warned[0] and "restoring" in warned[0] and \
+        warned[0].rstrip().endswith("checkpoints/1 instead"), out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed from" in out.stdout and out.stdout.count("checkpoints/1\n") >= 1
+    assert "Traceback" not in p1, p1[-3000:]
+    assert _summary(out.stdout)["step"] == 4
+    got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, 4, *wide)
+    for k in ref:
+        assert rel(got[k], ref[k]) <= 1e-5, k
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_signal_to_one_of_them(tmp_path, rel):
+    """SIGTERM to process 1 only, at a seeded random point after checkpoint 2: the flag is OR-ed
+    across processes, so both stop after the same step, save it, say so and exit 143; the re-run
+    resumes there and ends where an uninterrupted 1-process run ends, with one metrics row per step."""
+    steps, (seed, r) = 8, _kill_rng()
+    work = tmp_path / "run"
+    cmd, env = _launch(tmp_path, "a", "--workdir", str(work), "--steps", str(steps), "--every", "2", "--sleep", "0.3")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    ckdir, deadline = work / "checkpoints", time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (ckdir / "2").is_dir():
+        time.sleep(0.05)
+    assert proc.poll() is None, f"seed {seed}: the run ended before checkpoint 2"
+    time.sleep(r.uniform(0.0, 0.6))
+    os.kill(int((work / "pid_1").read_text()), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 143, f"seed {seed}: {stdout[-2000:]}{stderr[-2000:]}"
+    stopped = _summary(stdout)
+    assert stopped["preempted"] and stopped["signal"] == "SIGTERM", stopped
+    at = stopped["step"]
+    assert 2 <= at < steps and str(at) in os.listdir(ckdir), (seed, at)
+    p1 = (tmp_path / "logs_a" / "proc_1.log").read_text()
+    assert f"stopped by SIGTERM at step {at}: checkpoint saved" in p1  # the process that got the signal
+    assert f"stopped by SIGTERM at step {at}" in stdout  # process 0 (its stderr goes through the launcher's tee)
+    assert not (work / "final_params.npz").exists()
+    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", str(steps), "--every", "2")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"resumed from {ckdir}/{at}" in out.stdout
+    rows = [json.loads(line)["step"] for line in open(work / "metrics.jsonl")]
+    assert rows == list(range(1, steps + 1)), (seed, rows)
+    got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, steps)
+    for k in ref:
+        assert rel(got[k], ref[k]) <= 1e-5, (seed, k)

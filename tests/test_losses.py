@@ -155,6 +155,32 @@ def test_popalign_one_pair_equals_diffusion_dpo(rel):
     assert rel(jax.jit(jax.grad(pop))(g), jax.jit(jax.grad(dd))(g)) < 1e-6
 
 
+def test_popalign_parts_with_global_totals_equal_the_whole_batch(rel):
+    """Gradient accumulation's contract: the batch split into 4 parts (one of them with no loser),
+    each part's loss with ``totals`` = the sums of ``popalign_rows`` over the whole batch; the mean
+    of the parts' losses and gradients == the numpy loss and stop-gradient gradient of the whole
+    batch, and the metrics are the whole batch's."""
+    rng = np.random.default_rng(8)
+    n, beta, alpha = 16, 800.0, 0.5
+    g = rng.normal(0, 1e-3, n)
+    win = np.r_[np.ones(4, bool), rng.random(n - 4) < 0.4]  # part 0 (rows 0..3) has winners only
+    rows = jax.jit(losses.popalign_rows)(jnp.asarray(g, jnp.float32), jnp.asarray(win))
+    totals = {k: jnp.sum(v) for k, v in rows.items()}
+    part = jax.jit(jax.value_and_grad(lambda g, w, t: losses.popalign(g, w, beta, alpha, totals=t), has_aux=True))
+    outs = [part(jnp.asarray(g[j:j + 4], jnp.float32), jnp.asarray(win[j:j + 4]), totals) for j in range(0, n, 4)]
+    loss = np.mean([float(l) for (l, _), _ in outs])
+    grad = np.concatenate([np.asarray(d) for _, d in outs]) / 4  # each part's mean is over its 4 rows
+    ref, k = np_popalign(g, win, beta, alpha)
+    assert rel(loss, ref) < 2e-6
+    assert rel(grad, np_popalign_grad_stopped(g, win, beta, alpha)) < 2e-5
+    m = outs[0][0][1]
+    assert rel(m["k"], k) < 1e-5 and m["n_w"] == win.sum() and m["n_l"] == (~win).sum() and m["one_sided"] == 0
+    # the same part with its own statistics (no totals) is another objective, so the check can fail
+    own = np.mean([float(losses.popalign(jnp.asarray(g[j:j + 4], jnp.float32), win[j:j + 4], beta, alpha)[0])
+                   for j in range(0, n, 4)])
+    assert rel(own, ref) > 1e-3
+
+
 @pytest.mark.parametrize("side", ["no_losers", "no_winners"])
 def test_popalign_one_sided_batch(rel, side):
     """Documented guard: the empty side's mean counts as 0 (g at the reference) and one_sided = 1."""

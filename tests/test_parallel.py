@@ -172,3 +172,82 @@ def test_two_processes_match_one_process(tmp_path, rel):
         assert rel(got[k], ref[k]) <= 1e-5, k
     # the 3-step multi-process result differs from the 5-step one (training moved on)
     assert max(rel(np.load(tmp_path / "mp3.npz")[k], ref[k]) for k in ref.files) > 1e-4
+
+
+# ----------------------------------------------------------------------------- tensor-axis rules
+
+
+def test_tensor_rules_split_column_and_row_kernels_and_fsdp_fills_the_other_dim():
+    """Column kernels (in, out): out over tensor, in over fsdp when it fits; row kernels: in over
+    tensor; bias of a column layer over tensor; below fsdp_min_size everything else is whole."""
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    rules = parallel.tensor_rules(column=(r"attn/to_(q|k|v)", r"ff/in"), row=(r"attn/to_out", r"ff/out"))
+    tree = {"attn": {"to_q": {"kernel": np.zeros((64, 32)), "bias": np.zeros((32,))},
+                     "to_out": {"kernel": np.zeros((32, 64)), "bias": np.zeros((64,))}},
+            "ff": {"in": {"kernel": np.zeros((6, 128))}, "out": {"kernel": np.zeros((128, 64))}},
+            "norm": {"scale": np.zeros((64,))}, "conv": {"kernel": np.zeros((3, 3, 16, 64))}}
+    sh = parallel.param_shardings(tree, mesh, rules, min_size=1024)
+    spec = lambda *p: sh[p[0]][p[1]][p[2]].spec  # noqa: E731
+    assert spec("attn", "to_q", "kernel") == P("fsdp", "tensor")
+    assert spec("attn", "to_q", "bias") == P("tensor")
+    assert spec("attn", "to_out", "kernel") == P("tensor", "fsdp")
+    assert spec("attn", "to_out", "bias") == P()  # small: replicated
+    assert spec("ff", "in", "kernel") == P(None, "tensor")  # 6 does not divide over fsdp=4: whole
+    assert spec("ff", "out", "kernel") == P("tensor", "fsdp")
+    assert sh["norm"]["scale"].spec == P()
+    assert sh["conv"]["kernel"].spec == P(None, None, None, "fsdp")  # 9216 elements >= 1024: FSDP default
+    small = parallel.param_shardings(tree, mesh, rules, min_size=10**6)  # min size above every param
+    assert small["attn"]["to_q"]["kernel"].spec == P(None, "tensor") and small["conv"]["kernel"].spec == P()
+    with pytest.raises(ShardingError, match=r"splits dim 3 of param ff/in/kernel \(6, 3\) 2 ways"):
+        parallel.param_shardings({"ff": {"in": {"kernel": np.zeros((6, 3))}}}, mesh, rules)
+
+
+@pytest.mark.parametrize("which", ["unet", "vila_u"])
+def test_shipped_rules_match_every_attention_and_mlp_kernel(which):
+    """The models' rules name real param paths: every q/k/v/out and MLP in/out kernel of the tiny SDXL
+    UNet and of the tiny VILA-U (LLaMA, depth transformer) is split over tensor (2) on the right dim."""
+    import re
+
+    import jax
+
+    from fairjax.io.tree import flatten, path_str
+
+    if which == "unet":
+        from fairjax.models import unet
+
+        model = unet.UNet2DConditionModel.from_config(dict(
+            _class_name="UNet2DConditionModel", in_channels=4, out_channels=4, block_out_channels=[8, 16],
+            layers_per_block=1, transformer_layers_per_block=[1, 1], attention_head_dim=[1, 2], norm_num_groups=4,
+            sample_size=8, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True, cross_attention_dim=16))
+        shapes = unet.param_shapes(model)
+        rules, col, row = unet.PARTITION_RULES, r"(to_[qkv]|net_0/proj)/kernel$", r"(to_out_0|net_2)/kernel$"
+    else:
+        from fairjax.convert.vila_u import SIGLIP_KEY, build_vision_tower
+        from fairjax.models import vila_u
+        from fairjax.vila_u.tiny import TINY as t
+
+        vt_cfg = {"rqvaesiglip": t["rqvaesiglip"], "rqtransformer": t["rqtransformer"], "hidden_size": 32,
+                  SIGLIP_KEY: t["siglip"]}
+        shapes = jax.eval_shape(vila_u.build(t["llm"], vt_cfg, t["mm_projector"]).init, jax.random.key(0))
+        size = t["siglip"]["image_size"]
+        shapes["vision_model"] = jax.eval_shape(build_vision_tower(vt_cfg, t["siglip"]).init, jax.random.key(0),
+                                                jax.numpy.zeros((1, 3, size, size)))["params"]
+        rules = vila_u.PARTITION_RULES
+        col = r"((q|k|v|gate|up)_proj|query|key|value|mlp_0|fc1)/kernel$"
+        row = r"(o_proj|out_proj|down_proj|attn/proj|mlp_2|fc2)/kernel$"
+    mesh = parallel.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
+    sh = parallel.param_shardings(shapes, mesh, rules)
+    seen = {"col": 0, "row": 0}
+    for path, s in flatten(sh).items():
+        name = path_str(path)
+        if re.search(col, name):
+            assert s.spec[1] == "tensor", name
+            seen["col"] += 1
+        elif re.search(row, name):
+            assert s.spec[0] == "tensor", name
+            seen["row"] += 1
+    assert seen["col"] >= 4 and seen["row"] >= 2, seen
+    if which == "vila_u":  # LLaMA, depth transformer and vision tower all covered
+        names = [path_str(p) for p, s in flatten(sh).items() if "tensor" in tuple(s.spec)]
+        assert all(any(n.startswith(top) for n in names) for top in ("llm", "rqtransformer", "vision_model")), names

@@ -141,3 +141,49 @@ def test_reused_preference_set_without_prompts_is_a_one_line_error(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "anchor_weight=100" in err and "--overwrite" in err, err
     assert sorted(os.listdir(tmp_path / "toy")) == ["prefs"]  # nothing trained or written
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_whole_job_and_a_rerun_resumes_the_stage(tmp_path):
+    """``timeout`` / a scheduler sends SIGTERM while PopAlign trains (``--preset smoke``; the kill point, a
+    logged training step, is drawn from a seeded RNG): the job saves that stage's checkpoint, says so in
+    one line and exits 143 -- it does not go on to SFT or the evaluation, and PopAlign's output is not
+    written. The same command again resumes PopAlign from that checkpoint and finishes the job."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    seed = int(os.environ.get("FAIRJAX_KILL_SEED") or random.randrange(2**31))
+    kill_after = random.Random(seed).randint(2, 12)  # logged training steps before the signal (of 24)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wd = tmp_path / "toy"
+    cmd = [sys.executable, "-m", "fairjax.toy.run", "--workdir", str(wd), "--preset", "smoke"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env.pop("XLA_FLAGS", None)  # the re-run reuses the first run's compiled programs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+    metrics, deadline = wd / "popalign" / "metrics.jsonl", time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"seed {seed}: the job ended before step {kill_after}: {proc.communicate()}"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, f"seed {seed}: {out[-2000:]}{err[-2000:]}"
+    said = [line for line in err.splitlines() if "stopped by SIGTERM" in line]
+    assert len(said) == 1 and "checkpoint saved in" in said[0] and "run the same command again" in said[0], err
+    step = int(said[0].split(" at step ")[1].split(":")[0])
+    assert kill_after <= step < 24 and (wd / "popalign" / "checkpoints" / str(step)).is_dir(), (seed, said)
+    assert not (wd / "popalign" / "unet_lora.safetensors").exists()  # not taken as done
+    assert not (wd / "sft").exists() and not (wd / "report").exists() and "train: sft" not in out
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=900)
+    assert again.returncode == 0, f"seed {seed}: {again.stdout[-3000:]}{again.stderr[-3000:]}"
+    assert "build_prefs: reusing" in again.stdout and f"resumed from {wd}/popalign/checkpoints/{step}" in again.stdout
+    rows = [json.loads(line)["step"] for line in open(metrics)]
+    assert rows == list(range(1, 25)), (seed, rows)
+    assert (wd / "popalign" / "unet_lora.safetensors").is_file() and (wd / "sft" / "model").is_dir()
+    assert json.loads((wd / "result.json").read_text())["metrics"].keys() == {"base", "popalign", "sft"}

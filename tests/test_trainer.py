@@ -2,8 +2,8 @@
 
 The reference (`reference_run`) is plain JAX + optax on the default device, written
 from the trainer's documented contract (init key / train key split of the seed,
-per-step key ``fold_in(fold_in(train_key, step), micro)``, clip + AdamW), not by calling
-trainer code.
+per-step key ``fold_in(fold_in(train_key, step), 0)`` for every micro-batch, clip + AdamW), not
+by calling trainer code.
 """
 
 import json
@@ -75,15 +75,29 @@ def test_sharded_step_equals_single_device(tmp_path, rel, mesh, rules, kw):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
 
 
-def test_grad_accumulation_equals_big_batch(tmp_path, rel):
-    """k=4 micro-batches of 8 (one row per device) == one step on the batch of 32."""
-    cfg = toy_config(total_steps=2, batch_size=32, grad_accum_steps=4)
+class _MicroBatchCentre(ToyTask):
+    """The toy task without its batch-statistics declaration: k becomes a micro-batch mean."""
+
+    uses_batch_stats = False
+
+
+@pytest.mark.parametrize("kw", [dict(centre=False, noise=0.0), dict(centre=True, noise=0.01)],
+                         ids=["per-example-mean", "global-centre-and-noise"])
+def test_grad_accumulation_equals_big_batch(tmp_path, rel, kw):
+    """k=4 micro-batches of 8 (one row per device) == one step on the batch of 32, also for the
+    PopAlign-like loss whose centring term is a statistic of the whole batch (the trainer's
+    batch-statistics pass) and with per-row noise (keyed by the global row, not the micro-batch)."""
+    cfg = toy_config(total_steps=3, batch_size=32, grad_accum_steps=4)
     cfg.mesh = dict(data=8)
-    task = ToyTask(cfg, centre=False, noise=0.0)  # a per-example mean loss
-    summary = trainer.train(cfg, task, str(tmp_path))
-    ref_loss, ref_params = reference_run(ToyTask(cfg, centre=False, noise=0.0), cfg, steps=2)
+    task = ToyTask(cfg, **kw)
+    summary = trainer.train(cfg, task, str(tmp_path / "k4"))
+    ref_loss, ref_params = reference_run(ToyTask(cfg, **kw), cfg, steps=3)
     assert rel(summary["loss"], ref_loss) <= 1e-5
     assert max_rel(task.final, ref_params, rel) <= 1e-5
+    if kw["centre"]:  # the same loss with k taken per micro-batch is another objective
+        local = _MicroBatchCentre(cfg, **kw)
+        trainer.train(cfg, local, str(tmp_path / "local"))
+        assert max_rel(local.final, ref_params, rel) > 1e-4
 
 
 def test_schedules_follow_their_formulas():

@@ -283,6 +283,45 @@ def test_sharded_bpo_step_equals_single_device(tiny, pairs_dir, tmp_path, rel):
     one_line(e, "rank 4", "lora.rank=8")
 
 
+def test_dpo_step_ignores_accumulation_and_tensor_axis(tiny, pairs_dir, tmp_path, rel):
+    """DPO (reference = base without LoRA, LoRA dropout 0.1 keyed by record): 3 SGD steps with
+    grad_accum_steps=4 on a data=2 x tensor=4 mesh (the LLaMA / depth-transformer tensor rules) ==
+    the 1-device whole-batch loop (the 8-device K=1 step is checked above for BPO)."""
+    _, vu, params = tiny
+    over = {"optimizer.name": "sgd", "optimizer.lr": 0.5, "total_steps": 3, "beta": 0.5}
+    cfg = task_config("dpo", pairs_dir, grad_accum_steps=4, **over)
+    cfg.mesh = dict(data=2, fsdp=1, tensor=4)
+    cfg.fsdp_min_size = 0
+    summary = trainer.train(cfg, vp.VilaUPrefTask(cfg, model=(vu, params)), str(tmp_path))
+    ref_loss, ref_lora = reference_run(vp.VilaUPrefTask(task_config("dpo", pairs_dir, **over), model=(vu, params)),
+                                       cfg, 3)
+    assert summary["step"] == 3 and rel(summary["loss"], ref_loss) <= 1e-5
+    saved, _ = lora_lib.load(summary["lora"])
+    for k in ref_lora:
+        for ab in ("a", "b"):
+            assert rel(saved[k][ab], ref_lora[k][ab]) <= 1e-5, (k, ab)
+    assert max(float(np.abs(ref_lora[k]["b"]).max()) for k in ref_lora) > 1e-4  # the steps moved the adapter
+
+
+def test_sft_loss_is_the_mean_code_cross_entropy(tiny, pairs_dir, rel):
+    """SFT = mean over images of the mean over the N x D codes of -log softmax(logits)[code], with the
+    logits from transformers' LLaMA (LoRA merged into its weights by hand) + the torch depth head, in
+    float64 -- computed here, not by the adapter."""
+    (llm, rq, codebook, proj), vu, params = tiny
+    task = vp.VilaUPrefTask(task_config("sft", pairs_dir, **{"lora.dropout": 0.0}), model=(vu, params))
+    _, frozen = task.init(jax.random.key(0))
+    lora = random_lora(params, seed=3, scale=0.1)
+    batch = task.batch(0, 0, 1)
+    loss, m = jax.jit(task.loss)(lora, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(2))
+    pol = merged_torch(llm, lora, 8.0)
+    lp = [ref_image_lp(pol, rq, codebook, proj, p[mk], c)
+          for p, mk, c in zip(batch["prompt_ids"], batch["prompt_mask"], batch["codes"])]
+    assert len(lp) == 8 and rel(loss, -np.mean(lp)) < 1e-5 and rel(m["nll"], -np.mean(lp)) < 1e-5
+    base_lp = [ref_image_lp(llm, rq, codebook, proj, p[mk], c)
+               for p, mk, c in zip(batch["prompt_ids"], batch["prompt_mask"], batch["codes"])]
+    assert rel(-np.mean(base_lp), -np.mean(lp)) > 1e-4  # the LoRA matters, so the check can fail
+
+
 def test_dpo_reference_is_base_without_lora(tiny, pairs_dir, rel):
     (llm, rq, codebook, proj), vu, params = tiny
     task = vp.VilaUPrefTask(task_config("dpo", pairs_dir, beta=0.05, **{"lora.dropout": 0.0}), model=(vu, params))
@@ -495,12 +534,13 @@ def test_empty_and_out_of_range_data_are_one_line_errors(tiny, mdpo_setup, tmp_p
 
 
 @pytest.mark.slow
-def test_tiny_preset_runs_through_the_cli(tmp_path):
-    """configs/bpo_vila_u.py:tiny: builds the tiny model and data on first use, trains, saves the LoRA."""
+@pytest.mark.parametrize("loss, metric", [("bpo", "balance"), ("dpo", "margin"), ("mdpo", "loss_image")])
+def test_tiny_preset_runs_through_the_cli(tmp_path, loss, metric):
+    """configs/{bpo,dpo,mdpo}_vila_u.py:tiny: builds the tiny model and data on first use, trains, saves the LoRA."""
     from fairjax import train
 
-    s = train.run(["--config", "configs/bpo_vila_u.py:tiny", "--workdir", str(tmp_path / "bpo"),
+    s = train.run(["--config", f"configs/{loss}_vila_u.py:tiny", "--workdir", str(tmp_path / loss),
                    "--config.tiny_root", str(tmp_path / "tiny"), "--config.progress_bar=False",
                    "--config.total_steps=1"])
-    assert s["step"] == 1 and np.isfinite(s["loss"]) and "balance" in s
-    assert lora_lib.load(s["lora"])[1]["loss"] == "bpo"
+    assert s["step"] == 1 and np.isfinite(s["loss"]) and metric in s
+    assert lora_lib.load(s["lora"])[1]["loss"] == loss

@@ -32,6 +32,9 @@ the ``prefs`` / ``sample`` values are checked against :data:`RANGES` (and
 :data:`SAMPLE_RANGES`), and an ``OUT`` that equals, contains or is inside ``model.dir``,
 ``prefs.lora`` or the config file is refused (also with ``--overwrite``); ``OUT`` is locked while
 it is written.
+SIGTERM / SIGINT stop it
+between generation batches with one line and exit status 128 + the signal number; nothing is
+written (the dataset appears only complete), so a re-run starts over.
 """
 
 from __future__ import annotations
@@ -343,10 +346,24 @@ def read_summary(path: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
+    generation batches; nothing is written, a re-run starts over)."""
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
+
+    argv = sys.argv[1:] if argv is None else argv
+    with PreemptionGuard():
+        try:
+            return _main(argv)
+        except Interrupted as e:  # between generation batches; nothing was written
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv) -> int:
     from fairjax.config import apply_overrides, load_config_file, split_overrides
     from fairjax.convert.resolve import add_model_args, resolve_args
 
-    argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.data.build_prefs",

@@ -17,6 +17,7 @@ import os
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fairjax.checkpoint import raise_if_stopped
 from fairjax.diffusion import pipeline as sdxl
 from fairjax.errors import CheckpointError
 
@@ -88,6 +89,7 @@ class Generator:
 
     ``run(prompts, counts, seed)`` yields ``(prompt_index, image_index, image uint8 HWC, latents)``
     in prompt-major order; image ``(p, i)`` depends only on (model, prompt p's text, seed, p, i).
+    Before each batch it polls the job's stop flag (:func:`fairjax.checkpoint.raise_if_stopped`).
     """
 
     def __init__(self, pipe: sdxl.SDXLPipeline, options: sdxl.SampleOptions, batch_size: int = 64):
@@ -108,6 +110,8 @@ class Generator:
         jobs = [(p, i) for p, n in enumerate(counts) for i in range(int(n))]
         bs = self.t2i.batch_size
         for start in range(0, len(jobs), bs):
+            raise_if_stopped(f"while generating images ({start} of {len(jobs)} done); this stage keeps nothing "
+                             "partial: run the same command again to redo it")
             chunk = jobs[start:start + bs]
             images, latents = self.t2i([prompts[p] for p, _ in chunk], [p for p, _ in chunk],
                                        [i for _, i in chunk], seed)

@@ -29,9 +29,12 @@ def per_sample_mse(pred: jax.Array, target: jax.Array) -> jax.Array:
     return jnp.mean(d * d, axis=tuple(range(1, d.ndim)))
 
 
-def by_slot(g: jax.Array, is_winner: jax.Array, slot: jax.Array, num_pairs: int) -> tuple[jax.Array, jax.Array]:
-    """``(g_w, g_l)`` of shape (num_pairs,): the winner's and the loser's value of each slot."""
+def by_slot(g: jax.Array, is_winner: jax.Array, slot: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(g_w, g_l)`` of shape (rows / 2,): the winner's and the loser's value of each slot in the
+    batch, in increasing slot order. Every slot present holds one winner row and one loser row;
+    the slots need not be ``0..rows/2-1`` (a micro-batch of a global batch holds some of its slots)."""
     win = is_winner.astype(bool)
-    g_w = jax.ops.segment_sum(jnp.where(win, g, 0.0), slot, num_pairs)
-    g_l = jax.ops.segment_sum(jnp.where(win, 0.0, g), slot, num_pairs)
-    return g_w, g_l
+    order = jnp.lexsort((slot, jnp.logical_not(win)))  # winners by slot, then losers by slot
+    n = g.shape[0] // 2
+    s = g[order]
+    return s[:n], s[n:]

@@ -40,11 +40,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairjax import parallel
 from fairjax.errors import CheckpointError
 
 Dtype = Any
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+#: the ``tensor``-axis rules (:func:`fairjax.parallel.tensor_rules`): q/k/v and gate/up column-parallel,
+#: o and down row-parallel
+PARTITION_RULES = parallel.tensor_rules(column=(r"self_attn/(q|k|v)_proj", r"mlp/(gate|up)_proj"),
+                                        row=(r"self_attn/o_proj", r"mlp/down_proj"))
 
 
 # ----------------------------------------------------------------------------- config

@@ -28,7 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fairjax import parallel
 from fairjax.models.layers import layer_norm
+
+#: the ``tensor``-axis rules of :class:`SelfAttention` / :class:`MLP` blocks (CLIP, SigLIP;
+#: :func:`fairjax.parallel.tensor_rules`): q/k/v and fc1 column-parallel, out and fc2 row-parallel
+PARTITION_RULES = parallel.tensor_rules(column=(r"self_attn/(q|k|v)_proj", r"mlp/fc1"),
+                                        row=(r"self_attn/out_proj", r"mlp/fc2"))
 
 Dtype = Any
 

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fairjax import parallel
 from fairjax.errors import ConfigError
 from fairjax.models.layers import (
     Downsample2D,
@@ -118,6 +119,10 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _ADDITION_TYPES = (None, "text_time")
 ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+#: the ``tensor``-axis rules (:func:`fairjax.parallel.tensor_rules`): attention q/k/v and the GEGLU
+#: input projection column-parallel, attention out and the feed-forward output row-parallel
+PARTITION_RULES = parallel.tensor_rules(column=(r"attn[12]/to_(q|k|v)", r"ff/net_0/proj"),
+                                        row=(r"attn[12]/to_out_0", r"ff/net_2"))
 
 
 def _tuple(v):

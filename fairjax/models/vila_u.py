@@ -42,8 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairjax import parallel
 from fairjax.errors import CheckpointError
 from fairjax.models import llama
+from fairjax.models import transformer as transformer_mod
 from fairjax.models.layers import layer_norm
 from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward
 
@@ -51,6 +53,13 @@ Dtype = Any
 
 
 _gelu = ACTIVATIONS["gelu"]  # torch ``nn.GELU()``: exact ``0.5 x (1 + erf(x / sqrt 2))``
+
+#: the ``tensor``-axis rules of a VILA-U param tree (:func:`fairjax.parallel.tensor_rules`): the LLaMA's,
+#: the depth transformer's (attn query/key/value and mlp_0 column-parallel, attn proj and mlp_2
+#: row-parallel) and the SigLIP vision tower's
+PARTITION_RULES = (llama.PARTITION_RULES
+                   + parallel.tensor_rules(column=(r"attn/(query|key|value)", r"mlp_0"), row=(r"attn/proj", r"mlp_2"))
+                   + transformer_mod.PARTITION_RULES)
 
 
 # ----------------------------------------------------------------------------- configs

@@ -11,7 +11,9 @@ the loss.  For row ``i`` (a winner or a loser image's latents ``x0_i``)::
     g_i          = r_i - mse_i                                            (implicit reward)
 
 * ``popalign``: ``losses.popalign(g, is_winner, beta, alpha)`` over the whole global batch
-  ``[winners; losers]`` (the centring term ``k`` is a global mean under ``jit``);
+  ``[winners; losers]`` (the centring term ``k`` is a global mean under ``jit``; with
+  ``grad_accum_steps > 1`` the trainer's batch-statistics pass (:func:`fairjax.trainer.batch_stats_pass`)
+  hands every micro-batch the sums over the whole global batch, so ``k`` stays the global batch's);
 * ``diffusion_dpo``: ``losses.diffusion_dpo(g_w, g_l, beta)`` over the pairs;
 * ``sft``: ``losses.sft(mse)`` on winners only, no reference.
 
@@ -35,9 +37,9 @@ tree itself (``policy = lora.merge(base, lora)``), so only the LoRA has optimize
 
 Batch layout (one process's rows; the global batch is the processes' rows in order): for
 ``n`` pairs, ``n`` winners then their ``n`` losers, ``slot`` = the pair's position in the
-global batch (divided by ``grad_accum_steps``, so that within each micro-batch of the
-trainer's strided split the slots are ``0..pairs-1``: noise is keyed by slot and the pairs
-are matched by slot).  Data order: epoch-wise permutation of the pairs (SFT: of the winner
+global batch. Noise and timestep are keyed by ``(step, slot)`` only and the pairs are matched
+by slot, so ``grad_accum_steps``, the device count and the process count do not change what a
+pair draws (the trainer's strided micro-batches keep both rows of a pair together).  Data order: epoch-wise permutation of the pairs (SFT: of the winner
 records), a pure function of ``(seed, step)``, as :class:`fairjax.data.prefs.PreferenceBatches`.
 """
 
@@ -346,7 +348,7 @@ class DiffusionPrefTask:
         pos = process_index * per + np.arange(per)
         units = units[pos]
         drop = caption_dropout(int(c.seed), step, self.per_step, float(c.data.caption_dropout))[pos]
-        slot = (pos // self.k).astype(np.int32)
+        slot = pos.astype(np.int32)
         if c.loss == "sft":
             rec = self.source.read(self.units[units])
             latents, caps, is_w = rec["latents"], rec["caption"], np.ones(per, bool)
@@ -364,6 +366,13 @@ class DiffusionPrefTask:
             out["anchor_latents"] = np.tile(np.asarray(w["latents"], np.float32), (2,) + (1,) * (w["latents"].ndim - 1))
             out.update({f"anchor_{k}": v for k, v in emb.items()})
         return out
+
+    def param_partition_rules(self) -> list:
+        """The UNet's ``tensor``-axis rules (:data:`fairjax.models.unet.PARTITION_RULES`); they place the
+        full UNet and the frozen reference / LoRA base (a LoRA's ``a`` / ``b`` fall to the FSDP default)."""
+        from fairjax.models import unet as unet_mod
+
+        return list(unet_mod.PARTITION_RULES)
 
     def policy_params(self, trainable, frozen):
         if self.rank == 0:
@@ -393,18 +402,17 @@ class DiffusionPrefTask:
     def anchor(self, trainable, frozen, anchor_batch, is_winner, slot, rng) -> jax.Array:
         """The identity anchor (module docstring): mean over rows of ``mean_{C,H,W} (eps_policy -
         sg(eps_ref))^2`` on ``anchor_batch`` (the winners under their prompts, twice). Row ``r``'s
-        ``(eps', t')`` is keyed by ``slot`` (+ the pair count on the second copy), independent of
-        the preference term's draws and of the sharding."""
-        n_pairs = slot.shape[0] // 2
-        aslot = slot + jnp.where(is_winner.astype(bool), 0, n_pairs)
+        ``(eps', t')`` is keyed by ``slot`` (+ the global batch's pair count on the second copy),
+        independent of the preference term's draws, of the sharding and of gradient accumulation."""
+        aslot = slot + jnp.where(is_winner.astype(bool), 0, self.per_step)
         shape = anchor_batch["latents"].shape[1:]
         noise, t = shared_noise(jax.random.fold_in(rng, _ANCHOR_STREAM), aslot, shape, self.t_max, self.t_min)
         pol, _ = self.predict(self.policy_params(trainable, frozen), anchor_batch, noise, t)
         ref, _ = self.predict(jax.lax.stop_gradient(frozen), anchor_batch, noise, t)
         return jnp.mean(per_sample_mse(pol, jax.lax.stop_gradient(ref)))
 
-    def rewards(self, trainable, frozen, batch, rng) -> tuple[jax.Array, jax.Array | None]:
-        """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT).
+    def rewards(self, trainable, frozen, batch, rng, ref=None) -> tuple[jax.Array, jax.Array | None]:
+        """``(mse_policy, mse_ref)`` per row (``mse_ref`` None for SFT; ``ref`` given: that, not recomputed).
 
         With ``config.noise_draws = K > 1`` each row's mse is the mean over ``K`` independent
         ``(eps, t)`` draws (draw ``k`` keyed by ``fold_in(rng, k)``, still shared by the two rows
@@ -431,20 +439,37 @@ class DiffusionPrefTask:
         mse = mean_over_draws(self.denoise_mse(self.policy_params(trainable, frozen), batch, noise, t))
         if self.config.loss == "sft":
             return mse, None
-        ref = mean_over_draws(self.denoise_mse(jax.lax.stop_gradient(frozen), batch, noise, t))
-        return mse, ref
+        if ref is None:
+            ref = mean_over_draws(self.denoise_mse(jax.lax.stop_gradient(frozen), batch, noise, t))
+        return mse, jax.lax.stop_gradient(ref)
 
-    def loss(self, trainable, frozen, batch, rng):
+    @property
+    def uses_batch_stats(self) -> bool:
+        """PopAlign's ``k`` is a statistic of the whole global batch (trainer contract)."""
+        return self.config.loss == "popalign"
+
+    def batch_stats(self, trainable, frozen, batch, rng) -> dict:
+        """Per row: :func:`fairjax.losses.popalign_rows` of ``g`` and the reference mse ``mse_ref``
+        (reused by the gradient pass in place of a second reference forward)."""
+        batch = {k: v for k, v in batch.items() if not k.startswith("anchor_")}
+        mse, ref = self.rewards(trainable, frozen, batch, rng)
+        return {**losses.popalign_rows(ref - mse, batch["is_winner"]), "mse_ref": ref}
+
+    def loss(self, trainable, frozen, batch, rng, stats=None):
+        """``(loss, metrics)`` (module docstring). ``stats`` (trainer, ``grad_accum_steps > 1``,
+        PopAlign): this micro-batch's :meth:`batch_stats` rows and their sums over the global batch."""
         c = self.config
         anchor_batch = {k[len("anchor_"):]: v for k, v in batch.items() if k.startswith("anchor_")}
         batch = {k: v for k, v in batch.items() if not k.startswith("anchor_")}
-        mse, ref = self.rewards(trainable, frozen, batch, rng)
+        ref = None if stats is None else stats["rows"]["mse_ref"]
+        mse, ref = self.rewards(trainable, frozen, batch, rng, ref=ref)
         if c.loss == "sft":
             return losses.sft(mse)
         g = ref - mse
-        g_w, g_l = by_slot(g, batch["is_winner"], batch["slot"], g.shape[0] // 2)
+        g_w, g_l = by_slot(g, batch["is_winner"], batch["slot"])
         if c.loss == "popalign":
-            loss, m = losses.popalign(g, batch["is_winner"], float(c.beta), alpha=float(c.alpha))
+            totals = None if stats is None else {k: stats["total"][k] for k in ("g_w", "n_w", "g_l", "n_l")}
+            loss, m = losses.popalign(g, batch["is_winner"], float(c.beta), alpha=float(c.alpha), totals=totals)
             m["pair_accuracy"] = jax.lax.stop_gradient(jnp.mean(g_w > g_l).astype(jnp.float32))
         else:
             loss, m = losses.diffusion_dpo(g_w, g_l, float(c.beta))

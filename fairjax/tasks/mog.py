@@ -136,12 +136,22 @@ class MogTask:
         idx = idx[process_index * local:(process_index + 1) * local]
         return {"x": self.train_data["x"][idx], "is_winner": self.train_data["is_winner"][idx]}
 
-    def loss(self, trainable, frozen, batch, rng):
+    @property
+    def uses_batch_stats(self) -> bool:
+        """PopAlign's ``k`` is a statistic of the whole global batch (trainer contract)."""
+        return self.config.loss == "popalign"
+
+    def batch_stats(self, trainable, frozen, batch, rng) -> dict:
+        g = mixture_log_prob(trainable, batch["x"]) - mixture_log_prob(frozen, batch["x"])
+        return losses.popalign_rows(g, batch["is_winner"])
+
+    def loss(self, trainable, frozen, batch, rng, stats=None):
         logp = mixture_log_prob(trainable, batch["x"])
         if self.config.loss == "sft":
             return losses.sft(-logp)
         g = logp - mixture_log_prob(frozen, batch["x"])
-        return losses.popalign(g, batch["is_winner"], self.beta, alpha=self.config.alpha)
+        totals = None if stats is None else stats["total"]
+        return losses.popalign(g, batch["is_winner"], self.beta, alpha=self.config.alpha, totals=totals)
 
     def finish(self, trainable, frozen, workdir: str) -> dict:
         comps = list(self.config.mog.winner_components)

@@ -258,6 +258,13 @@ class VilaUPrefTask:
             lora = jax.device_get(lora_lib.init(frozen["llm"], targets, self.rank, self.alpha, rng))
         return lora, frozen
 
+    def param_partition_rules(self) -> list:
+        """VILA-U's ``tensor``-axis rules (:data:`fairjax.models.vila_u.PARTITION_RULES`) for the frozen base
+        (LLaMA, depth transformer, vision tower); the LoRA's ``a`` / ``b`` fall to the FSDP default."""
+        from fairjax.models.vila_u import PARTITION_RULES
+
+        return list(PARTITION_RULES)
+
     # -- loss
 
     def _row_keys(self, rng, index, slots: int):

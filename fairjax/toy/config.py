@@ -10,7 +10,8 @@ One ``ml_collections`` config serves every stage:
 
 Presets: ``popalign`` (default: PopAlign with a rank-8 LoRA), ``full`` (PopAlign on the full
 UNet), ``sft``, ``dpo`` (Diffusion-DPO, full UNet), ``quick`` / ``quick_sft`` (PopAlign / SFT with
-fewer images and steps: the sizes the slow test uses).
+fewer images and steps: the sizes the slow test uses), ``smoke`` / ``smoke_sft`` (the smallest sizes
+that still form preference pairs: the job's plumbing, resume and signal tests, not its results).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ml_collections
 
 from fairjax.toy import world as world_lib
 
-PRESETS = ("popalign", "full", "sft", "dpo", "quick", "quick_sft")
+PRESETS = ("popalign", "full", "sft", "dpo", "quick", "quick_sft", "smoke", "smoke_sft")
 
 
 def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,7 +30,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None,) + PRESETS:
         raise ValueError(f"unknown preset {arg!r}; choose one of {PRESETS}")
     w = world_lib.ToyWorld()
-    loss = {"sft": "sft", "quick_sft": "sft", "dpo": "diffusion_dpo"}.get(arg or "", "popalign")
+    loss = {"sft": "sft", "quick_sft": "sft", "smoke_sft": "sft", "dpo": "diffusion_dpo"}.get(arg or "", "popalign")
     c = diffusion_config(loss)
     c.model.dir = ASSET_DIR
     c.time_ids = (float(w.size), float(w.size), 0.0, 0.0, float(w.size), float(w.size))
@@ -100,7 +101,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         n_resamples=1000,
         grid_images=16,
     ))
-    if arg in ("full", "dpo", "sft", "quick_sft"):  # the whole UNet, one draw per image
+    if arg in ("full", "dpo", "sft", "quick_sft", "smoke_sft"):  # the whole UNet, one draw per image
         # beta / anchor as before the anchor existed: these presets were not re-tuned with it
         c.beta = 1000.0
         c.anchor_weight = 0.0  # (SFT has no reference to anchor to)
@@ -108,7 +109,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr = 2e-5  # small steps, many of them: a step's damage grows as lr^2, its signal as lr
         c.noise_draws = 1
         c.total_steps = 3000
-    if arg in ("sft", "quick_sft"):  # SFT has no degradation to avoid: the usual rate, fewer steps
+    if arg in ("sft", "quick_sft", "smoke_sft"):  # SFT has no degradation to avoid: the usual rate, fewer steps
         c.total_steps = 300
         c.optimizer.lr = 1e-4
         c.checkpoint.every_steps = 100
@@ -121,4 +122,16 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.n_resamples = 200
         c.total_steps = 150
         c.batch_size = 32
+    if arg in ("smoke", "smoke_sft"):
+        c.prefs.n_neutral = 8
+        c.prefs.n_identity = 2
+        c.eval.n_neutral = 4
+        c.eval.n_identity = 1
+        c.eval.n_resamples = 20
+        c.eval.grid_images = 4
+        c.sample.steps = 4
+        c.total_steps = 24
+        c.batch_size = 16
+        c.checkpoint.every_steps = 8
+        c.log_every_steps = 1
     return c

@@ -1,6 +1,6 @@
 """The main job: the whole population pipeline on the toy world, on a CPU.
 
-    python -m fairjax.toy.run --workdir runs/toy [--preset popalign|full|quick] [--no-sft] [--calibrated]
+    python -m fairjax.toy.run --workdir runs/toy [--preset popalign|full|quick|smoke] [--no-sft] [--calibrated]
 
 1. the pre-trained toy model (``fairjax/assets/toy``, checked against its manifest; a biased
    tiny SDXL-architecture pixel-space model, see :mod:`fairjax.toy.model`);
@@ -13,6 +13,10 @@
    -> ``WORKDIR/report/report/index.html``; the before/after discrepancy is printed.
 
 Every stage is skipped when its output already exists (re-run to resume; ``--overwrite`` to redo).
+SIGTERM / SIGINT stop the whole job once the current stage has saved: training at the next step
+(checkpoint saved, the stage's output not written, so it is not taken as done), image generation
+between batches (the stage writes nothing), or after a stage finished; one line says where, the
+exit status is 128 + the signal number (143 / 130), and re-running resumes the interrupted stage.
 The calibrated beta: ``fairjax.losses.calibrate_beta`` on the base's group frequencies (the
 losing sets: the base's own neutral generations), the winners' and the losers', converted from
 the exact-likelihood scale to the diffusion loss's by :func:`diffusion_beta_scale`.
@@ -29,7 +33,8 @@ import time
 
 import numpy as np
 
-from fairjax.errors import UserError
+from fairjax.checkpoint import raise_if_stopped
+from fairjax.errors import Interrupted, UserError
 
 
 def log(msg: str) -> None:
@@ -79,7 +84,10 @@ def train_one(cfg, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     task = tasks.build(cfg, workdir=workdir)
     config_lib.check_or_save(cfg, workdir, allow_change=False)
-    return trainer.train(cfg, task, workdir)
+    res = trainer.train(cfg, task, workdir)
+    if res.get("preempted"):  # saved, not finished: the job stops here (finish() wrote no output)
+        raise Interrupted(res["message"], res["signal"])
+    return res
 
 
 def tuned_model(cfg, workdir: str) -> tuple[str, str | None]:
@@ -122,11 +130,13 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         _check_prompts(prefs_dir, float(base.get("anchor_weight", 0.0)))
     summary = read_summary(prefs_dir)
     times["build_prefs"] = time.perf_counter() - t0
+    raise_if_stopped(f"after build_prefs finished ({prefs_dir}); run the same command again to go on with training")
 
     runs = {"popalign": copy.deepcopy(base)}
     runs["popalign"].loss = "popalign"
     if sft:  # the SFT baseline on the same data, with its own preset's rate and steps
-        runs["sft"] = make_config("quick_sft" if preset in ("quick", "quick_sft") else "sft")
+        sft_preset = {"quick": "quick_sft", "quick_sft": "quick_sft", "smoke": "smoke_sft", "smoke_sft": "smoke_sft"}
+        runs["sft"] = make_config(sft_preset.get(preset or "", "sft"))
         if overrides:
             apply_overrides(runs["sft"], overrides)
         runs["sft"].model.dir = base.model.dir
@@ -159,6 +169,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
             log(f"train: reusing {wd}")
         times[f"train_{name}"] = time.perf_counter() - t0
         models[name] = out_model
+        raise_if_stopped(f"after train {name} finished ({wd}); run the same command again to go on")
 
     t0 = time.perf_counter()
     out = os.path.join(workdir, "report")
@@ -200,9 +211,21 @@ def _latent_shape(prefs_dir: str):
 
 
 def main(argv=None) -> int:
-    from fairjax.config import split_overrides
+    """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the job."""
+    from fairjax.checkpoint import PreemptionGuard
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    with PreemptionGuard():
+        try:
+            return _main(argv)
+        except Interrupted as e:  # after the current stage saved; a re-run resumes that stage
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+
+
+def _main(argv: list[str]) -> int:
+    from fairjax.config import split_overrides
+
     try:
         rest, overrides = split_overrides(argv)
         p = argparse.ArgumentParser(prog="python -m fairjax.toy.run", description=__doc__.split("\n\n")[0],

@@ -267,6 +267,7 @@ def run(args, prompts: Sequence[str]) -> dict:
     already checked); writes OUT as the SDXL path does and returns the summary."""
     from tqdm import tqdm
 
+    from fairjax.checkpoint import raise_if_stopped
     from fairjax.io.images import image_stem, write_png
     from fairjax.io.model_dir import atomic_output_dir
     from fairjax.io.safetensors import write_safetensors
@@ -301,6 +302,8 @@ def run(args, prompts: Sequence[str]) -> dict:
                                           {"prompt": prompts[p], "seed": str(args.seed), "index": str(i)})
                     rows.append(row)
                 bar.update(len(jobs))
+                raise_if_stopped(f"while generating ({len(rows)} of {bar.total} images done): {args.out} not written; "
+                                 "run the same command again to start over")
         with open(os.path.join(tmp, "images.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         settings.update(height=height, width=width, images=len(rows))

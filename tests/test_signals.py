@@ -1,0 +1,115 @@
+"""SIGTERM / SIGINT in the entry points (issue 19): a signal stops the job at a safe point with one
+line and exit status 128 + the signal number, and nothing partial is left that a later run would
+take as done. In-process: the job's guard (``PreemptionGuard``) is entered first and the signal
+delivered to this process, as a scheduler would; the entry point nests its own guard inside.
+The multi-process flag, the trainer's save-and-stop and the main job's resume are tested with
+real signals to subprocesses in test_checkpoint.py, test_trainer.py and test_toy_pipeline.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from fairjax.checkpoint import PreemptionGuard, raise_if_stopped, stop_requested
+from fairjax.errors import Interrupted
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_guards_nest_and_share_the_flag():
+    before = signal.getsignal(signal.SIGTERM)
+    raise_if_stopped("anything")  # no guard: a no-op
+    with PreemptionGuard() as outer:
+        handler = signal.getsignal(signal.SIGTERM)
+        with PreemptionGuard() as inner:
+            assert signal.getsignal(signal.SIGTERM) is handler  # the inner guard installs nothing
+            os.kill(os.getpid(), signal.SIGINT)
+            assert inner.requested and inner.signal_name == "SIGINT" and outer.signal_name == "SIGINT"
+        assert signal.getsignal(signal.SIGTERM) is handler and stop_requested() == "SIGINT"
+        with pytest.raises(Interrupted) as e:
+            raise_if_stopped("while testing: nothing written")
+        assert str(e.value) == "stopped by SIGINT while testing: nothing written" and e.value.exit_code == 130
+    assert signal.getsignal(signal.SIGTERM) is before and stop_requested() is None
+    assert Interrupted("x", "SIGTERM").exit_code == 143
+
+
+def test_generator_stops_between_batches():
+    """The signal arrives while batch 1 is sampled: batch 1 is delivered, batch 2 never starts."""
+    from fairjax.diffusion.generator import Generator
+
+    class FakeT2I:
+        batch_size = 2
+        calls = 0
+
+        def __call__(self, prompts, p, i, seed):
+            self.calls += 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            n = len(prompts)
+            return np.zeros((n, 4, 4, 3), np.uint8), np.zeros((n, 3, 4, 4), np.float32)
+
+    gen = Generator.__new__(Generator)
+    gen.t2i = FakeT2I()
+    got = []
+    with PreemptionGuard():
+        with pytest.raises(Interrupted, match="stopped by SIGTERM while generating images \\(2 of 6 done\\)"):
+            for item in gen.run(["a", "b"], [3, 3], seed=0):
+                got.append(item[:2])
+    assert got == [(0, 0), (0, 1)] and gen.t2i.calls == 1
+
+
+@pytest.mark.parametrize("tool", ["build_prefs", "evaluate"])
+def test_pipeline_tools_stop_with_143_and_write_nothing(tool, tmp_path, capsys):
+    """A SIGTERM received before the first generation batch (the job's guard caught it): the tool
+    stops at that batch, prints one line, returns 143 and leaves neither OUT nor its temp folder."""
+    out = tmp_path / "out"
+    if tool == "build_prefs":
+        from fairjax.data.build_prefs import main
+
+        argv = ["--config", os.path.join(ROOT, "configs", "toy_world.py:smoke"), "--out", str(out)]
+    else:
+        from fairjax.evaluate import main
+        from fairjax.toy.model import default_model_dir
+
+        argv = ["--model", default_model_dir(), "--out", str(out), "--config",
+                os.path.join(ROOT, "configs", "toy_world.py:smoke")]
+    with PreemptionGuard():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert main(argv) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stopped by SIGTERM while generating images (0 of "), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_cli_exits_130_after_saving_on_sigint(tmp_path, capsys):
+    """``python -m fairjax.train`` on the 1-D mixture, Ctrl-C during the run: it finishes the step,
+    saves, prints one line and returns 130; no output says the run finished; the same command resumes."""
+    import json
+
+    from fairjax import train
+    from fairjax.tasks import mog
+
+    real, fired = mog.MogTask.batch, []
+
+    def batch(self, step, i, n):  # Ctrl-C while step 3's batch is read, once
+        if step == 3 and not fired:
+            fired.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, step, i, n)
+
+    argv = ["--config", os.path.join(ROOT, "configs", "popalign_mog.py"), "--workdir", str(tmp_path),
+            "--config.total_steps=6", "--config.progress_bar=False"]
+    mog.MogTask.batch = batch
+    try:
+        assert train.main(argv) == 130
+        out, err = capsys.readouterr()
+        assert err.strip().splitlines() == [f"stopped by SIGINT at step 4: checkpoint saved in {tmp_path}/checkpoints/4; "
+                                            "run the same command again to resume"]
+        assert json.loads(out)["preempted"] and not (tmp_path / "mixture.json").exists()
+        assert train.main(argv) == 0
+    finally:
+        mog.MogTask.batch = real
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path}/checkpoints/4" in out and (tmp_path / "mixture.json").is_file()
