@@ -276,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--overwrite", action="store_true")
         args = p.parse_args(rest)
         cfg = load_eval_config(args.config, args.base or args.model, overrides)
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         models = {}
         if args.base:
             models[args.base_name] = (args.base, args.base_lora)

@@ -18,6 +18,7 @@ Multi-host: call :func:`initialize_distributed` before anything touches a device
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -31,11 +32,51 @@ from jax.sharding import PartitionSpec as P
 from fairjax.errors import ShardingError
 from fairjax.io.tree import path_str
 
+log = logging.getLogger(__name__)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
 # ----------------------------------------------------------------------------- start-up
+
+
+def cache_root() -> str:
+    """fairjax's cache folder: ``$FAIRJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fairjax``, else ``~/.cache/fairjax``."""
+    env = os.environ.get("FAIRJAX_CACHE_DIR")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fairjax")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so that a re-run (and every resume) loads the
+    compiled train / sampling programs instead of compiling them again.
+
+    The folder: ``directory``, else ``$JAX_COMPILATION_CACHE_DIR`` (JAX's own variable wins when
+    set), else ``<cache_root()>/xla``. ``FAIRJAX_COMPILATION_CACHE=0`` turns it off. Programs that
+    compile in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default, 1 s) are not
+    stored. Returns the folder in use, or None when off. Call before the first compile; calling
+    again is harmless.
+    """
+    if os.environ.get("FAIRJAX_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    folder = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or current or os.path.join(cache_root(), "xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache off: cannot create %s (%s)", folder, e.strerror or e)
+        return None
+    if not os.access(folder, os.W_OK):
+        log.warning("compilation cache off: %s is not writable", folder)
+        return None
+    if current != folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+    return folder
 
 
 def initialize_distributed(

@@ -256,6 +256,9 @@ def main(argv=None) -> int:
             base = base_of(args.tuned) if args.tuned else None
             if base is None:
                 raise UserError("pass --base: the reference model dir (the tuned model's fairjax.json names none)")
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         res = probe(args.data, base, args.tuned, args.lora, split=args.split, draws=args.draws,
                     buckets=args.buckets, batch_size=args.batch_size, max_records=args.max_records, seed=args.seed)
         write_outputs(res, args.out, args.overwrite)

@@ -334,6 +334,9 @@ def main(argv=None) -> int:
         for key in ("prefs", "sample", "model"):
             if key not in cfg:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

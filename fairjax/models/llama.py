@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fairjax.errors import CheckpointError
+from fairjax.models.attention import dot_product_attention
+from fairjax.models.layers import remat_wrap
 
 Dtype = Any
 
@@ -289,9 +291,9 @@ class LlamaAttention(nn.Module):
             kv = (ck, cv)
             k, v = ck[self.layer_idx].astype(q.dtype), cv[self.layer_idx].astype(q.dtype)
         if mask is None:
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+            o = dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+            o = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
         o = _dense(c.hidden_size, c.attention_bias, name="o_proj", **kw)(o.reshape(b, s, -1))
         return o, kv
 
@@ -338,13 +340,13 @@ class LlamaModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw)
-        layer = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
+        layer = remat_wrap(LlamaDecoderLayer, self.remat)
         self.layers = [layer(c, i, attention_impl=self.attention_impl, **kw) for i in range(c.num_hidden_layers)]
         self.norm = LlamaRMSNorm(c.rms_norm_eps, **kw)
 
@@ -405,7 +407,7 @@ class LlamaForCausalLM(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     def setup(self):
         self.model = LlamaModel(self.config, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from fairjax.errors import ConfigError
+from fairjax.models import attention
 from fairjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -116,7 +117,6 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _ADDITION_TYPES = (None, "text_time")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
 
 
 def _tuple(v):
@@ -253,7 +253,7 @@ class _BlockBase(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -341,22 +341,24 @@ class UNet2DConditionModel(nn.Module):
     intermediate as a skip), mid block, up blocks (consuming the skips in reverse),
     ``conv_out(act(conv_norm_out(x)))``.
 
-    ``attention_implementation`` goes to ``jax.nn.dot_product_attention`` (None /
-    'xla' / 'cudnn'), or 'einsum' for the plain two-einsum form (faster on CPU);
-    ``remat`` checkpoints every transformer block.
+    ``attention_implementation``: ``auto`` (default; None means the same), ``xla``, ``cudnn``,
+    ``pallas``, ``einsum`` or ``chunked`` (:mod:`fairjax.models.attention`); ``remat`` checkpoints
+    every transformer block.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-    remat: bool = False
+    attention_implementation: str | None = "auto"
+    remat: bool | str = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, **kwargs) -> "UNet2DConditionModel":
         """Build from a diffusers config dict; ``kwargs``: dtype, param_dtype, attention_implementation, remat."""
         if not isinstance(config, UNetConfig):
             config = UNetConfig.from_dict(config)
+        if "attention_implementation" in kwargs:
+            kwargs["attention_implementation"] = attention.check(kwargs["attention_implementation"])
         return cls(config, **kwargs)
 
     def _block_kwargs(self, i: int, *, reverse: bool = False) -> dict:
@@ -394,9 +396,7 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         c = self.config
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"attention_implementation={self.attention_implementation!r} is not one of "
-                              f"{ATTENTION_IMPLEMENTATIONS}")
+        attention.check(self.attention_implementation)
         n = c.num_blocks
         channels = c["block_out_channels"]
         x = jnp.transpose(jnp.asarray(sample), (0, 2, 3, 1)).astype(self.dtype)

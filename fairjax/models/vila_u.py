@@ -44,7 +44,7 @@ import numpy as np
 
 from fairjax.errors import CheckpointError
 from fairjax.models import llama
-from fairjax.models.layers import layer_norm
+from fairjax.models.layers import layer_norm, remat_wrap
 from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward
 
 Dtype = Any
@@ -238,11 +238,11 @@ class AttentionStack(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x):
-        block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        block = remat_wrap(AttentionBlock, self.remat)
         for i in range(self.config.n_layer):
             x = block(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                       attention_impl=self.attention_impl, name=f"blocks_{i}")(x)
@@ -261,7 +261,7 @@ class RQTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, embed_from_body, code_embeds):

@@ -55,6 +55,7 @@ from fairjax import losses
 from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
 from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
 from fairjax.errors import ConfigError, UserError
+from fairjax.models.layers import remat_policy
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,9 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         dir="",  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
         dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         param_dtype="float32",  # the frozen params (reference UNet / LoRA base); trained params stay float32
-        remat=True,  # rematerialise each transformer block in the backward pass
+        # activation checkpointing of each transformer block: none | nothing_saveable (recompute the
+        # block in the backward) | dots_saveable | dots_with_no_batch_dims_saveable (keep matmuls)
+        remat="nothing_saveable",
         attention="",  # "" (XLA default) | "xla" | "cudnn" | "einsum"
     ))
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
@@ -135,7 +138,7 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.warmup_steps = 2
         c.checkpoint.every_steps = 6
         c.log_every_steps = 2
-        c.model.remat = False
+        c.model.remat = "none"
     return c
 
 
@@ -216,7 +219,7 @@ class DiffusionPrefTask:
         self.dtype = _compute_dtype(str(c.model.dtype))
         self.param_dtype = _compute_dtype(str(c.model.param_dtype), key="model.param_dtype", auto=False)
         self.unet = unet_mod.UNet2DConditionModel.from_config(
-            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.model.remat),
+            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=remat_policy(c.model.remat),
             attention_implementation=str(c.model.attention) or None)
         self.rank = int(c.lora.rank)
         _check(self.rank >= 0, f"config.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")

@@ -43,6 +43,7 @@ from fairjax import lora as lora_lib
 from fairjax import losses
 from fairjax.errors import UserError
 from fairjax.models import siglip
+from fairjax.models.layers import remat_policy
 from fairjax.vila_u import data as vdata
 from fairjax.vila_u.augment import random_resized_crop
 from fairjax.vila_u.logprobs import encode_codes, image_code_logprobs, response_logprobs
@@ -81,7 +82,7 @@ def default_config():
         dir="",  # a fairjax VILA-U model dir (tools/convert_vila_u.py) or the vila-u checkpoint folder
         dtype="float32",  # compute: bfloat16 on accelerators
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
-        remat=False,  # rematerialise each LLaMA / depth-transformer block in the backward pass
+        remat="none",  # each LLaMA / depth-transformer block: none | nothing_saveable | dots_saveable | ...
         attention="",  # '' = XLA; 'cudnn' = flash attention on GPU
         head_chunk=0,  # > 0: image positions per rematerialised depth-head chunk (bounds the code logits)
     ))
@@ -132,7 +133,7 @@ class VilaUPrefTask:
         dtype = _dtype(str(c.model.dtype), "model.dtype")
         self.param_dtype = _dtype(str(c.model.param_dtype), "model.param_dtype")
         if model is None:
-            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=bool(c.model.remat),
+            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=remat_policy(c.model.remat),
                                attention_impl=c.model.attention or None)
         self.vu, self.base = model[0], model[1]
         self.tower, vis = (model[2], model[3]) if len(model) > 2 else (None, None)
