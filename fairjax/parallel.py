@@ -76,6 +76,12 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
         return None
     if current != folder:
         jax.config.update("jax_compilation_cache_dir", folder)
+        try:  # JAX decides once per process whether the cache is used: make it look again
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):  # pragma: no cover - a JAX without it reads the flag at each compile
+            pass
     return folder
 
 
