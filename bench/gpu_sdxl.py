@@ -262,7 +262,6 @@ def torch_step(rank: int, pairs: int, size: int) -> dict:
     gradient checkpointing, AdamW; a frozen bf16 reference copy; PEFT LoRA when ``rank``."""
     import copy
 
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -320,7 +319,6 @@ def torch_step(rank: int, pairs: int, size: int) -> dict:
     if rank and hasattr(tm, "delete_adapters"):
         tm.delete_adapters("default")
     tm.requires_grad_(False)
-    del ref, opt
     return {"torch_step_ms": round(med * 1e3, 1), "torch_min_ms": round(mn * 1e3, 1),
             "torch_peak_gib": None if peak is None else round(peak, 2)}
 
@@ -402,7 +400,6 @@ def fwd():
     if "fwd_ms" in tr:
         r["diffusers_eager_ms"] = tr["fwd_ms"]
         r["ratio_fairjax_over_eager"] = round(med * 1e3 / tr["fwd_ms"], 3)
-    del params16, compiled
     return r
 
 
@@ -493,7 +490,6 @@ def fairjax_step(rank: int, key: str) -> dict:
         r["ratio_fairjax_over_torch"] = round(r["fairjax_step_ms"] / tr["torch_step_ms"], 3)
     if r.get("fairjax_peak_gib") and tr.get("torch_peak_gib"):
         r["peak_ratio"] = round(r["fairjax_peak_gib"] / tr["torch_peak_gib"], 3)
-    del box, state, compiled
     gc.collect()
     return r
 
@@ -600,7 +596,6 @@ def sample():
 
     torch_med, _ = timeit(torch_run, warm=1, n=2)
     pipe.to("cpu")
-    del pipe
     gc.collect()
     if dev == "cuda":
         torch.cuda.empty_cache()

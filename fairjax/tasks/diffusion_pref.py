@@ -104,7 +104,8 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         # activation checkpointing of each transformer block: none | nothing_saveable (recompute the
         # block in the backward) | dots_saveable | dots_with_no_batch_dims_saveable (keep matmuls)
         remat="nothing_saveable",
-        attention="",  # "" (XLA default) | "xla" | "cudnn" | "einsum"
+        # auto (cuDNN flash on GPU, Pallas on TPU, where their rules allow) | xla | cudnn | pallas | einsum | chunked
+        attention="auto",
     ))
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))

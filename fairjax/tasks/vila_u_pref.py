@@ -42,6 +42,7 @@ import numpy as np
 from fairjax import lora as lora_lib
 from fairjax import losses
 from fairjax.errors import UserError
+from fairjax.models import attention as attention_lib
 from fairjax.models import siglip
 from fairjax.models.layers import remat_policy
 from fairjax.vila_u import data as vdata
@@ -83,7 +84,7 @@ def default_config():
         dtype="float32",  # compute: bfloat16 on accelerators
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
         remat="none",  # each LLaMA / depth-transformer block: none | nothing_saveable | dots_saveable | ...
-        attention="",  # '' = XLA; 'cudnn' = flash attention on GPU
+        attention="auto",  # auto | xla | cudnn | pallas | einsum | chunked (fairjax.models.attention)
         head_chunk=0,  # > 0: image positions per rematerialised depth-head chunk (bounds the code logits)
     ))
     c.data = ml_collections.ConfigDict(dict(path="", split="train", shuffle=True, max_prompt_len=0))
@@ -132,9 +133,11 @@ class VilaUPrefTask:
             c.data.path = c.data.path or dirs["mdpo" if self.loss_name == "mdpo" else "pairs"]
         dtype = _dtype(str(c.model.dtype), "model.dtype")
         self.param_dtype = _dtype(str(c.model.param_dtype), "model.param_dtype")
+        remat = remat_policy(c.model.remat)  # both checked before anything is loaded or compiled
+        attention = attention_lib.check(c.model.attention)
         if model is None:
-            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=remat_policy(c.model.remat),
-                               attention_impl=c.model.attention or None)
+            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=remat,
+                               attention_impl=attention)
         self.vu, self.base = model[0], model[1]
         self.tower, vis = (model[2], model[3]) if len(model) > 2 else (None, None)
         if self.loss_name == "mdpo":
