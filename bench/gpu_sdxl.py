@@ -134,6 +134,12 @@ def unet_config() -> dict:
     return cfg
 
 
+def low_dtype(lib):
+    """bfloat16 (of ``torch`` or ``jax.numpy``) on an accelerator; float32 in a CPU dry run, where bf16
+    is emulated and only slows the run down."""
+    return lib.float32 if S.get("dev", "cpu") == "cpu" else lib.bfloat16
+
+
 def latent_size() -> int:
     return 16 if ARGS.small else 128
 
@@ -270,7 +276,8 @@ def torch_step(rank: int, pairs: int, size: int) -> dict:
 
     dev = S["dev"]
     tm = S["tm"].float()
-    ref = copy.deepcopy(tm).to(torch.bfloat16).eval().requires_grad_(False)
+    half = low_dtype(torch)
+    ref = copy.deepcopy(tm).to(half).eval().requires_grad_(False)
     if rank:
         from peft import LoraConfig
 
@@ -298,11 +305,11 @@ def torch_step(rank: int, pairs: int, size: int) -> dict:
         noise = torch.randn(lat[:pairs].shape, generator=gen, device=dev).repeat(2, 1, 1, 1)
         t = torch.randint(0, 1000, (pairs,), generator=gen, device=dev).repeat(2)
         noisy = sched.add_noise(lat, noise, t)
-        with torch.autocast(dev, dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=half == torch.bfloat16):
             pred = tm(noisy, t, ehs, added_cond_kwargs=added).sample
             with torch.no_grad():
-                rp = ref(noisy.bfloat16(), t, ehs.bfloat16(),
-                         added_cond_kwargs={k: v.bfloat16() for k, v in added.items()}).sample
+                rp = ref(noisy.to(half), t, ehs.to(half),
+                         added_cond_kwargs={k: v.to(half) for k, v in added.items()}).sample
         ml = (pred.float() - noise).pow(2).mean(dim=[1, 2, 3])
         rl = (rp.float() - noise).pow(2).mean(dim=[1, 2, 3])
         mw, mlo = ml.chunk(2)
@@ -332,9 +339,10 @@ def torch_side():
     S["inp"] = inputs(2, latent_size(), seed=2)
     S["ref32"] = torch_forward(S["tm"], S["inp"], torch.float32).float().cpu().numpy()
     torch.backends.cuda.matmul.allow_tf32 = True
-    tm16 = S["tm"].to(torch.bfloat16)
-    out16 = torch_forward(tm16, S["inp"], torch.bfloat16).float().cpu().numpy()
-    med, mn = timeit(lambda: (torch_forward(tm16, S["inp"], torch.bfloat16), sync()), warm=3, n=10)
+    half = low_dtype(torch)
+    tm16 = S["tm"].to(half)
+    out16 = torch_forward(tm16, S["inp"], half).float().cpu().numpy()
+    med, mn = timeit(lambda: (torch_forward(tm16, S["inp"], half), sync()), warm=3, n=10)
     r = {"fwd_ms": round(med * 1e3, 2), "fwd_min_ms": round(mn * 1e3, 2), "fwd_mfu_pct": mfu(S.get("fwd_flops"), med),
          "rel_err_bf16_vs_fp32": rel(out16, S["ref32"])}
     for rank, key in ((0, "step_full"), (32, "step_lora")):
@@ -382,12 +390,12 @@ def fwd():
 
     from fairjax.models.unet import UNet2DConditionModel
 
-    params16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), _stack(S["params32"]))
-    unet = UNet2DConditionModel.from_config(S["cfg"], dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, **_model_kwargs())
+    half = low_dtype(jnp)
+    params16 = jax.tree.map(lambda a: a.astype(half), _stack(S["params32"]))
+    unet = UNet2DConditionModel.from_config(S["cfg"], dtype=half, param_dtype=half, **_model_kwargs())
     inp = S["inp"]
-    args = (jnp.asarray(inp["x"], jnp.bfloat16), jnp.asarray(inp["t"]), jnp.asarray(inp["ctx"], jnp.bfloat16),
-            {"text_embeds": jnp.asarray(inp["text_embeds"], jnp.bfloat16),
-             "time_ids": jnp.asarray(inp["time_ids"], jnp.bfloat16)})
+    args = (jnp.asarray(inp["x"], half), jnp.asarray(inp["t"]), jnp.asarray(inp["ctx"], half),
+            {"text_embeds": jnp.asarray(inp["text_embeds"], half), "time_ids": jnp.asarray(inp["time_ids"], half)})
     t = time.time()
     compiled = jax.jit(unet.apply).lower({"params": params16}, *args).compile()
     comp = time.time() - t
@@ -420,7 +428,7 @@ def _task(rank: int, pairs: int, size: int):
     write_json(os.path.join(md, "scheduler", "scheduler_config.json"), SDXL_SCHEDULER)
     c = dp.make_config("popalign", "lora" if rank else None)
     c.model.dir = md
-    c.model.dtype = "bfloat16"
+    c.model.dtype = "float32" if S["dev"] == "cpu" else "bfloat16"
     c.model.attention = ARGS.attention
     c.model.remat = ARGS.remat
     if "scan_layers" in c.model:
@@ -532,13 +540,14 @@ def torch_compile():
     """diffusers forward under torch.compile (after its own warm-up compile), bf16."""
     import torch
 
-    tm16 = S["tm"].to(torch.bfloat16)
+    half = low_dtype(torch)
+    tm16 = S["tm"].to(half)
     fn = torch.compile(tm16, mode="max-autotune-no-cudagraphs", fullgraph=False)
     t = time.time()
-    torch_forward(fn, S["inp"], torch.bfloat16)
+    torch_forward(fn, S["inp"], half)
     sync()
     comp = time.time() - t
-    med, mn = timeit(lambda: (torch_forward(fn, S["inp"], torch.bfloat16), sync()), warm=2, n=10)
+    med, mn = timeit(lambda: (torch_forward(fn, S["inp"], half), sync()), warm=2, n=10)
     r = {"torch_compile_ms": round(med * 1e3, 2), "torch_compile_min_ms": round(mn * 1e3, 2),
          "torch_compile_first_call_s": round(comp, 1), "mfu_pct": mfu(S.get("fwd_flops"), med)}
     if "fwd" in RESULTS and "fairjax_ms" in RESULTS["fwd"]:
