@@ -6,7 +6,9 @@ One `Mesh` with axes ``('data', 'fsdp', 'tensor')`` serves every model:
   ``re.search`` against the '/'-joined param path (``'down_blocks_1/attentions_0/.../to_q/kernel'``);
   the first match wins; ``spec`` is a ``PartitionSpec``-like tuple (``None``, an axis
   name, or a tuple of axis names per dim).  A param no rule matches is sharded FSDP
-  style: over its largest dim divisible by the ``fsdp`` axis size, replicated if none is.
+  style: over its largest dim divisible by the ``fsdp`` axis size, replicated if none is;
+  never over the layer axis of a scanned stack (a path through ``transformer_blocks/``,
+  ``layers/`` or ``blocks/``, :data:`fairjax.io.tree.STACKED`), which ``nn.scan`` slices.
 * the batch is split over ``('data', 'fsdp')`` on its leading dim (both axes hold
   different examples; ``tensor`` holds copies).
 * each process feeds its own contiguous slice of the global batch (process ``i`` of
@@ -30,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fairjax.errors import ShardingError
-from fairjax.io.tree import path_str
+from fairjax.io.tree import STACKED, path_str
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +281,8 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tupl
                         f"{n} ways; change the rule"
                     )
             return spec
+    if len(shape) > 1 and any(k in STACKED for k in path.split("/")[:-1]):  # (layers, ...): keep the layer axis whole
+        return P(None, *fsdp_spec(shape[1:], mesh.shape["fsdp"]))
     return fsdp_spec(shape, mesh.shape["fsdp"])
 
 

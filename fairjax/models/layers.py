@@ -55,6 +55,45 @@ def remat_wrap(cls, remat, **kwargs):
     policy = None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
     return nn.remat(cls, policy=policy, **kwargs)
 
+#: ``scan_layers`` settings (``model.scan_layers`` of the configs): ``auto`` scans on GPU / TPU, not on CPU
+SCAN_LAYERS = ("auto", "true", "false")
+
+
+def scan_layers_setting(value, backend: str | None = None) -> bool:
+    """Whether to scan repeated layers for a ``scan_layers`` setting: True / False (or "true" / "false"),
+    or "auto" (None, "") = True on an accelerator (GPU, TPU), False on CPU."""
+    key = value.strip().lower() if isinstance(value, str) else value
+    if key in (None, "", "auto"):
+        return (backend or jax.default_backend()) != "cpu"
+    if key in (True, "true"):
+        return True
+    if key in (False, "false"):
+        return False
+    from fairjax.errors import ConfigError
+
+    raise ConfigError(f"scan_layers={value!r} is not one of {', '.join(SCAN_LAYERS)}")
+
+
+def scan_stack(block: nn.Module, length: int, carry, *args, in_axes=None):
+    """Run ``block`` ``length`` times with ``nn.scan``: ``carry = block(carry, *args)`` (or, for a block
+    that returns ``(carry, y)``, also stacking the ``y``), one set of params per layer stacked on a
+    leading axis (``variable_axes={'params': 0, 'lora': 0}``, ``split_rngs={'params': True}``).
+
+    ``block`` is the unbound module instance (its name names the stack: ``transformer_blocks``,
+    ``layers``, ``blocks``), built from ``remat_wrap(cls, remat, prevent_cse=False)`` so the policy
+    applies per layer inside the loop. ``in_axes``: one entry per ``arg`` (default all ``nn.broadcast``:
+    shared inputs); ``0`` scans an arg's leading axis (a stacked KV cache). Returns ``(carry, ys)``.
+    """
+    def body(mdl, c, *xs):
+        out = mdl(c, *xs)
+        return out if isinstance(out, tuple) else (out, None)
+
+    axes = tuple(in_axes) if in_axes is not None else (nn.broadcast,) * len(args)
+    scan = nn.scan(body, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=axes,
+                   length=length)
+    return scan(block, carry, *args)
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, ``0.5 x (1 + erf(x / sqrt(2)))`` -- PyTorch's formula (XLA's ``erf`` is
     cheaper on CPU than the ``erfc`` form of ``nn.gelu(approximate=False)``)."""
@@ -394,7 +433,9 @@ class Transformer2DModel(nn.Module):
     ``h = proj_in(norm(x))`` (1x1 conv, or a Dense on the flattened tokens when
     ``use_linear_projection``), ``num_layers`` :class:`BasicTransformerBlock` over the
     ``H*W`` tokens (row-major, as diffusers flattens), ``out = proj_out(h) + x``.
-    ``remat`` (a bool or one of :data:`REMAT_POLICIES`) checkpoints each block.
+    ``remat`` (a bool or one of :data:`REMAT_POLICIES`) checkpoints each block. ``scan_layers`` runs the
+    blocks with ``nn.scan`` (:func:`scan_stack`): one child ``transformer_blocks`` whose params have a
+    leading layer axis, instead of ``transformer_blocks_0 .. _{num_layers-1}``.
     """
 
     heads: int
@@ -406,6 +447,7 @@ class Transformer2DModel(nn.Module):
     upcast_attention: bool = False
     implementation: str | None = None
     remat: bool | str = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -420,11 +462,16 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
             h = conv2d(inner, 1, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
-        block_cls = remat_wrap(BasicTransformerBlock, self.remat)
-        for i in range(self.num_layers):
-            h = block_cls(self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
-                          upcast_attention=self.upcast_attention, implementation=self.implementation,
-                          name=f"transformer_blocks_{i}", **kw)(h, context)
+        block_kw = dict(only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
+                        implementation=self.implementation, **kw)
+        if self.scan_layers:
+            block = remat_wrap(BasicTransformerBlock, self.remat, prevent_cse=False)(
+                self.heads, self.dim_head, name="transformer_blocks", **block_kw)
+            h, _ = scan_stack(block, self.num_layers, h, context)
+        else:
+            block_cls = remat_wrap(BasicTransformerBlock, self.remat)
+            for i in range(self.num_layers):
+                h = block_cls(self.heads, self.dim_head, name=f"transformer_blocks_{i}", **block_kw)(h, context)
         if self.use_linear_projection:
             h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
         else:

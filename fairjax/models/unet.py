@@ -254,6 +254,7 @@ class _BlockBase(nn.Module):
     upcast_attention: bool = False
     implementation: str | None = None
     remat: bool | str = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -267,8 +268,8 @@ class _BlockBase(nn.Module):
                                   norm_num_groups=self.resnet_groups, use_linear_projection=self.use_linear_projection,
                                   only_cross_attention=self.only_cross_attention,
                                   upcast_attention=self.upcast_attention, implementation=self.implementation,
-                                  remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=f"attentions_{i}")
+                                  remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 
 class DownBlock(_BlockBase):
@@ -343,7 +344,10 @@ class UNet2DConditionModel(nn.Module):
 
     ``attention_implementation``: ``auto`` (default; None means the same), ``xla``, ``cudnn``,
     ``pallas``, ``einsum`` or ``chunked`` (:mod:`fairjax.models.attention`); ``remat`` checkpoints
-    every transformer block.
+    every transformer block. ``scan_layers`` runs each ``Transformer2DModel``'s blocks with ``nn.scan``:
+    its params are ``.../attentions_i/transformer_blocks/...`` with a leading layer axis instead of
+    ``transformer_blocks_0 .. _{L-1}`` (:func:`fairjax.io.tree.stack_layers` maps one onto the other;
+    files always hold the unrolled layout).
     """
 
     config: UNetConfig
@@ -351,10 +355,12 @@ class UNet2DConditionModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     attention_implementation: str | None = "auto"
     remat: bool | str = False
+    scan_layers: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, **kwargs) -> "UNet2DConditionModel":
-        """Build from a diffusers config dict; ``kwargs``: dtype, param_dtype, attention_implementation, remat."""
+        """Build from a diffusers config dict; ``kwargs``: dtype, param_dtype, attention_implementation, remat,
+        scan_layers."""
         if not isinstance(config, UNetConfig):
             config = UNetConfig.from_dict(config)
         if "attention_implementation" in kwargs:
@@ -368,7 +374,7 @@ class UNet2DConditionModel(nn.Module):
                     act_fn=c["act_fn"], use_linear_projection=c["use_linear_projection"],
                     only_cross_attention=c.per_block("only_cross_attention")[idx],
                     upcast_attention=c["upcast_attention"], implementation=self.attention_implementation,
-                    remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+                    remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _time_embedding(self, t, batch, added_cond_kwargs):
         c = self.config
@@ -463,19 +469,24 @@ def param_shapes(model: UNet2DConditionModel) -> dict:
     return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
 
 
-def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, **overrides):
+def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, *,
+         scan_layers: bool | str = False, **overrides):
     """Load ``(unet, params)`` from a fairjax model dir (or its ``unet/`` folder).
 
     ``overrides``: module options (``attention_implementation``, ``remat``,
     ``param_dtype``) or diffusers config keys to replace (e.g. ``upcast_attention``).
     Params are returned as stored (float32 masters unless converted otherwise),
     cast to ``param_dtype`` when given; every key and shape is checked against the config.
+    ``scan_layers`` (True, False or "auto": on accelerators only) returns the scanned model and its
+    params stacked (:func:`stack_params`); the files hold the unrolled layout either way.
     """
     import os
 
     from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import scan_layers_setting
 
+    scan = scan_layers_setting(scan_layers)
     folder = component_dir(model_dir, "unet")
     config = read_json(os.path.join(folder, CONFIG_FILE))
     module_keys = {"attention_implementation", "remat"}
@@ -483,4 +494,20 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     config.update({k: v for k, v in overrides.items() if k not in module_keys})
     unet = UNet2DConditionModel.from_config(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, **module_kw)
     params = load_params(os.path.join(folder, PARAMS_FILE), shapes_of(param_shapes(unet)), dtype=param_dtype)
+    if scan:
+        unet, params = unet.clone(scan_layers=True), stack_params(params)
     return unet, params
+
+
+def stack_params(params) -> dict:
+    """Unrolled UNet params (``transformer_blocks_i``, the files' layout) -> the ``scan_layers`` layout."""
+    from fairjax.io.tree import stack_layers
+
+    return stack_layers(params, ("transformer_blocks",))
+
+
+def unstack_params(params) -> dict:
+    """``scan_layers`` UNet params -> the unrolled layout every file holds (unrolled params pass through)."""
+    from fairjax.io.tree import unstack_layers
+
+    return unstack_layers(params, ("transformer_blocks",))

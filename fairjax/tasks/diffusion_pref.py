@@ -55,7 +55,7 @@ from fairjax import losses
 from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
 from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
 from fairjax.errors import ConfigError, UserError
-from fairjax.models.layers import remat_policy
+from fairjax.models.layers import remat_policy, scan_layers_setting
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         remat="nothing_saveable",
         # auto (cuDNN flash on GPU, Pallas on TPU, where their rules allow) | xla | cudnn | pallas | einsum | chunked
         attention="auto",
+        # nn.scan over each transformer stack (params stacked per stack; files stay unrolled): "auto" =
+        # "true" on GPU / TPU, "false" on CPU; the run's config.json records what "auto" resolved to
+        scan_layers="auto",
     ))
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
@@ -185,6 +188,8 @@ class DiffusionPrefTask:
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
         _check(int(c.get("noise_draws", 1)) >= 1,
                f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
+        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"))
+        c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         self.model_dir, data_path = str(c.model.dir), str(c.data.path)
         if c.get("tiny"):
             from fairjax.diffusion import tiny as tiny_sdxl
@@ -221,7 +226,7 @@ class DiffusionPrefTask:
         self.param_dtype = _compute_dtype(str(c.model.param_dtype), key="model.param_dtype", auto=False)
         self.unet = unet_mod.UNet2DConditionModel.from_config(
             self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=remat_policy(c.model.remat),
-            attention_implementation=str(c.model.attention) or None)
+            attention_implementation=str(c.model.attention) or None, scan_layers=self.scan_layers)
         self.rank = int(c.lora.rank)
         _check(self.rank >= 0, f"config.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
         self.lora_alpha = float(c.lora.alpha)
@@ -303,11 +308,14 @@ class DiffusionPrefTask:
     # -- the contract -----------------------------------------------------------------
 
     def init(self, rng):
-        """``(trainable, frozen)``: full: (params, reference copy) or (params, {}) for SFT; LoRA: (lora, base)."""
+        """``(trainable, frozen)``: full: (params, reference copy) or (params, {}) for SFT; LoRA: (lora, base).
+        With ``model.scan_layers`` the params are stacked per transformer stack; a LoRA is keyed by the
+        unrolled kernel paths either way (:mod:`fairjax.lora`)."""
         from fairjax.models import unet as unet_mod
 
         try:
-            _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32)
+            _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32,
+                                      scan_layers=self.scan_layers)
         except UserError as e:
             raise ConfigError(str(e)) from None
         frozen = params if self.param_dtype == jnp.float32 else jax.tree.map(lambda x: x.astype(self.param_dtype), params)
@@ -437,7 +445,9 @@ class DiffusionPrefTask:
 
     def finish(self, trainable, frozen, workdir: str) -> dict:
         """Write the trained UNet (full: ``<workdir>/model/unet/``, a fairjax model dir; LoRA:
-        ``<workdir>/unet_lora.safetensors``) on process 0 and say where."""
+        ``<workdir>/unet_lora.safetensors``) on process 0 and say where. Both hold the unrolled layout
+        whatever ``model.scan_layers`` was."""
+        from fairjax.models import unet as unet_mod
         from fairjax.trainer import params_on_host
 
         host = params_on_host(trainable)
@@ -445,6 +455,7 @@ class DiffusionPrefTask:
             out = os.path.join(workdir, "unet_lora.safetensors")
         else:
             out = os.path.join(workdir, "model")
+            host = unet_mod.unstack_params(host)
         if jax.process_index() == 0:
             if self.rank:
                 from fairjax import lora
