@@ -528,6 +528,110 @@ def test_trained_lora_exports_to_diffusers(lora_run, tmp_path, rel):
     assert rel(np.asarray(lora_fx) - np.asarray(base_fx), lora_pt - base_pt) <= 1e-3
 
 
+# ----------------------------------------------------------------------------- scanned layers
+
+
+def _export_tool():
+    spec = importlib.util.spec_from_file_location("export_diffusers", os.path.join(ROOT, "tools", "export_diffusers.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def _tensors(path):
+    from safetensors.numpy import load_file
+
+    return load_file(path)
+
+
+def _assert_same_files(a, b, rel, tol=0.0):
+    """Two safetensors files: the same keys, dtypes and shapes; values bit-identical (``tol`` 0) or within
+    ``tol`` (max |a - b| / max |b| per tensor)."""
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    for k in tb:
+        assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
+        if tol:
+            assert rel(ta[k], tb[k]) <= tol, (k, rel(ta[k], tb[k]))
+        else:
+            assert np.array_equal(ta[k], tb[k]), k
+
+
+def _scan_run(tiny, wd, scan, rank):
+    """Two SGD steps of PopAlign (beta 20, so float32 rounding of the ~1.0 mse terms stays at ~1e-6 of the
+    logits, and SGD, whose update is the gradient itself, not Adam's sign of near-zero gradients) on
+    data 2 x fsdp 4; returns (task, trainable at the end, summary)."""
+    over = {"model.scan_layers": scan, "optimizer.name": "sgd", "optimizer.lr": 0.5 if rank else 0.05,
+            "optimizer.warmup_steps": 0, "lora.rank": rank, "lora.alpha": 8.0}
+    cfg = config(tiny, total_steps=2, beta=20.0, **over)
+    cfg.mesh = dict(data=2, fsdp=4)
+    task = dp.DiffusionPrefTask(cfg, wd)
+    assert task.scan_layers == (scan == "true") and cfg.model.scan_layers == scan  # "auto" would be recorded too
+    seen = {}
+    finish = task.finish
+
+    def spy(trainable, frozen, workdir):
+        seen["trainable"] = jax.device_get(trainable)
+        return finish(trainable, frozen, workdir)
+
+    task.finish = spy
+    summary = trainer.train(cfg, task, wd)
+    return task, seen["trainable"], summary
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_run_with_scan_layers_exports_what_the_unrolled_run_exports(tiny, tmp_path, rel, kind):
+    """model.scan_layers true (params stacked per transformer stack in the trainer, its checkpoints and the
+    FSDP placement; a LoRA merged per layer into the stacked kernels) vs false, same seed and steps: the
+    written model dir / LoRA file and their diffusers / PEFT exports agree to float32 summation order (the
+    scanned and unrolled programs sum in different orders, ~1e-7 of each update), and the scanned task's
+    output of the unrolled run's own trained params is bit-identical to the unrolled run's, export included."""
+    tool = _export_tool()
+    rank = 4 if kind == "lora" else 0
+    runs = {scan: _scan_run(tiny, str(tmp_path / f"run_{scan}"), scan, rank) for scan in ("false", "true")}
+    assert rel(runs["true"][2]["loss"], runs["false"][2]["loss"]) <= 1e-5
+    out = lambda n: str(tmp_path / n)  # noqa: E731
+    if kind == "full":
+        stacked = runs["true"][1]["down_blocks_1"]["attentions_0"]["transformer_blocks"]
+        assert stacked["attn1"]["to_q"]["kernel"].ndim == 3  # the trainer held the stacked layout
+        files = {n: os.path.join(out(n), "model", "unet", "params.safetensors") for n in ("run_true", "run_false")}
+        exported = {n: os.path.join(out(f"export_{n}"), "unet", "diffusion_pytorch_model.safetensors") for n in files}
+        for n in files:
+            assert tool.main([os.path.join(out(n), "model"), out(f"export_{n}")]) == 0
+        from fairjax.models import unet as unet_mod
+
+        same = unet_mod.stack_params(runs["false"][1])  # the unrolled run's params through the scanned task
+        before = flatten(load_params(os.path.join(tiny[0], "unet", "params.safetensors"), shapes_of(runs["false"][1])))
+    else:
+        assert sorted(runs["true"][1]) == sorted(runs["false"][1])  # keyed by the unrolled paths
+        files = {n: os.path.join(out(n), "unet_lora.safetensors") for n in ("run_true", "run_false")}
+        exported = {n: os.path.join(out(f"export_{n}"), "pytorch_lora_weights.safetensors") for n in files}
+        for n in files:
+            assert tool.main([tiny[0], out(f"export_{n}"), "--lora", files[n]]) == 0
+        same = runs["false"][1]
+        before = {k: {"b": np.zeros_like(e["b"])} for k, e in runs["false"][1].items()}  # b starts at 0
+        before = {(k + "/b",): v["b"] for k, v in before.items()}
+    # the two runs: the same files up to summation order (a LoRA's b is all update, so its float32 noise is
+    # relative to the update: 5e-5), and the steps moved the weights much more than that
+    tol = 5e-5 if rank else 1e-5
+    _assert_same_files(files["run_true"], files["run_false"], rel, tol=tol)
+    _assert_same_files(exported["run_true"], exported["run_false"], rel, tol=tol)
+    a, b = _tensors(files["run_true"]), _tensors(files["run_false"])
+    delta = lambda t: np.concatenate([np.ravel(t["/".join(k)] - v) for k, v in sorted(before.items())])  # noqa: E731
+    assert rel(delta(a), delta(b)) <= 1e-4 and np.abs(delta(b)).max() > 1e-4
+    # the same trained params through both layouts: bit-identical outputs and exports
+    os.makedirs(out("same"))
+    runs["true"][0].finish(same, {}, out("same"))
+    name = "model/unet/params.safetensors" if kind == "full" else "unet_lora.safetensors"
+    _assert_same_files(os.path.join(out("same"), name), files["run_false"], rel)
+    src = [os.path.join(out("same"), "model")] if kind == "full" else [tiny[0]]
+    extra = [] if kind == "full" else ["--lora", os.path.join(out("same"), name)]
+    assert tool.main(src + [out("export_same")] + extra) == 0
+    same_export = (os.path.join(out("export_same"), "unet", "diffusion_pytorch_model.safetensors") if kind == "full"
+                   else os.path.join(out("export_same"), "pytorch_lora_weights.safetensors"))
+    _assert_same_files(same_export, exported["run_false"], rel)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -576,6 +680,7 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(t_max=1001), ["config.t_max=1001", "<= 1000"]),
     (dict(anchor_weight=-1.0), ["config.anchor_weight=-1.0", ">= 0"]),
     (dict(anchor_weight=1.0), ["no 'prompt' field", "build_prefs", "anchor_weight=0"]),
+    ({"model.scan_layers": "sometimes"}, ["config.model.scan_layers='sometimes'", "auto, true, false"]),
 ])
 def test_bad_config_is_one_line_error(tiny, over, words):
     from fairjax.errors import UserError

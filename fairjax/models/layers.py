@@ -59,19 +59,20 @@ def remat_wrap(cls, remat, **kwargs):
 SCAN_LAYERS = ("auto", "true", "false")
 
 
-def scan_layers_setting(value, backend: str | None = None) -> bool:
+def scan_layers_setting(value, backend: str | None = None, key: str = "scan_layers") -> bool:
     """Whether to scan repeated layers for a ``scan_layers`` setting: True / False (or "true" / "false"),
-    or "auto" (None, "") = True on an accelerator (GPU, TPU), False on CPU."""
-    key = value.strip().lower() if isinstance(value, str) else value
-    if key in (None, "", "auto"):
+    or "auto" (None, "") = True on an accelerator (GPU, TPU), False on CPU. ``key`` names the setting
+    in the error a bad value raises."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v in (None, "", "auto"):
         return (backend or jax.default_backend()) != "cpu"
-    if key in (True, "true"):
+    if v in (True, "true"):
         return True
-    if key in (False, "false"):
+    if v in (False, "false"):
         return False
     from fairjax.errors import ConfigError
 
-    raise ConfigError(f"scan_layers={value!r} is not one of {', '.join(SCAN_LAYERS)}")
+    raise ConfigError(f"{key}={value!r} is not one of {', '.join(SCAN_LAYERS)}")
 
 
 def scan_stack(block: nn.Module, length: int, carry, *args, in_axes=None):

@@ -188,7 +188,7 @@ class DiffusionPrefTask:
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
         _check(int(c.get("noise_draws", 1)) >= 1,
                f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
-        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"))
+        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"), key="config.model.scan_layers")
         c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         self.model_dir, data_path = str(c.model.dir), str(c.data.path)
         if c.get("tiny"):

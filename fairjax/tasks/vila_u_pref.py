@@ -133,7 +133,7 @@ class VilaUPrefTask:
         self.loss_name = str(c.loss)
         if self.loss_name not in LOSSES:
             raise UserError(f"config.loss={self.loss_name!r} is not one of {', '.join(LOSSES)}")
-        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"))
+        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"), key="config.model.scan_layers")
         c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         if c.get("tiny"):
             dirs = ensure_tiny(os.path.join(c.tiny_root, f"seed{int(c.tiny_seed)}"), int(c.tiny_seed))
