@@ -46,7 +46,7 @@ import numpy as np
 
 from fairjax.errors import CheckpointError, UserError
 from fairjax.io.safetensors import SafetensorsReader, write_safetensors
-from fairjax.io.tree import STACKED, flatten, locate, path_str, unrolled_shapes
+from fairjax.io.tree import STACKED, locate, path_str, unrolled_shapes
 
 Lora = dict[str, dict[str, jax.Array]]
 

@@ -154,7 +154,8 @@ def test_gradients_match_torch_with_remat(rel, scan_layers):
     got = flatten(unet_mod.unstack_params(g_params))
     assert set(got) == set(want)
     keys = sorted(want)  # all params as one vector (a single kernel's float32 noise reaches ~1.1e-5 of its max)
-    assert rel(np.concatenate([np.ravel(got[k]) for k in keys]), np.concatenate([np.ravel(want[k]) for k in keys])) <= 1e-5
+    vec = lambda t: np.concatenate([np.ravel(t[k]) for k in keys])  # noqa: E731
+    assert rel(vec(got), vec(want)) <= 1e-5
     for k in keys:
         assert rel(got[k], want[k]) <= 5e-5, (k, rel(got[k], want[k]))
 

@@ -257,7 +257,8 @@ def test_scanned_depth_transformer_outputs_and_gradients_match_reference(checkpo
                                       rqtransformer_shapes(vu.rqtransformer)))  # torch grads in the Flax layout
     assert set(got) == set(want)
     keys = sorted(want)  # all params as one vector: attn/key/bias has a zero gradient (softmax ignores it)
-    assert rel(np.concatenate([np.ravel(got[k]) for k in keys]), np.concatenate([np.ravel(want[k]) for k in keys])) < TOL
+    vec = lambda t: np.concatenate([np.ravel(t[k]) for k in keys])  # noqa: E731
+    assert rel(vec(got), vec(want)) < TOL
     for k in keys:
         if np.abs(want[k]).max() > 1e-4:
             assert rel(got[k], want[k]) < 5e-5, k
