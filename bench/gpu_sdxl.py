@@ -432,7 +432,7 @@ def _task(rank: int, pairs: int, size: int):
     c.model.attention = ARGS.attention
     c.model.remat = ARGS.remat
     if "scan_layers" in c.model:
-        c.model.scan_layers = ARGS.scan_layers
+        c.model.scan_layers = "true" if ARGS.scan_layers else "false"
     c.batch_size = 2 * pairs
     c.text_embeds.path = os.path.join(ARGS.out, "_unused.safetensors")
     px = float(size * 8)
