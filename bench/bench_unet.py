@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """CPU speed of the Flax UNet vs diffusers' PyTorch UNet, same config, same weights, same process.
 
-    python bench/bench_unet.py [--steps 5] [--batch 4] [--size 32]
+    python bench/bench_unet.py [--steps 5] [--batch 4] [--size 32] [--scan-layers] [--remat POLICY]
+    python bench/bench_unet.py --compare-scan [--steps 5] [--remat POLICY]
 
 SDXL-shaped config: block_out_channels (64, 128, 256), transformer layers
 (1, 2, 4), heads (2, 4, 8), cross_attention_dim 256, text_time added embedding,
@@ -12,7 +13,12 @@ float32. Times (median of ``--steps`` after warm-up / compile):
   ``loss.backward(); opt.step()``.
 
 Prints ``ratio = flax / torch`` (< 1: Flax faster). Runs are interleaved so
-background load hits both sides alike.
+background load hits both sides alike. ``--scan-layers`` runs the Flax UNet with its
+transformer stacks under ``nn.scan`` (params stacked).
+
+``--compare-scan`` (no torch): the Flax train step unrolled vs ``scan_layers``, same weights,
+in one process: trace + lower + XLA compile time of each (``jax.jit(step).lower(...).compile()``,
+then the forward's), then the step times interleaved; prints ``ratio = scan / unrolled``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import diffusers  # noqa: E402
 from _torch_util import DictReader  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
+from fairjax.models import unet as unet_mod  # noqa: E402
 from fairjax.models.unet import UNet2DConditionModel  # noqa: E402
 
 CONFIG = {
@@ -72,7 +79,12 @@ def main():
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--seq", type=int, default=77)
     ap.add_argument("--attention", default=None, help="attention_implementation (None, xla, einsum)")
+    ap.add_argument("--scan-layers", action="store_true", help="nn.scan over each transformer stack")
+    ap.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
+    ap.add_argument("--compare-scan", action="store_true", help="Flax unrolled vs scan_layers: compile and step")
     args = ap.parse_args()
+    if args.compare_scan:
+        return compare_scan(args)
     b, s = args.batch, args.size
 
     torch.manual_seed(0)
@@ -80,9 +92,10 @@ def main():
     with torch.no_grad():
         for p in tm.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention)
-    params = jax.tree_util.tree_map(jnp.asarray, convert_checkpoint(DictReader(tm.state_dict()),
-                                                                    unet_convert.target_shapes(CONFIG)))
+    unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention, remat=args.remat,
+                                            scan_layers=args.scan_layers)
+    params = convert_checkpoint(DictReader(tm.state_dict()), unet_convert.target_shapes(CONFIG))
+    params = jax.tree_util.tree_map(jnp.asarray, unet_mod.stack_params(params) if args.scan_layers else params)
     n_params = sum(p.numel() for p in tm.parameters())
 
     rng = np.random.default_rng(0)
@@ -160,13 +173,89 @@ def main():
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); "
           f"compile fwd {compile_fwd:.1f}s, step {compile_step:.1f}s")
-    print(f"attention_implementation={args.attention}; medians of {args.steps} interleaved runs "
+    print(f"attention_implementation={args.attention}, remat={args.remat}, scan_layers={args.scan_layers}; "
+          f"medians of {args.steps} interleaved runs "
           f"(wall, and process CPU time summed over threads)")
     for name, (fj, pt) in res.items():
         wj, wp = (statistics.median(w for w, _ in r) for r in (fj, pt))
         cj, cp = (statistics.median(c for _, c in r) for r in (fj, pt))
         print(f"{name:5s}: wall flax {wj * 1e3:7.1f} ms  torch {wp * 1e3:7.1f} ms  ratio {wj / wp:.2f}  | "
               f"cpu flax {cj * 1e3:7.1f} ms  torch {cp * 1e3:7.1f} ms  ratio {cj / cp:.2f}")
+
+
+def _inputs(b, s, seq):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, 4, s, s)).astype(np.float32)
+    ctx = rng.standard_normal((b, seq, 256)).astype(np.float32)
+    t = rng.integers(0, 1000, b).astype(np.float32)
+    added = {"text_embeds": rng.standard_normal((b, 256)).astype(np.float32),
+             "time_ids": np.tile(np.array([[256, 256, 0, 0, 256, 256]], np.float32), (b, 1))}
+    return x, t, ctx, added, rng.standard_normal(x.shape).astype(np.float32)
+
+
+def compare_scan(args):
+    """Unrolled vs scan_layers Flax train step (AdamW, as in main): compile and step times, one process."""
+    torch.manual_seed(0)
+    tm = diffusers.UNet2DConditionModel.from_config({k: v for k, v in CONFIG.items() if not k.startswith("_")})
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    unrolled = convert_checkpoint(DictReader(tm.state_dict()), unet_convert.target_shapes(CONFIG))
+    n_params = sum(p.numel() for p in tm.parameters())
+    del tm
+    x, t, ctx, added, target = (jax.tree_util.tree_map(jnp.asarray, a) for a in _inputs(args.batch, args.size,
+                                                                                          args.seq))
+    opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)
+    variants = {}
+    for name, scan in (("unrolled", False), ("scan_layers", True)):
+        unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention, remat=args.remat,
+                                                scan_layers=scan)
+        params = jax.tree_util.tree_map(jnp.asarray, unet_mod.stack_params(unrolled) if scan else unrolled)
+
+        def step(p, st, unet=unet):
+            def loss_fn(p):
+                return jnp.mean((unet.apply({"params": p}, x, t, ctx, added) - target) ** 2)
+
+            loss, g = jax.value_and_grad(loss_fn)(p)
+            upd, st = opt.update(g, st, p)
+            return optax.apply_updates(p, upd), st, loss
+
+        state = opt.init(params)
+        t0, c0 = time.perf_counter(), time.process_time()
+        lowered = jax.jit(step, donate_argnums=(1,)).lower(params, state)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2, c2 = time.perf_counter(), time.process_time()
+        fwd = jax.jit(lambda p, unet=unet: unet.apply({"params": p}, x, t, ctx, added)).lower(params)
+        t3 = time.perf_counter()
+        fwd.compile()
+        t4 = time.perf_counter()
+        params, state, _ = jax.block_until_ready(compiled(params, state))  # warm-up
+        variants[name] = dict(lower=t1 - t0, compile=t2 - t1, cpu=c2 - c0, fwd_lower=t3 - t2, fwd_compile=t4 - t3,
+                              fn=compiled, state=[params, state], times=[])
+        print(f"{name:11s}: train step trace+lower {t1 - t0:6.1f}s  XLA compile {t2 - t1:6.1f}s  total "
+              f"{t2 - t0:6.1f}s (process CPU {c2 - c0:6.1f}s) | forward trace+lower {t3 - t2:5.1f}s  "
+              f"compile {t4 - t3:5.1f}s", flush=True)
+    for _ in range(args.steps):  # interleave
+        for v in variants.values():
+            t0 = time.perf_counter()
+            v["state"][0], v["state"][1], loss = v["fn"](*v["state"])
+            jax.block_until_ready(loss)
+            v["times"].append(time.perf_counter() - t0)
+    u, sc = variants["unrolled"], variants["scan_layers"]
+    med = {k: statistics.median(v["times"]) for k, v in variants.items()}
+    total = lambda v: v["lower"] + v["compile"]  # noqa: E731
+    print(f"UNet {n_params / 1e6:.1f}M params, batch {args.batch}, {args.size}x{args.size} latents, context "
+          f"{args.seq}x256, float32, remat={args.remat}, jax {jax.__version__} ({jax.devices()[0].platform}); "
+          f"step medians of {args.steps} interleaved runs")
+    print(f"train step compile (trace+lower+XLA): unrolled {total(u):.1f}s  scan {total(sc):.1f}s  ratio "
+          f"{total(sc) / total(u):.2f} (XLA compile alone {sc['compile'] / u['compile']:.2f}; process CPU time "
+          f"{sc['cpu'] / u['cpu']:.2f})")
+    print(f"forward compile (trace+lower+XLA): unrolled {u['fwd_lower'] + u['fwd_compile']:.1f}s  scan "
+          f"{sc['fwd_lower'] + sc['fwd_compile']:.1f}s  ratio "
+          f"{(sc['fwd_lower'] + sc['fwd_compile']) / (u['fwd_lower'] + u['fwd_compile']):.2f}")
+    print(f"train step: unrolled {med['unrolled'] * 1e3:.1f} ms  scan {med['scan_layers'] * 1e3:.1f} ms  ratio "
+          f"{med['scan_layers'] / med['unrolled']:.2f}")
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ def abstract_step(unet_cfg: dict, latent: int, pairs: int, lora_rank: int, dtype
 
     root = _paper_model_dir(tempfile.mkdtemp(prefix="fairjax_paper_"), unet_cfg)
     c = dp.make_config("popalign")
-    c.model.dir, c.model.dtype, c.model.remat, c.batch_size = root, dtype, os.environ.get("FJ_REMAT", "1") == "1", 2 * pairs
+    c.model.dir, c.model.dtype, c.batch_size = root, dtype, 2 * pairs
+    c.model.remat = os.environ.get("FJ_REMAT", "nothing_saveable")
     c.time_ids, c.lora.rank, c.lora.alpha = tuple(time_ids), lora_rank, float(max(lora_rank, 1))
     c.mesh = mesh_spec
     ctx_d, pooled = text_dims

@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.beta = 1.0
     c.bpo_variant = "v1"
     c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "nothing_saveable"
     c.model.head_chunk = 64  # depth head 64 image positions at a time (code logits 4x smaller)
     c.optimizer.grad_clip = 1.0
     if arg in (None, "bpo", "tiny"):
@@ -50,7 +50,7 @@ def get_config(arg=None):
     if arg in ("tiny", "tiny_sft"):
         c.tiny = "tiny"
         c.model.dtype = c.model.param_dtype = "float32"
-        c.model.remat = False
+        c.model.remat = "none"
         c.model.head_chunk = 0
         c.optimizer.lr = 1e-2 if arg == "tiny_sft" else 1e-3  # visible movement in a few steps
         c.epochs = 10.0 if arg == "tiny_sft" else 4.0

@@ -22,7 +22,7 @@ def get_config(arg=None):
     c.beta = 0.1
     c.dpo_average_logp = False
     c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "nothing_saveable"
     c.model.head_chunk = 64  # depth head 64 image positions at a time (code logits 4x smaller)
     c.optimizer.lr = 5e-6
     c.optimizer.grad_clip = 1.0
@@ -31,7 +31,7 @@ def get_config(arg=None):
     if arg == "tiny":
         c.tiny = "tiny"
         c.model.dtype = c.model.param_dtype = "float32"
-        c.model.remat = False
+        c.model.remat = "none"
         c.model.head_chunk = 0
         c.optimizer.lr = 1e-3
         c.epochs = 4.0

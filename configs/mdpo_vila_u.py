@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.lora.alpha = 128.0
     c.lora.dropout = 0.05
     c.model.dtype = c.model.param_dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "nothing_saveable"
     c.optimizer.lr = 1e-5
     c.optimizer.b2 = 0.98
     c.optimizer.weight_decay = 0.05
@@ -39,7 +39,7 @@ def get_config(arg=None):
     if arg == "tiny":
         c.tiny = "tiny"
         c.model.dtype = c.model.param_dtype = "float32"
-        c.model.remat = False
+        c.model.remat = "none"
         c.lora.rank, c.lora.alpha = 8, 16.0
         c.optimizer.lr = 1e-3
         c.epochs = 4.0

@@ -326,6 +326,9 @@ def _main(argv: list[str]) -> int:
         args = p.parse_args(rest)
         args.model, args.base = resolve_args(args.model, args), resolve_args(args.base, args)
         cfg = load_eval_config(args.config, args.base or args.model, overrides)
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         models = {}
         if args.base:
             models[args.base_name] = (args.base, args.base_lora)

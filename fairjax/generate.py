@@ -98,6 +98,9 @@ def run(argv=None) -> dict:
     """Parse ``argv``, generate, return a summary (raises UserError on bad input)."""
     args = parse_args(argv)
     check_args(args)
+    from fairjax import parallel
+
+    parallel.enable_compilation_cache()
     from fairjax.data.prompts import read_prompt_file
 
     prompts = read_prompt_file(args.prompts)

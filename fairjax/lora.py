@@ -19,6 +19,14 @@ Layout and PEFT: ``a.reshape(*K, r)`` is PEFT's ``lora_A.weight`` in Flax layout
 ``lora_A.weight = a.reshape(kh, kw, in, r).transpose(3, 2, 0, 1)``, OIHW) and
 ``b.T`` is ``lora_B.weight`` (``(out, r)``, or ``(out, r, 1, 1)`` for a conv);
 PEFT's scale is also ``alpha / r``.
+
+Scanned layers (``scan_layers=True``: params ``.../transformer_blocks/...``, ``model/layers/...`` with a
+leading layer axis, :mod:`fairjax.io.tree`): a LoRA is still keyed by the UNROLLED kernel paths
+(``.../transformer_blocks_3/attn1/to_q/kernel``), in memory and on disk. :func:`match_kernels`,
+:func:`init` and :func:`trainable_mask` see the unrolled view of stacked params (per-layer shapes), so
+both layouts give the same LoRA; :func:`merge` adds the per-layer deltas, stacked (zeros for the layers
+a LoRA leaves out), to the stacked kernel; :func:`lora_variables` stacks ``a`` and ``b`` for
+:func:`lora_interceptor`, which reads them inside the scan.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import numpy as np
 
 from fairjax.errors import CheckpointError, UserError
 from fairjax.io.safetensors import SafetensorsReader, check_float, write_safetensors
-from fairjax.io.tree import flatten, path_str
+from fairjax.io.tree import STACKED, locate, path_str, unrolled_shapes
 
 Lora = dict[str, dict[str, jax.Array]]
 
@@ -47,7 +55,7 @@ FORMAT_VERSION = "1"
 _RESERVED_META = ("format", "format_version", "alpha", "rank")
 
 __all__ = ["init", "merge", "delta", "match_kernels", "trainable_mask", "rank_of", "num_params",
-           "save", "load", "FORMAT"]
+           "save", "load", "lora_variables", "lora_interceptor", "FORMAT"]
 
 
 # ----------------------------------------------------------------------------- selection
@@ -59,8 +67,8 @@ def _compile(targets: str | Iterable[str]) -> list[re.Pattern]:
     return [re.compile(p) for p in pats]
 
 
-def _is_kernel(path: str, leaf) -> bool:
-    return path.rsplit("/", 1)[-1] == "kernel" and jnp.ndim(leaf) >= 2
+def _is_kernel(path: str, shape: tuple[int, ...]) -> bool:
+    return path.rsplit("/", 1)[-1] == "kernel" and len(shape) >= 2
 
 
 def _some(paths: list[str], n: int = 8) -> str:
@@ -71,8 +79,9 @@ def _some(paths: list[str], n: int = 8) -> str:
 def match_kernels(params: Mapping, targets: str | Iterable[str]) -> list[str]:
     """Sorted '/'-joined paths of the kernels (``.../kernel``, ndim >= 2) that any regex in
     ``targets`` finds (``re.search``). A regex that selects no kernel is a ``UserError``
-    naming it and listing some kernel paths."""
-    flat = {path_str(p): v for p, v in flatten(params).items()}
+    naming it and listing some kernel paths. Stacked (scanned) params are seen unrolled:
+    ``transformer_blocks_0/...``, ``transformer_blocks_1/...``, each with its layer's shape."""
+    flat = unrolled_shapes(params)
     kernels = sorted(p for p, v in flat.items() if _is_kernel(p, v))
     chosen: set[str] = set()
     for pat in _compile(targets):
@@ -89,17 +98,31 @@ def match_kernels(params: Mapping, targets: str | Iterable[str]) -> list[str]:
 def trainable_mask(params: Mapping, targets: str | Iterable[str]) -> Any:
     """Bool tree shaped like ``params``: True for every leaf (any kind) whose path a regex
     in ``targets`` finds. For partial full fine-tuning with ``optax.masked``; LoRA
-    training does not need it (optax sees only the LoRA dict)."""
+    training does not need it (optax sees only the LoRA dict). The regexes match unrolled
+    paths; a stacked leaf is True when they select every one of its layers, and a
+    ``UserError`` when they select only some (train with ``scan_layers`` off for that)."""
     pats = _compile(targets)
-    flat = {path_str(p) for p in flatten(params)}
+    flat = sorted(unrolled_shapes(params))
     for pat in pats:
         if not any(pat.search(p) for p in flat):
             raise UserError(f"trainable target {pat.pattern!r} matches no param; paths look like: "
-                             f"{_some(sorted(flat))}")
+                             f"{_some(flat)}")
+
+    def leaf(path: tuple[str, ...], v) -> bool:
+        stack = [i for i, k in enumerate(path[:-1]) if k in STACKED]
+        if not stack:
+            return any(p.search(path_str(path)) for p in pats)
+        i = stack[0]
+        layers = [path_str(path[:i] + (f"{path[i]}_{j}",) + path[i + 1:]) for j in range(jnp.shape(v)[0])]
+        hits = [any(p.search(u) for p in pats) for u in layers]
+        if any(hits) and not all(hits):
+            raise UserError(f"trainable targets select only some layers of the scanned param {path_str(path)} "
+                            f"({sum(hits)} of {len(hits)}); select all of them or set scan_layers off")
+        return all(hits)
 
     def mark(tree, prefix):
-        return {k: mark(v, prefix + (k,)) if isinstance(v, Mapping)
-                else any(p.search(path_str(prefix + (k,))) for p in pats) for k, v in tree.items()}
+        return {k: mark(v, prefix + (k,)) if isinstance(v, Mapping) else leaf(prefix + (k,), v)
+                for k, v in tree.items()}
 
     return mark(params, ())
 
@@ -122,10 +145,10 @@ def init(params: Mapping, targets: str | Iterable[str], rank: int, alpha: float,
         raise UserError(f"LoRA rank must be a positive int, got {rank!r}")
     if not alpha > 0:
         raise UserError(f"LoRA alpha must be > 0, got {alpha!r}")
-    flat = {path_str(p): v for p, v in flatten(params).items()}
+    flat = unrolled_shapes(params)
     out: Lora = {}
     for i, path in enumerate(match_kernels(params, targets)):
-        shape = tuple(jnp.shape(flat[path]))
+        shape = flat[path]
         fan_in = math.prod(shape[:-1])
         bound = init_scale / math.sqrt(fan_in)
         a = jax.random.uniform(jax.random.fold_in(rng, i), (fan_in, int(rank)), jnp.float32, -bound, bound)
@@ -168,25 +191,47 @@ def check_fits(lora: Mapping[str, Mapping], shapes: Mapping[str, tuple[int, ...]
         _check_entry(path, entry, tuple(shapes[path]))
 
 
+def _group(params: Mapping, lora: Mapping[str, Mapping]) -> dict[tuple[str, ...], tuple[Any, dict]]:
+    """``{param tree path: (leaf, {layer or None: (unrolled path, entry)})}`` of the kernels ``lora`` adapts,
+    each entry checked against its (per-layer) kernel shape."""
+    where = {path: locate(params, path) for path in lora}
+    unknown = sorted(p for p, w in where.items() if w is None)
+    if unknown:
+        raise UserError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
+                         "another model (or another param prefix)?")
+    out: dict[tuple[str, ...], tuple[Any, dict]] = {}
+    for path, entry in lora.items():
+        tpath, layer = where[path]
+        w = params
+        for k in tpath:
+            w = w[k]
+        shape = tuple(jnp.shape(w))
+        _check_entry(path, entry, shape if layer is None else shape[1:])
+        out.setdefault(tpath, (w, {}))[1][layer] = (path, entry)
+    return out
+
+
 def merge(params: Mapping, lora: Mapping[str, Mapping], alpha: float) -> Any:
     """``params`` with each kernel in ``lora`` replaced by ``W + (alpha/r) (a @ b).reshape(W.shape)``.
 
     The sum is taken in float32 (or wider) and cast back to ``W.dtype``; every other
     leaf and every untouched subtree is passed through as the same object. Pure:
     jittable and differentiable w.r.t. ``lora`` (and ``params``). A LoRA path that is
-    not a kernel of ``params`` is a ``UserError`` naming it.
+    not a kernel of ``params`` is a ``UserError`` naming it. Stacked (scanned) params:
+    the entries of a stack's layers (unrolled paths) give one delta per layer, stacked
+    (zeros for layers without one) and added to the stacked kernel, so ``merge`` on the
+    stacked params equals the stacked ``merge`` on the unrolled ones.
     """
-    flat = {path_str(p): v for p, v in flatten(params).items()}
-    unknown = sorted(p for p in lora if p not in flat)
-    if unknown:
-        raise UserError(f"LoRA paths not in the params: {_some(unknown)}; was the LoRA made for "
-                         "another model (or another param prefix)?")
     new: dict[str, Any] = {}
-    for path, entry in lora.items():
-        w = flat[path]
-        _check_entry(path, entry, tuple(jnp.shape(w)))
-        d = delta(entry, w.shape, alpha)
-        new[path] = (w.astype(jnp.promote_types(w.dtype, d.dtype)) + d).astype(w.dtype)
+    for tpath, (w, layers) in _group(params, lora).items():
+        if None in layers:
+            d = delta(layers[None][1], w.shape, alpha)
+        else:
+            shape = tuple(w.shape[1:])
+            ds = {i: delta(e, shape, alpha) for i, (_, e) in layers.items()}
+            zero = jnp.zeros(shape, next(iter(ds.values())).dtype)
+            d = jnp.stack([ds.get(i, zero) for i in range(w.shape[0])])
+        new["/".join(tpath)] = (w.astype(jnp.promote_types(w.dtype, d.dtype)) + d).astype(w.dtype)
     return _replace(params, new)
 
 
@@ -275,29 +320,77 @@ def load(path: str | os.PathLike) -> tuple[Lora, dict[str, Any]]:
 
 # ----------------------------------------------------------------------------- unmerged (interceptor)
 
-def lora_interceptor(lora: Mapping[str, Mapping], alpha: float, dropout: float = 0.0, row_keys=None):
-    """A flax method interceptor: every ``nn.Dense`` whose ``<module path>/kernel`` is in ``lora``
-    returns ``dense(x) + (alpha / r) * (drop(x) @ a) @ b`` (PEFT's ``lora.Linear``; equal to
-    ``x @ (W + (alpha/r) a b)`` without the dropout). ``drop`` zeroes each entry with probability
-    ``dropout`` and scales by ``1 / (1 - dropout)``, its mask drawn per row from
-    ``fold_in(row_keys[i], crc32(path))`` (no dropout when ``row_keys`` is None). Use it as
-    ``with nn.intercept_methods(lora_interceptor(...)): model.apply(...)``; no merged copy of a
-    kernel is made."""
+def _salt(path: str) -> int:
+    return zlib.crc32(path.encode())
+
+
+def lora_variables(lora: Mapping[str, Mapping], params: Mapping, alpha: float) -> dict:
+    """The ``'lora'`` variable collection that :func:`lora_interceptor` reads: nested like the modules,
+    one ``{'a', 'b', 'scale', 'salt'}`` per adapted Dense (``scale = alpha / r``, ``salt = crc32`` of the
+    unrolled kernel path, the dropout mask's salt). For a scanned stack (stacked ``params``) the leaves
+    get a leading layer axis, which ``nn.scan`` slices like the params (``variable_axes={'lora': 0}``):
+    layers a LoRA leaves out get ``a = b = 0`` and ``scale = 0``, ranks that differ between layers are
+    padded with zero columns of ``a`` / rows of ``b`` (exactly the same product). Pure and
+    differentiable w.r.t. ``lora``; pass it as ``model.apply({'params': params, 'lora': ...}, ...)``."""
+    out: dict = {}
+    for tpath, (w, layers) in _group(params, lora).items():
+        if None in layers:
+            path, e = layers[None]
+            v = {"a": e["a"], "b": e["b"], "scale": np.float32(alpha / rank_of(e)), "salt": np.uint32(_salt(path))}
+        else:
+            n, r = int(jnp.shape(w)[0]), max(rank_of(e) for _, e in layers.values())
+            fan_in, width = math.prod(jnp.shape(w)[1:-1]), int(jnp.shape(w)[-1])
+            ax = next(i for i, k in enumerate(tpath[:-1]) if k in STACKED)  # the stacked segment
+            a, b, scale, salt = [], [], [], []
+            for i in range(n):
+                path, e = layers.get(i, (path_str(tpath[:ax] + (f"{tpath[ax]}_{i}",) + tpath[ax + 1:]), None))
+                if e is None:
+                    a.append(jnp.zeros((fan_in, r), jnp.float32))
+                    b.append(jnp.zeros((r, width), jnp.float32))
+                    scale.append(0.0)
+                else:
+                    pad = r - rank_of(e)
+                    a.append(jnp.pad(e["a"], ((0, 0), (0, pad))) if pad else e["a"])
+                    b.append(jnp.pad(e["b"], ((0, pad), (0, 0))) if pad else e["b"])
+                    scale.append(alpha / rank_of(e))
+                salt.append(_salt(path))
+            v = {"a": jnp.stack(a), "b": jnp.stack(b), "scale": np.asarray(scale, np.float32),
+                 "salt": np.asarray(salt, np.uint32)}
+        node = out
+        for k in tpath[:-1]:
+            node = node.setdefault(k, {})
+        node.update(v)
+    return out
+
+
+def lora_interceptor(dropout: float = 0.0, row_keys=None):
+    """A flax method interceptor: every ``nn.Dense`` with ``'lora'`` variables (:func:`lora_variables`)
+    returns ``dense(x) + scale * (drop(x) @ a) @ b`` with ``scale = alpha / r`` (PEFT's ``lora.Linear``;
+    equal to ``x @ (W + (alpha/r) a b)`` without the dropout). ``drop`` zeroes each entry with
+    probability ``dropout`` and scales by ``1 / (1 - dropout)``, its mask :func:`hash_keep_mask` of
+    ``row_keys[i]`` salted with ``crc32`` of the unrolled kernel path (no dropout when ``row_keys`` is
+    None). The variables are read from the module itself, so it works inside ``nn.scan`` (scanned
+    layers get their own layer's ``a``, ``b``, scale and salt). Use it as::
+
+        with nn.intercept_methods(lora_interceptor(dropout, row_keys)):
+            model.apply({'params': params, 'lora': lora_variables(lora, params, alpha)}, ...)
+
+    No merged copy of a kernel is made."""
 
     def icpt(next_fun, args, kwargs, ctx):
         if ctx.method_name != "__call__" or not isinstance(ctx.module, nn.Dense):
             return next_fun(*args, **kwargs)
-        path = "/".join(ctx.module.path) + "/kernel"
-        entry = lora.get(path)
         y = next_fun(*args, **kwargs)
-        if entry is None:
+        mod = ctx.module
+        if not mod.has_variable("lora", "a"):
             return y
+        a, b, scale, salt = (mod.get_variable("lora", k) for k in ("a", "b", "scale", "salt"))
         x = jnp.asarray(args[0]).astype(y.dtype)
         if dropout > 0 and row_keys is not None:
-            keep = hash_keep_mask(jax.random.key_data(row_keys), zlib.crc32(path.encode()), dropout, x.shape)
+            keep = hash_keep_mask(jax.random.key_data(row_keys), salt, dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(y.dtype)
-        a, b = entry["a"].astype(y.dtype), entry["b"].astype(y.dtype)
-        return y + ((alpha / a.shape[-1]) * ((x @ a) @ b)).astype(y.dtype)
+        a, b = a.astype(y.dtype), b.astype(y.dtype)
+        return y + (jnp.asarray(scale).astype(y.dtype) * ((x @ a) @ b)).astype(y.dtype)
 
     return icpt
 
@@ -311,7 +404,7 @@ def _mix32(h):
     return h ^ (h >> 16)
 
 
-def hash_keep_mask(key_data, salt: int, rate: float, shape) -> jax.Array:
+def hash_keep_mask(key_data, salt, rate: float, shape) -> jax.Array:
     """Dropout keep-mask of ``shape`` (rows first): entry ``j`` of row ``i`` is kept when
     ``mix(mix(j ^ k_i0 ^ salt) ^ k_i1) >= rate * 2^32`` (``k_i`` = row ``i``'s key data).
 
@@ -330,6 +423,7 @@ def hash_keep_mask(key_data, salt: int, rate: float, shape) -> jax.Array:
     j = jnp.zeros((1,) + shape[1:], jnp.uint32)  # flat index within the row, built in x's own shape (no reshape)
     for axis in range(1, len(shape)):
         j = j + jax.lax.broadcasted_iota(jnp.uint32, (1,) + shape[1:], axis) * jnp.uint32(math.prod(shape[axis + 1:]))
-    h = _mix32(j ^ kd[:, :1].reshape(row) ^ jnp.uint32(salt & 0xFFFFFFFF))
+    salt = jnp.asarray(salt & 0xFFFFFFFF if isinstance(salt, int) else salt, jnp.uint32)  # an int or a uint32 array
+    h = _mix32(j ^ kd[:, :1].reshape(row) ^ salt)
     h = _mix32(h ^ kd[:, -1:].reshape(row))
     return h >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))

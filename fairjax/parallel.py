@@ -9,7 +9,9 @@ One `Mesh` with axes ``('data', 'fsdp', 'tensor')`` serves every model:
   the ``tensor`` axis (:func:`tensor_rules`: attention q/k/v and MLP-in kernels split on their
   output dim, attention-out and MLP-down kernels on their input dim).  A param no rule matches
   is sharded FSDP style: over its largest dim divisible by the ``fsdp`` axis size; replicated
-  if none is, or if it has fewer than ``fsdp_min_size`` elements (config key).
+  if none is, or if it has fewer than ``fsdp_min_size`` elements (config key); never over the
+  layer axis of a scanned stack (a path through ``transformer_blocks/``, ``layers/`` or
+  ``blocks/``, :data:`fairjax.io.tree.STACKED`), which ``nn.scan`` slices.
 * the batch is split over ``('data', 'fsdp')`` on its leading dim (both axes hold
   different examples; ``tensor`` holds copies).
 * each process feeds its own contiguous slice of the global batch (process ``i`` of
@@ -21,6 +23,7 @@ Multi-host: call :func:`initialize_distributed` before anything touches a device
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,13 +35,59 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fairjax.errors import ShardingError
-from fairjax.io.tree import path_str
+from fairjax.io.tree import STACKED, path_str
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
 # ----------------------------------------------------------------------------- start-up
+
+
+def cache_root() -> str:
+    """fairjax's cache folder: ``$FAIRJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fairjax``, else ``~/.cache/fairjax``."""
+    env = os.environ.get("FAIRJAX_CACHE_DIR")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fairjax")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Turn on JAX's persistent compilation cache so that a re-run (and every resume) loads the
+    compiled train / sampling programs instead of compiling them again.
+
+    The folder: ``directory``, else ``$JAX_COMPILATION_CACHE_DIR`` (JAX's own variable wins when
+    set), else ``<cache_root()>/xla``. ``FAIRJAX_COMPILATION_CACHE=0`` turns it off. Programs that
+    compile in under ``jax_persistent_cache_min_compile_time_secs`` (JAX's default, 1 s) are not
+    stored. Returns the folder in use, or None when off. Call before the first compile; calling
+    again is harmless.
+    """
+    if os.environ.get("FAIRJAX_COMPILATION_CACHE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    folder = directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or current or os.path.join(cache_root(), "xla")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache off: cannot create %s (%s)", folder, e.strerror or e)
+        return None
+    if not os.access(folder, os.W_OK):
+        log.warning("compilation cache off: %s is not writable", folder)
+        return None
+    if current != folder:
+        jax.config.update("jax_compilation_cache_dir", folder)
+        try:  # JAX decides once per process whether the cache is used: make it look again
+            from jax._src import compilation_cache
+
+            compilation_cache.reset_cache()
+        except (ImportError, AttributeError):  # pragma: no cover - a JAX without it reads the flag at each compile
+            pass
+    return folder
 
 
 def initialize_distributed(
@@ -249,9 +298,12 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tupl
     (:func:`fsdp_spec` with ``min_size``).  A rule's :data:`FSDP_IF_FITS` entries become ``fsdp`` or
     ``None``; any other entry must divide its dim (else a one-line :class:`ShardingError`)."""
     fsdp = mesh.shape["fsdp"]
+    stacked = len(shape) > 1 and any(k in STACKED for k in path.split("/")[:-1])  # (layers, ...) of a scanned stack
     for pattern, spec in rules:
         if re.search(pattern, path):
             spec = _norm_spec(spec)
+            if stacked and len(spec) < len(shape):  # a rule written for one layer: the layer axis stays whole
+                spec = P(None, *spec)
             if len(spec) > len(shape):
                 raise ShardingError(
                     f"sharding rule {pattern!r} -> {tuple(spec)} has {len(spec)} dims but param {path} has shape {tuple(shape)}"
@@ -267,6 +319,8 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, rules: Sequence[tupl
                         f"{n} ways; change the rule"
                     )
             return spec
+    if stacked:  # keep the layer axis whole: nn.scan slices it
+        return P(None, *fsdp_spec(shape[1:], fsdp, min_size=min_size))
     return fsdp_spec(shape, fsdp, min_size=min_size)
 
 

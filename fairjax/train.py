@@ -66,6 +66,10 @@ def run(argv=None) -> dict:
         parallel.initialize_distributed()
     import jax
 
+    from fairjax import parallel
+
+    parallel.enable_compilation_cache()
+
     from fairjax import config as config_lib
     from fairjax import tasks, trainer
 

@@ -475,9 +475,14 @@ class _Logger:
         if self.bar is not None:
             self.bar.update(n)
 
+    compile_s: float | None = None  # set by the loop; goes into the first row this run writes
+
     def write(self, step, metrics):
         if not self.main:
             return
+        if self.compile_s is not None:
+            metrics = {**metrics, "compile_s": self.compile_s}
+            self.compile_s = None
         for k, v in metrics.items():
             self.tb.add_scalar(f"train/{k}", v, step)
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -549,6 +554,7 @@ def train(config, task, workdir: str) -> dict:
     preempted = None
     t_last, n_last = time.perf_counter(), start
     pending = None  # (step_number_completed, device metrics) awaiting the finite check
+    compile_s = None  # seconds from the step's first call to its first result (written into the first row)
 
     def settle(pend):
         """Fetch a step's metrics, stop on non-finite, log on schedule."""
@@ -576,7 +582,16 @@ def train(config, task, workdir: str) -> dict:
             for step in range(start, s.total_steps):
                 local = task.batch(step, pidx, pcount)
                 batch = parallel.global_batch(local, s.mesh, global_size=s.batch_size)
+                if compile_s is None:
+                    t_first = time.perf_counter()
                 state, metrics = p_step(state, frozen, batch)
+                if compile_s is None:  # the first call compiles (or loads from the compilation cache)
+                    jax.block_until_ready(metrics)
+                    compile_s = time.perf_counter() - t_first
+                    logger.compile_s = compile_s
+                    logger.message(f"train step ready in {compile_s:.1f} s (compile or compilation-cache load + first "
+                                   "step)")
+                    t_last, n_last = time.perf_counter(), step + 1
                 if pending is not None:
                     settle(pending)
                 pending = (step + 1, metrics)

@@ -6,6 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# fairjax's caches (the persistent XLA compilation cache of the entry points, converted models) go
+# to a folder of this test session, never the user's ~/.cache: set before anything reads it
+if "FAIRJAX_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["FAIRJAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="fairjax-test-cache-")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -42,11 +42,15 @@ def tiny_hf(**overrides):
     return model
 
 
-def to_flax(hf_model, **kw):
+def to_flax(hf_model, scan_layers=False, **kw):
+    """The Flax module and the converted params (with ``scan_layers``: the scanned module, params stacked)."""
     module = llama.from_config(hf_model.config.to_dict(), **kw)
     sd = DictReader({k: v.detach().numpy() for k, v in hf_model.state_dict().items()})
     ignore = [r"^lm_head\.weight$"] if module.config.tie_word_embeddings else []
-    return module, convert_checkpoint(sd, llama.param_shapes(module), ignore=ignore)
+    params = convert_checkpoint(sd, llama.param_shapes(module), ignore=ignore)
+    if scan_layers:
+        return module.clone(scan_layers=True), llama.stack_params(params)
+    return module, params
 
 
 def hf_logits(hf_model, ids, mask=None, position_ids=None):
@@ -99,10 +103,12 @@ def test_logits_match_transformers(name, rel):
     assert rel(out.logits, ref) < TOL
 
 
-def test_gradients_match_torch_with_remat(rel):
-    """d/dtheta sum(logits * r) over real tokens, every parameter, remat on (the training path)."""
-    hf = tiny_hf(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    module, params = to_flax(hf, remat=True)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_gradients_match_torch_with_remat(rel, scan_layers):
+    """d/dtheta sum(logits * r) over real tokens, every parameter, remat on (the training path); with
+    scan_layers the 3 layers run under nn.scan (remat per layer) on the stacked params."""
+    hf = tiny_hf(rope_scaling={"rope_type": "linear", "factor": 2.0}, num_hidden_layers=3)
+    module, params = to_flax(hf, scan_layers, remat="dots_saveable" if scan_layers else True)
     ids, mask = padded_batch(b=3, s=8)
     r = np.random.RandomState(5).randn(3, 8, 96).astype(np.float32) * mask[..., None]
     hf.zero_grad()
@@ -112,9 +118,11 @@ def test_gradients_match_torch_with_remat(rel):
 
     def loss(p):
         lg = module.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits
-        return (lg * r).sum()
+        return (lg * r).sum(), lg
 
-    grads = dict(export_state(jax.jit(jax.grad(loss))(params)))
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    assert rel(np.asarray(logits)[mask], out.detach().numpy()[mask]) < TOL
+    grads = dict(export_state(llama.unstack_params(grads)))
     ref = {k: v.grad.numpy() for k, v in hf.named_parameters()}
     assert set(grads) == set(ref)
     for k in ref:
@@ -139,9 +147,11 @@ def test_dynamic_rope_beyond_max_positions(rel):
     assert rel(out.logits, hf_logits(hf, ids)) < TOL
 
 
-def test_kv_cache_matches_full_recompute_and_transformers(rel):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_kv_cache_matches_full_recompute_and_transformers(rel, scan_layers):
+    """Prefill + decode steps (with scan_layers the cache's layer axis is scanned with the layers)."""
     hf = tiny_hf(rope_scaling={"rope_type": "linear", "factor": 2.0})
-    module, params = to_flax(hf)
+    module, params = to_flax(hf, scan_layers)
     ids = np.random.RandomState(0).randint(0, 96, (2, 11))
     mask = np.ones((2, 11), bool)
     mask[1, :3] = False  # left padded prompt, then 4 decoded tokens
@@ -169,9 +179,11 @@ def test_kv_cache_matches_full_recompute_and_transformers(rel):
     assert np.isnan(np.asarray(lg)).all()
 
 
-def test_greedy_generate_matches_transformers_generate():
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_greedy_generate_matches_transformers_generate(scan_layers):
+    """The same tokens as transformers' generate, unrolled and with the layers (and the cache) scanned."""
     hf = tiny_hf()
-    module, params = to_flax(hf)
+    module, params = to_flax(hf, scan_layers)
     ids = np.random.RandomState(3).randint(0, 96, (3, 9))
     mask = np.ones((3, 9), bool)
     mask[1, :4] = False  # generate needs left padding

@@ -236,6 +236,95 @@ def test_trainable_mask(setup):
         L.trainable_mask(params, "nothing")
 
 
+# ----------------------------------------------------------------------------- scanned layers
+
+LLAMA = dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=32, rms_norm_eps=1e-5)
+LLAMA_TARGETS = r"layers_\d+/(self_attn/(q|v)_proj|mlp/up_proj)/kernel$"
+
+
+@pytest.fixture(scope="module")
+def llama_setup():
+    """A 3-layer LLaMA, unrolled and scanned, on the same params (stacked for the scanned one)."""
+    from fairjax.models import llama
+
+    module = llama.from_config(LLAMA)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 40, (2, 5)))
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), ids)["params"]
+    return module, params, module.clone(scan_layers=True), llama.stack_params(params), ids
+
+
+def test_init_on_scanned_params_is_the_unrolled_lora(llama_setup):
+    """Same unrolled keys, per-layer shapes and values for the same rng, whatever the layout."""
+    _, params, _, stacked, _ = llama_setup
+    a = L.init(params, LLAMA_TARGETS, RANK, ALPHA, jax.random.PRNGKey(4))
+    b = L.init(stacked, LLAMA_TARGETS, RANK, ALPHA, jax.random.PRNGKey(4))
+    assert sorted(a) == sorted(b) == L.match_kernels(params, LLAMA_TARGETS) == L.match_kernels(stacked, LLAMA_TARGETS)
+    assert "model/layers_2/mlp/up_proj/kernel" in a and len(a) == 9
+    for k in a:
+        for ab in ("a", "b"):
+            assert a[k][ab].shape == b[k][ab].shape and np.array_equal(a[k][ab], b[k][ab]), k
+    mask = L.trainable_mask(stacked, r"mlp/")
+    assert mask["model"]["layers"]["mlp"]["up_proj"]["kernel"] is True
+    assert mask["model"]["layers"]["self_attn"]["q_proj"]["kernel"] is False
+    with pytest.raises(UserError, match="only some layers") as e:
+        L.trainable_mask(stacked, r"layers_1/mlp/")
+    assert "\n" not in str(e.value)
+
+
+def _partial_lora(params, seed=7):
+    """Random a and b on some layers of some kernels, rank 2 on layer 0's q_proj (mixed ranks in one stack)."""
+    lora = randomise_b(L.init(params, LLAMA_TARGETS, RANK, ALPHA, jax.random.PRNGKey(seed)))
+    del lora["model/layers_1/self_attn/q_proj/kernel"], lora["model/layers_0/mlp/up_proj/kernel"]
+    q0 = "model/layers_0/self_attn/q_proj/kernel"
+    lora[q0] = {"a": lora[q0]["a"][:, :2], "b": lora[q0]["b"][:2]}
+    return lora
+
+
+def test_merge_on_stacked_is_the_stacked_unrolled_merge(llama_setup):
+    """Bit for bit, also for layers without an entry and mixed ranks; and the gradient w.r.t. the LoRA."""
+    from fairjax.models import llama
+
+    _, params, _, stacked, _ = llama_setup
+    lora = _partial_lora(params)
+    want = jax.jit(lambda p, l: llama.stack_params(L.merge(p, l, ALPHA)))(params, lora)
+    got = jax.jit(lambda p, l: L.merge(p, l, ALPHA))(stacked, lora)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    k = stacked["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_array_equal(got["model"]["layers"]["mlp"]["up_proj"]["kernel"][0], k[0])  # no entry: unchanged
+    w = jax.random.normal(jax.random.PRNGKey(1), k.shape)
+    f = lambda p, l: jnp.sum(L.merge(p, l, ALPHA)["model"]["layers"]["mlp"]["up_proj"]["kernel"] * w)  # noqa: E731
+    g_un = jax.grad(lambda l: f(llama.stack_params(L.merge(params, l, ALPHA)), {}))(lora)
+    g_st = jax.grad(lambda l: f(stacked, l))(lora)
+    for p in lora:
+        for ab in ("a", "b"):
+            np.testing.assert_allclose(g_st[p][ab], g_un[p][ab], rtol=1e-6, atol=1e-6)
+
+
+def test_unmerged_lora_on_scanned_layers(llama_setup, rel):
+    """The interceptor reads each layer's 'lora' variables inside nn.scan: unmerged on the scanned model =
+    unmerged on the unrolled one = the merged model; with dropout the two layouts draw the same masks."""
+    module, params, scanned, stacked, ids = llama_setup
+    lora = _partial_lora(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+
+    def run(m, p, dropout=0.0, row_keys=None):
+        with nn.intercept_methods(L.lora_interceptor(dropout, row_keys)):
+            return m.apply({"params": p, "lora": L.lora_variables(lora, p, ALPHA)}, ids).logits
+
+    merged = module.apply({"params": L.merge(params, lora, ALPHA)}, ids).logits
+    base = module.apply({"params": params}, ids).logits
+    un, sc = jax.jit(lambda: run(module, params))(), jax.jit(lambda: run(scanned, stacked))()
+    assert rel(un, merged) < 1e-5 and rel(sc, merged) < 1e-5 and rel(base, merged) > 1e-3
+    v = L.lora_variables(lora, stacked, ALPHA)["model"]["layers"]["self_attn"]["q_proj"]
+    assert v["a"].shape == (3, 16, RANK) and list(v["scale"]) == [ALPHA / 2, 0.0, ALPHA / RANK]
+    un_d = jax.jit(lambda: run(module, params, 0.3, keys))()
+    sc_d = jax.jit(lambda: run(scanned, stacked, 0.3, keys))()
+    assert rel(sc_d, un_d) < 1e-5 and rel(un_d, un) > 1e-3
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_gradient_is_the_analytic_lora_gradient(rel):

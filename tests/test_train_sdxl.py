@@ -578,6 +578,7 @@ def test_empty_or_pairless_dataset(tiny):
     (dict(t_max=1001), ["config.t_max=1001", "<= 1000"]),
     (dict(anchor_weight=-1.0), ["config.anchor_weight=-1.0", ">= 0"]),
     (dict(anchor_weight=1.0), ["no 'prompt' field", "build_prefs", "anchor_weight=0"]),
+    ({"model.scan_layers": "sometimes"}, ["config.model.scan_layers='sometimes'", "auto, true, false"]),
 ])
 def test_bad_config_is_one_line_error(tiny, over, words):
     from fairjax.errors import UserError

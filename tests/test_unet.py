@@ -18,7 +18,7 @@ import diffusers
 from _torch_util import SDXL_UNET_CONFIG, DictReader, randomize_  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
-from fairjax.io.tree import shapes_of  # noqa: E402
+from fairjax.io.tree import flatten, shapes_of  # noqa: E402
 from fairjax.models import unet as unet_mod  # noqa: E402
 from fairjax.errors import ConfigError  # noqa: E402
 from fairjax.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
@@ -91,20 +91,27 @@ def torch_forward(model, sample, t, context, added):
         return model(torch.from_numpy(sample), tt, torch.from_numpy(context), **kw).sample.numpy()
 
 
-def check_parity(cfg, rel, hw, timesteps, seed=0, tol=1e-5, **module_kw):
+def check_parity(cfg, rel, hw, timesteps, seed=0, tol=1e-5, scan_layers=False, **module_kw):
+    """diffusers = Flax; with ``scan_layers`` also the scanned model on the stacked params (and = unrolled)."""
     model = torch_unet(cfg, seed)
     unet, params = flax_unet(cfg, model, **module_kw)
     apply = jax.jit(unet.apply)
+    scanned = jax.jit(unet.clone(scan_layers=True).apply)
     for i, t in enumerate(timesteps):
         sample, context, added = inputs(cfg, 2, hw, seed=seed + i)
         want = torch_forward(model, sample, t, context, added)
         got = np.asarray(apply({"params": params}, sample, np.asarray(t, np.float32), context, added))
         assert got.shape == want.shape
         assert rel(got, want) <= tol, (t, rel(got, want))
+        if scan_layers:
+            out = scanned({"params": unet_mod.stack_params(params)}, sample, np.asarray(t, np.float32), context, added)
+            assert rel(out, want) <= tol and rel(out, got) <= tol, (t, rel(out, want), rel(out, got))
 
 
-def test_sdxl_shaped_parity(rel):
-    check_parity(tiny_sdxl_config(), rel, (16, 24), [np.array([0.0, 999.0]), np.array([251.0, 637.5])])
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_sdxl_shaped_parity(rel, scan_layers):
+    check_parity(tiny_sdxl_config(), rel, (16, 24), [np.array([0.0, 999.0]), np.array([251.0, 637.5])],
+                 scan_layers=scan_layers)
 
 
 def test_sd15_shaped_parity(rel):
@@ -119,9 +126,15 @@ def test_sd_odd_latent_size_parity(rel):
     check_parity(cfg, rel, (13, 22), [np.array([3.0, 801.0])], seed=3, attention_implementation="einsum")
 
 
-def test_input_gradient_matches_torch_with_remat(rel):
-    """d sum(out * w) / d sample: Flax (jax.grad through nn.remat blocks) vs PyTorch autograd."""
-    cfg = tiny_sdxl_config(layers_per_block=1)
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_gradients_match_torch_with_remat(rel, scan_layers):
+    """d sum(out * w) / d (sample, every param): Flax (jax.grad through nn.remat blocks; with scan_layers
+    the 3-layer transformer stacks under nn.scan with the remat policy per layer, on the stacked params)
+    vs PyTorch autograd on the same weights. Two blocks (DownBlock2D, CrossAttnDownBlock2D): the least
+    compile time that still has every block kind and the text_time embedding."""
+    cfg = tiny_sdxl_config(layers_per_block=1, block_out_channels=[16, 32], attention_head_dim=[1, 2],
+                           down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                           up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 3])
     model = torch_unet(cfg, 2)
     unet, params = flax_unet(cfg, model, remat=True)
     sample, context, added = inputs(cfg, 2, (8, 8), seed=9)
@@ -131,9 +144,20 @@ def test_input_gradient_matches_torch_with_remat(rel):
     out = model(x, torch.from_numpy(t), torch.from_numpy(context),
                 added_cond_kwargs={k: torch.from_numpy(v) for k, v in added.items()}).sample
     (out * torch.from_numpy(w)).sum().backward()
-    fwd = lambda s: jnp.sum(unet.apply({"params": params}, s, t, context, added) * w)
-    got = jax.jit(jax.grad(fwd))(sample)
-    assert rel(got, x.grad.numpy()) <= 1e-5
+    want = flatten(convert_checkpoint(DictReader({k: p.grad.numpy() for k, p in model.named_parameters()}),
+                                      shapes_of(unet_mod.param_shapes(unet))))
+    if scan_layers:
+        unet, params = unet.clone(scan_layers=True, remat="dots_saveable"), unet_mod.stack_params(params)
+    fwd = lambda s, p: jnp.sum(unet.apply({"params": p}, s, t, context, added) * w)  # noqa: E731
+    g_sample, g_params = jax.jit(jax.grad(fwd, argnums=(0, 1)))(sample, params)
+    assert rel(g_sample, x.grad.numpy()) <= 1e-5
+    got = flatten(unet_mod.unstack_params(g_params))
+    assert set(got) == set(want)
+    keys = sorted(want)  # all params as one vector (a single kernel's float32 noise reaches ~1.1e-5 of its max)
+    vec = lambda t: np.concatenate([np.ravel(t[k]) for k in keys])  # noqa: E731
+    assert rel(vec(got), vec(want)) <= 1e-5
+    for k in keys:
+        assert rel(got[k], want[k]) <= 5e-5, (k, rel(got[k], want[k]))
 
 
 # ----------------------------------------------------------------------------- config

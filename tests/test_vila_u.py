@@ -18,7 +18,9 @@ import transformers
 tnn = torch.nn
 F = torch.nn.functional
 
-from fairjax.convert.core import plan_conversion  # noqa: E402
+from _torch_util import DictReader  # noqa: E402
+from fairjax.convert.core import convert_checkpoint, plan_conversion  # noqa: E402
+from fairjax.io.tree import flatten  # noqa: E402
 from fairjax.convert.llama import (  # noqa: E402
     convert_codebook, convert_projector, convert_rqtransformer, rqtransformer_shapes)
 from fairjax.convert.vila_u import load  # noqa: E402
@@ -160,7 +162,19 @@ def checkpoint(tmp_path_factory):
                       {f"layers.{k}": v.detach().numpy() for k, v in proj.state_dict().items()})
     (root / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp2x_gelu"}))
     vu, params, _, _ = load(str(root), vision_tower=False)
-    return (llm, rq, codebook, proj), vu, params
+    out = _Checkpoint(((llm, rq, codebook, proj), vu, params))
+    out.root = root
+    return out
+
+
+class _Checkpoint(tuple):
+    """``(torch parts, vu, params)`` with the folder they were loaded from as ``.root``."""
+
+    root = None
+
+
+def checkpoint_root(checkpoint):
+    return checkpoint.root
 
 
 # ----------------------------------------------------------------------------- tests
@@ -213,6 +227,43 @@ def test_depth_transformer_codebook_projector_match_reference(checkpoint, rel):
     assert rel(grid, emb.sum(-2).numpy().reshape(1, 2, 3, 16)) < TOL
 
 
+def test_scanned_depth_transformer_outputs_and_gradients_match_reference(checkpoint, rel):
+    """``load(..., scan_layers=True)``: the depth transformer's blocks under nn.scan (remat per layer) on the
+    stacked params give the torch reference's logits and parameter gradients (and the LLaMA is scanned too)."""
+    (_, rq, codebook, _), vu, params = checkpoint
+    svu, sp, _, _ = load(str(checkpoint_root(checkpoint)), vision_tower=False, scan_layers=True, remat="dots_saveable")
+    assert svu.scan_layers and sp["rqtransformer"]["head_transformer"]["blocks"]["attn"]["query"]["kernel"].shape == (
+        2, 32, 32)
+    assert sp["llm"]["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 48, 64)
+    np.testing.assert_array_equal(vila_u.unstack_params(sp)["llm"]["model"]["layers_1"]["mlp"]["up_proj"]["kernel"],
+                                  params["llm"]["model"]["layers_1"]["mlp"]["up_proj"]["kernel"])
+    rs = np.random.RandomState(1)
+    h = rs.randn(2, 3, 48).astype(np.float32)
+    codes = rs.randint(0, 50, (2, 3, 4))
+    r = rs.randn(2, 3, 4, 50).astype(np.float32)
+    emb = F.embedding(torch.tensor(codes), codebook)
+    rq.zero_grad()
+    ref = rq(torch.tensor(h), emb)
+    (ref * torch.tensor(r)).sum().backward()
+
+    def loss(p):
+        lg = vila_u.depth_logits(svu, dict(sp, rqtransformer=p), jnp.asarray(h), jnp.asarray(codes))
+        return jnp.sum(lg * r), lg
+
+    g, logits = jax.jit(jax.grad(loss, has_aux=True))(sp["rqtransformer"])
+    assert rel(logits, ref.detach().numpy()) < TOL
+    got = flatten(vila_u.unstack_params(dict(sp, rqtransformer=g))["rqtransformer"])
+    want = flatten(convert_checkpoint(DictReader({k: p.grad.numpy() for k, p in rq.named_parameters()}),
+                                      rqtransformer_shapes(vu.rqtransformer)))  # torch grads in the Flax layout
+    assert set(got) == set(want)
+    keys = sorted(want)  # all params as one vector: attn/key/bias has a zero gradient (softmax ignores it)
+    vec = lambda t: np.concatenate([np.ravel(t[k]) for k in keys])  # noqa: E731
+    assert rel(vec(got), vec(want)) < TOL
+    for k in keys:
+        if np.abs(want[k]).max() > 1e-4:
+            assert rel(got[k], want[k]) < 5e-5, k
+
+
 def test_filtered_probs_match_vila_u(rel):
     logits = np.random.RandomState(0).randn(4, 300).astype(np.float32) * 3
     for t, k, p in [(1.0, 900, 0.96), (1.0, 40, 0.8), (0.7, None, 0.5), (1.3, 10, None)]:
@@ -259,8 +310,13 @@ def ref_generate(llm, rq, codebook, proj, ids, mask, n_tokens, cfg):
     return torch.stack(all_codes, 1).numpy()
 
 
-def test_generate_image_codes_matches_reference_loop(checkpoint):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
+def test_generate_image_codes_matches_reference_loop(checkpoint, scan_layers):
+    """Greedy CFG image tokens = the torch loop; with scan_layers the LLaMA (and its KV cache) and the depth
+    transformer run scanned."""
     (llm, rq, codebook, proj), vu, params = checkpoint
+    if scan_layers:
+        vu, params = vu.with_scan_layers(True), vila_u.stack_params(params)
     ids, mask = vila_u.cfg_batch([1, 5, 7, 9, 11, 13, 2], [1, 5, 3, 2], n=2)
     ids[1, -3] = 17  # two different conditional prompts
     ref = ref_generate(llm, rq, codebook, proj, ids, mask, vu.image_tokens, cfg=3.0)

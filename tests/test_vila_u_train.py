@@ -232,6 +232,35 @@ def test_bpo_on_explicit_pairs_ignores_batch_order_and_size(tiny, pairs_dir, rel
     assert rel(loss, want) < 1e-5 and float(m["balance"]) > 0
 
 
+def test_bpo_step_with_scan_layers_equals_unrolled(tiny, pairs_dir, rel):
+    """model.scan_layers true: the task stacks the LLaMA layers and the depth blocks, the LoRA (unrolled keys,
+    dropout 0.1 on) goes in as stacked 'lora' variables: the same loss and LoRA gradients as unrolled,
+    the same per-row dropout masks included."""
+    _, vu, params = tiny
+    tasks = {s: vp.VilaUPrefTask(task_config("bpo", pairs_dir, **{"model.scan_layers": s}), model=(vu, params))
+             for s in ("false", "true")}
+    assert tasks["true"].vu.scan_layers and not tasks["false"].vu.scan_layers
+    assert tasks["true"].base["llm"]["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == LLM["num_hidden_layers"]
+    assert tasks["true"].config.model.scan_layers == "true"
+    lora = random_lora(params)
+    assert sorted(tasks["true"].init(jax.random.key(0))[0]) == sorted(lora)  # init: the unrolled keys
+    batch = tasks["false"].batch(0, 0, 1)
+    key = jax.random.key(3)
+    out = {s: _loss_and_grads(t, lora, t.init(jax.random.key(0))[1], batch, key) for s, t in tasks.items()}
+    assert rel(out["true"][0], out["false"][0]) < 1e-5
+    g_s, g_u = out["true"][2], out["false"][2]
+    assert sorted(g_s) == sorted(g_u) == sorted(lora)
+    for path in g_u:
+        for ab in ("a", "b"):
+            assert rel(g_s[path][ab], g_u[path][ab]) < 1e-5, (path, ab)
+    no_drop = vp.VilaUPrefTask(task_config("bpo", pairs_dir, **{"lora.dropout": 0.0}), model=(vu, params))
+    assert abs(_loss_and_grads(no_drop, lora, no_drop.init(jax.random.key(0))[1], batch, key)[0]
+               - out["false"][0]) > 1e-6  # the dropout masks matter, so equal losses mean equal masks
+    with pytest.raises(UserError) as e:
+        vp.VilaUPrefTask(task_config("bpo", pairs_dir, **{"model.scan_layers": "maybe"}), model=(vu, params))
+    one_line(e, "config.model.scan_layers='maybe'", "auto, true, false")
+
+
 def reference_run(task, cfg, steps):
     """Single-device optax loop written from the trainer's documented contract (clip + SGD)."""
     init_key, train_key = jax.random.split(jax.random.key(cfg.seed))

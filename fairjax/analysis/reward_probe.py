@@ -254,6 +254,9 @@ def main(argv=None) -> int:
         check_args(args)
         with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
             args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
+            from fairjax import parallel
+
+            parallel.enable_compilation_cache()
             _run(args)
     except (UserError, OSError) as e:
         line = fs.error_line(e)

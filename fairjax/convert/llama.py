@@ -79,11 +79,12 @@ def export_hf_llama(params: Mapping, config: Mapping[str, Any], out_dir: str, *,
     ``max_shard_bytes`` with a ``model.safetensors.index.json``). Written to a temp folder, then renamed.
 
     ``dtype`` (``'float32'``, ``'float16'``, ``'bfloat16'`` or a numpy dtype)
-    casts every tensor and is recorded in the config; None keeps the params'.
+    casts every tensor and is recorded in the config; None keeps the params'. ``scan_layers`` params
+    (``model/layers`` stacked) are written unrolled, like any other.
     """
     llama.LlamaConfig.from_dict(config)  # reject configs the params cannot belong to
     np_dtype = _np_dtype(dtype)
-    flat = flatten(params)
+    flat = flatten(llama.unstack_params(params))
     itemsize = {p: np.dtype(np_dtype or np.asarray(v).dtype).itemsize for p, v in flat.items()}
     sizes = [int(np.prod(v.shape)) * itemsize[p] for p, v in flat.items()]
     groups: list[list[int]] = [[]]

@@ -337,8 +337,9 @@ def layout(path: str) -> str:
     return CHECKPOINT
 
 
-def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None, remat: bool = False,
-         vision_tower: bool = True, siglip_config: Mapping[str, Any] | None = None):
+def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None,
+         remat: bool | str = False, scan_layers: bool | str = False, vision_tower: bool = True,
+         siglip_config: Mapping[str, Any] | None = None):
     """A VILA-U model -> ``(VilaU, params, RQVAESiglip, vision params)``, from either layout (:func:`layout`):
     a converted model dir, or vila-u's checkpoint folder read and converted in memory (same key rules and
     checks as :func:`convert_vila_u`; the SigLIP config as there, ``siglip_config`` for unknown ones).
@@ -348,12 +349,22 @@ def load(path: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str 
     compute dtype, ``param_dtype`` the params' (None = as stored). ``vision_tower=False`` reads only the
     generation path (LLM, projector, depth transformer, codebook) and returns ``None`` for the tower and its
     params (no SigLIP encoder or pixel decoder needed in the folder). Every part is checked key by key.
+    ``scan_layers`` (True, False or "auto": on accelerators only) scans the LLaMA layers and the depth
+    transformer's blocks and returns their params stacked (:func:`fairjax.models.vila_u.stack_params`);
+    the files hold the unrolled layout either way.
     """
+    from fairjax.models.layers import scan_layers_setting
+
+    scan = scan_layers_setting(scan_layers)
     kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl, remat=remat,
               vision_tower=vision_tower)
     if layout(path) == MODEL_DIR:
-        return _load_model_dir(path, **kw)
-    return _load_checkpoint(path, siglip_config=siglip_config, **kw)
+        vu, params, tower, vis = _load_model_dir(path, **kw)
+    else:
+        vu, params, tower, vis = _load_checkpoint(path, siglip_config=siglip_config, **kw)
+    if scan:
+        vu, params = vu.with_scan_layers(True), vila_u.stack_params(params)
+    return vu, params, tower, vis
 
 
 def load_vision_tower(model_dir: str, *, dtype=jnp.float32, param_dtype=None, attention_impl: str | None = None):

@@ -382,6 +382,9 @@ def _main(argv) -> int:
                 raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
         fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
         cfg.model.dir = resolve_args(str(cfg.model.dir), args)  # a diffusers folder or repo id: converted once
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     except (UserError, OSError) as e:
         line = fs.error_line(e)

@@ -157,7 +157,7 @@ class CLIPTextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
@@ -186,7 +186,7 @@ class CLIPTextModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, output_hidden_states: bool = False):

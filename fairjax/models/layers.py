@@ -22,7 +22,78 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fairjax.models.attention import dot_product_attention
+
 Dtype = Any
+
+#: activation checkpointing of a repeated block (``remat`` of the models and ``model.remat`` of the
+#: configs): ``none`` keeps every activation; ``nothing_saveable`` recomputes the whole block in the
+#: backward pass (``nn.remat``'s default, the least memory); ``dots_saveable`` keeps the results of
+#: matmuls and recomputes the rest; ``dots_with_no_batch_dims_saveable`` keeps only the matmuls
+#: without batch dimensions (the weight products, not attention's score products)
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_REMAT_ALIASES = {True: "nothing_saveable", False: "none", None: "none", "true": "nothing_saveable",
+                  "false": "none", "full": "nothing_saveable", "": "none"}
+
+
+def remat_policy(remat) -> str:
+    """The canonical policy name of a ``remat`` setting (a bool or one of :data:`REMAT_POLICIES`)."""
+    key = remat.strip().lower() if isinstance(remat, str) else remat
+    name = _REMAT_ALIASES.get(key, key) if isinstance(key, (str, bool)) or key is None else None
+    if name not in REMAT_POLICIES:
+        from fairjax.errors import ConfigError
+
+        raise ConfigError(f"remat={remat!r} is not one of {', '.join(REMAT_POLICIES)} (or true / false)")
+    return name
+
+
+def remat_wrap(cls, remat, **kwargs):
+    """``cls`` under ``nn.remat`` with the policy ``remat`` names (``cls`` itself for ``none``)."""
+    name = remat_policy(remat)
+    if name == "none":
+        return cls
+    policy = None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
+    return nn.remat(cls, policy=policy, **kwargs)
+
+#: ``scan_layers`` settings (``model.scan_layers`` of the configs): ``auto`` scans on GPU / TPU, not on CPU
+SCAN_LAYERS = ("auto", "true", "false")
+
+
+def scan_layers_setting(value, backend: str | None = None, key: str = "scan_layers") -> bool:
+    """Whether to scan repeated layers for a ``scan_layers`` setting: True / False (or "true" / "false"),
+    or "auto" (None, "") = True on an accelerator (GPU, TPU), False on CPU. ``key`` names the setting
+    in the error a bad value raises."""
+    v = value.strip().lower() if isinstance(value, str) else value
+    if v in (None, "", "auto"):
+        return (backend or jax.default_backend()) != "cpu"
+    if v in (True, "true"):
+        return True
+    if v in (False, "false"):
+        return False
+    from fairjax.errors import ConfigError
+
+    raise ConfigError(f"{key}={value!r} is not one of {', '.join(SCAN_LAYERS)}")
+
+
+def scan_stack(block: nn.Module, length: int, carry, *args, in_axes=None):
+    """Run ``block`` ``length`` times with ``nn.scan``: ``carry = block(carry, *args)`` (or, for a block
+    that returns ``(carry, y)``, also stacking the ``y``), one set of params per layer stacked on a
+    leading axis (``variable_axes={'params': 0, 'lora': 0}``, ``split_rngs={'params': True}``).
+
+    ``block`` is the unbound module instance (its name names the stack: ``transformer_blocks``,
+    ``layers``, ``blocks``), built from ``remat_wrap(cls, remat, prevent_cse=False)`` so the policy
+    applies per layer inside the loop. ``in_axes``: one entry per ``arg`` (default all ``nn.broadcast``:
+    shared inputs); ``0`` scans an arg's leading axis (a stacked KV cache). Returns ``(carry, ys)``.
+    """
+    def body(mdl, c, *xs):
+        out = mdl(c, *xs)
+        return out if isinstance(out, tuple) else (out, None)
+
+    axes = tuple(in_axes) if in_axes is not None else (nn.broadcast,) * len(args)
+    scan = nn.scan(body, variable_axes={"params": 0, "lora": 0}, split_rngs={"params": True}, in_axes=axes,
+                   length=length)
+    return scan(block, carry, *args)
+
 
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, ``0.5 x (1 + erf(x / sqrt(2)))`` -- PyTorch's formula (XLA's ``erf`` is
@@ -220,10 +291,9 @@ class Upsample2D(_Resample2D):
 def attention(q, k, v, heads: int, *, implementation: str | None = None, upcast: bool = False):
     """Multi-head ``softmax(q k^T / sqrt(d)) v`` on ``(B, T, heads*d)`` inputs.
 
-    ``implementation`` None / 'xla' / 'cudnn' go to ``jax.nn.dot_product_attention``;
-    'einsum' writes the same two products and float32 softmax directly (no
-    grouped-query vmap), which XLA:CPU runs faster. ``upcast`` computes in float32
-    (diffusers' ``upcast_attention``).
+    ``implementation``: one of :data:`fairjax.models.attention.IMPLEMENTATIONS` (None = ``auto``,
+    chosen per backend and shape by :func:`fairjax.models.attention.resolve`). ``upcast`` computes
+    in float32 (diffusers' ``upcast_attention``).
     """
     b, t, inner = q.shape
     d = inner // heads
@@ -233,13 +303,7 @@ def attention(q, k, v, heads: int, *, implementation: str | None = None, upcast:
     q = q.reshape(b, t, heads, d)
     k = k.reshape(b, k.shape[1], heads, d)
     v = v.reshape(b, v.shape[1], heads, d)
-    if implementation == "einsum":
-        logits = jnp.einsum("bthd,bshd->bhts", q * np.asarray(d ** -0.5, q.dtype), k,
-                            preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhts,bshd->bthd", probs, v)
-    else:
-        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    out = dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, t, inner).astype(dtype)
 
 
@@ -273,7 +337,7 @@ class SpatialSelfAttention(nn.Module):
         norm, *qkv, out = self.names
         h = group_norm(self.groups, self.eps, name=norm, **kw)(x)
         q, k, v = (proj(n)(h).reshape(b, hgt * wid, 1, c) for n in qkv)
-        o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        o = dot_product_attention(q, k, v, implementation=self.implementation)
         return x + proj(out)(o.reshape(b, hgt, wid, c))
 
 
@@ -370,7 +434,9 @@ class Transformer2DModel(nn.Module):
     ``h = proj_in(norm(x))`` (1x1 conv, or a Dense on the flattened tokens when
     ``use_linear_projection``), ``num_layers`` :class:`BasicTransformerBlock` over the
     ``H*W`` tokens (row-major, as diffusers flattens), ``out = proj_out(h) + x``.
-    ``remat`` wraps each block in ``nn.remat`` (activation checkpointing).
+    ``remat`` (a bool or one of :data:`REMAT_POLICIES`) checkpoints each block. ``scan_layers`` runs the
+    blocks with ``nn.scan`` (:func:`scan_stack`): one child ``transformer_blocks`` whose params have a
+    leading layer axis, instead of ``transformer_blocks_0 .. _{num_layers-1}``.
     """
 
     heads: int
@@ -381,7 +447,8 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -396,11 +463,16 @@ class Transformer2DModel(nn.Module):
             h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
             h = conv2d(inner, 1, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
-        block_cls = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
-        for i in range(self.num_layers):
-            h = block_cls(self.heads, self.dim_head, only_cross_attention=self.only_cross_attention,
-                          upcast_attention=self.upcast_attention, implementation=self.implementation,
-                          name=f"transformer_blocks_{i}", **kw)(h, context)
+        block_kw = dict(only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
+                        implementation=self.implementation, **kw)
+        if self.scan_layers:
+            block = remat_wrap(BasicTransformerBlock, self.remat, prevent_cse=False)(
+                self.heads, self.dim_head, name="transformer_blocks", **block_kw)
+            h, _ = scan_stack(block, self.num_layers, h, context)
+        else:
+            block_cls = remat_wrap(BasicTransformerBlock, self.remat)
+            for i in range(self.num_layers):
+                h = block_cls(self.heads, self.dim_head, name=f"transformer_blocks_{i}", **block_kw)(h, context)
         if self.use_linear_projection:
             h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
         else:

@@ -42,6 +42,8 @@ import numpy as np
 
 from fairjax import parallel
 from fairjax.errors import CheckpointError
+from fairjax.models.attention import dot_product_attention
+from fairjax.models.layers import remat_wrap, scan_stack
 
 Dtype = Any
 
@@ -267,10 +269,12 @@ def _dense(features: int, bias: bool, dtype, param_dtype, name: str) -> nn.Dense
 
 
 class LlamaAttention(nn.Module):
-    """GQA self-attention with RoPE; writes this layer's keys/values into the stacked cache when given."""
+    """GQA self-attention with RoPE; writes this layer's keys/values into the cache when given: row
+    ``layer_idx`` of the stacked ``(L, B, S, K, H)`` cache, or, with ``layer_idx=None`` (scanned layers),
+    the ``(B, S, K, H)`` slice ``nn.scan`` hands this layer."""
 
     config: LlamaConfig
-    layer_idx: int = 0
+    layer_idx: int | None = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
@@ -286,7 +290,13 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q.reshape(b, s, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rope(k.reshape(b, s, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(b, s, c.num_key_value_heads, c.head_dim)
-        if kv is not None:
+        if kv is not None and self.layer_idx is None:  # this layer's slice of the cache (scanned layers)
+            ck, cv = kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            kv = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        elif kv is not None:
             ck, cv = kv
             start = (self.layer_idx, 0, index, 0, 0)
             ck = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), start)
@@ -294,9 +304,9 @@ class LlamaAttention(nn.Module):
             kv = (ck, cv)
             k, v = ck[self.layer_idx].astype(q.dtype), cv[self.layer_idx].astype(q.dtype)
         if mask is None:
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+            o = dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
         else:
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
+            o = dot_product_attention(q, k, v, mask=mask, implementation=self.attention_impl)
         o = _dense(c.hidden_size, c.attention_bias, name="o_proj", **kw)(o.reshape(b, s, -1))
         return o, kv
 
@@ -318,8 +328,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """``h += self_attn(input_layernorm(h)); h += mlp(post_attention_layernorm(h))``; returns ``(h, kv)``."""
+
     config: LlamaConfig
-    layer_idx: int = 0
+    layer_idx: int | None = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
@@ -337,20 +349,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """embed_tokens -> layers_0..L-1 -> norm. Returns ``(hidden (B,S,H) after norm, cache or None)``."""
+    """embed_tokens -> layers_0..L-1 -> norm. Returns ``(hidden (B,S,H) after norm, cache or None)``.
+
+    ``scan_layers``: the layers run under ``nn.scan`` (one child ``layers`` with a leading layer axis on
+    every param; the KV cache's leading layer axis is scanned along with them)."""
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
 
     def setup(self):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw)
-        layer = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
-        self.layers = [layer(c, i, attention_impl=self.attention_impl, **kw) for i in range(c.num_hidden_layers)]
+        if self.scan_layers:
+            layer = remat_wrap(LlamaDecoderLayer, self.remat, prevent_cse=False)
+            self.layers = layer(c, None, attention_impl=self.attention_impl, **kw)
+        else:
+            layer = remat_wrap(LlamaDecoderLayer, self.remat)
+            self.layers = [layer(c, i, attention_impl=self.attention_impl, **kw) for i in range(c.num_hidden_layers)]
         self.norm = LlamaRMSNorm(c.rms_norm_eps, **kw)
 
     def __call__(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
@@ -380,8 +400,12 @@ class LlamaModel(nn.Module):
             mask = (k_slot[None, :] <= q_slot[:, None])[None, None] & slot_mask[:, None, None, :]
             kv = (cache.k, cache.v)
         cos, sin = rope_cos_sin(self.config, position_ids)
-        for layer in self.layers:
-            h, kv = layer(h, cos, sin, mask, kv, index)
+        if self.scan_layers:  # the cache's leading (layer) axis is scanned with the params
+            h, kv = scan_stack(self.layers, self.config.num_hidden_layers, h, cos, sin, mask, kv, index,
+                               in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast))
+        else:
+            for layer in self.layers:
+                h, kv = layer(h, cos, sin, mask, kv, index)
         h = self.norm(h)
         if cache is not None:  # a write past the last slot would be clamped by dynamic_update_slice: poison it
             h = jnp.where(index + s <= cache.max_len, h, jnp.nan)
@@ -402,19 +426,21 @@ class LlamaForCausalLM(nn.Module):
     ``__call__(input_ids | inputs_embeds, attention_mask, position_ids, cache, logits=True)``
     returns :class:`LlamaOutput`. ``attention_mask`` (B, S) marks real tokens
     (padding may be on either side); without ``position_ids`` positions count
-    real tokens only (see module docstring). ``attention_impl`` is passed to
-    ``jax.nn.dot_product_attention`` (None = XLA; ``'cudnn'`` for flash on GPU).
+    real tokens only (see module docstring). ``attention_impl``: :mod:`fairjax.models.attention`
+    (None = ``auto``). ``scan_layers``: see :class:`LlamaModel` (params ``model/layers/...`` with a
+    leading layer axis; :func:`stack_params` / :func:`unstack_params` convert).
     """
 
     config: LlamaConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
 
     def setup(self):
         self.model = LlamaModel(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                attention_impl=self.attention_impl, remat=self.remat)
+                                attention_impl=self.attention_impl, remat=self.remat, scan_layers=self.scan_layers)
         if not self.config.tie_word_embeddings:
             self.lm_head = _dense(self.config.vocab_size, False, self.dtype, self.param_dtype, None)
 
@@ -511,10 +537,25 @@ def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=N
 # ----------------------------------------------------------------------------- build
 
 def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-                attention_impl: str | None = None, remat: bool = False) -> LlamaForCausalLM:
+                attention_impl: str | None = None, remat: bool | str = False,
+                scan_layers: bool = False) -> LlamaForCausalLM:
     """Module for a transformers LLaMA ``config.json`` dict."""
     return LlamaForCausalLM(LlamaConfig.from_dict(cfg), dtype=dtype, param_dtype=param_dtype,
-                            attention_impl=attention_impl, remat=remat)
+                            attention_impl=attention_impl, remat=remat, scan_layers=scan_layers)
+
+
+def stack_params(params) -> dict:
+    """Unrolled LLaMA params (``model/layers_i``, the files' layout) -> the ``scan_layers`` layout."""
+    from fairjax.io.tree import stack_layers
+
+    return stack_layers(params, ("layers",))
+
+
+def unstack_params(params) -> dict:
+    """``scan_layers`` LLaMA params -> the unrolled layout (unrolled params pass through)."""
+    from fairjax.io.tree import unstack_layers
+
+    return unstack_layers(params, ("layers",))
 
 
 def param_shapes(model: LlamaForCausalLM) -> dict:

@@ -119,7 +119,7 @@ class SiglipVisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, pixel_values, output_hidden_states: bool = False):

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from fairjax import parallel
-from fairjax.models.layers import layer_norm
+from fairjax.models.attention import dot_product_attention
+from fairjax.models.layers import layer_norm, remat_wrap
 
 #: the ``tensor``-axis rules of :class:`SelfAttention` / :class:`MLP` blocks (CLIP, SigLIP;
 #: :func:`fairjax.parallel.tensor_rules`): q/k/v and fc1 column-parallel, out and fc2 row-parallel
@@ -84,8 +85,7 @@ class SelfAttention(nn.Module):
         dense = lambda name: nn.Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         shape = (b, t, self.num_heads, e // self.num_heads)
         q, k, v = (dense(n)(x).reshape(shape) for n in self.names[:3])
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal,
-                                         implementation=self.attention_impl)
+        o = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.attention_impl)
         return dense(self.names[3])(o.reshape(b, t, e))
 
 
@@ -151,11 +151,11 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
 
     @nn.compact
     def __call__(self, x, mask=None):
-        layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
+        layer = remat_wrap(EncoderLayer, self.remat)
         states = [x]
         for i in range(self.num_layers):
             x = layer(self.config, self.causal, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from fairjax import parallel
 from fairjax.errors import ConfigError
+from fairjax.models import attention
 from fairjax.models.layers import (
     Downsample2D,
     ResnetBlock2D,
@@ -118,7 +119,6 @@ _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _MID_TYPES = ("UNetMidBlock2DCrossAttn", None)
 _ADDITION_TYPES = (None, "text_time")
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
 #: the ``tensor``-axis rules (:func:`fairjax.parallel.tensor_rules`): attention q/k/v and the GEGLU
 #: input projection column-parallel, attention out and the feed-forward output row-parallel
 PARTITION_RULES = parallel.tensor_rules(column=(r"attn[12]/to_(q|k|v)", r"ff/net_0/proj"),
@@ -259,7 +259,8 @@ class _BlockBase(nn.Module):
     only_cross_attention: bool = False
     upcast_attention: bool = False
     implementation: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -273,8 +274,8 @@ class _BlockBase(nn.Module):
                                   norm_num_groups=self.resnet_groups, use_linear_projection=self.use_linear_projection,
                                   only_cross_attention=self.only_cross_attention,
                                   upcast_attention=self.upcast_attention, implementation=self.implementation,
-                                  remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  name=f"attentions_{i}")
+                                  remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=f"attentions_{i}")
 
 
 class DownBlock(_BlockBase):
@@ -347,22 +348,29 @@ class UNet2DConditionModel(nn.Module):
     intermediate as a skip), mid block, up blocks (consuming the skips in reverse),
     ``conv_out(act(conv_norm_out(x)))``.
 
-    ``attention_implementation`` goes to ``jax.nn.dot_product_attention`` (None /
-    'xla' / 'cudnn'), or 'einsum' for the plain two-einsum form (faster on CPU);
-    ``remat`` checkpoints every transformer block.
+    ``attention_implementation``: ``auto`` (default; None means the same), ``xla``, ``cudnn``,
+    ``pallas``, ``einsum`` or ``chunked`` (:mod:`fairjax.models.attention`); ``remat`` checkpoints
+    every transformer block. ``scan_layers`` runs each ``Transformer2DModel``'s blocks with ``nn.scan``:
+    its params are ``.../attentions_i/transformer_blocks/...`` with a leading layer axis instead of
+    ``transformer_blocks_0 .. _{L-1}`` (:func:`fairjax.io.tree.stack_layers` maps one onto the other;
+    files always hold the unrolled layout).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_implementation: str | None = None
-    remat: bool = False
+    attention_implementation: str | None = "auto"
+    remat: bool | str = False
+    scan_layers: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | UNetConfig, **kwargs) -> "UNet2DConditionModel":
-        """Build from a diffusers config dict; ``kwargs``: dtype, param_dtype, attention_implementation, remat."""
+        """Build from a diffusers config dict; ``kwargs``: dtype, param_dtype, attention_implementation, remat,
+        scan_layers."""
         if not isinstance(config, UNetConfig):
             config = UNetConfig.from_dict(config)
+        if "attention_implementation" in kwargs:
+            kwargs["attention_implementation"] = attention.check(kwargs["attention_implementation"])
         return cls(config, **kwargs)
 
     def _block_kwargs(self, i: int, *, reverse: bool = False) -> dict:
@@ -372,7 +380,7 @@ class UNet2DConditionModel(nn.Module):
                     act_fn=c["act_fn"], use_linear_projection=c["use_linear_projection"],
                     only_cross_attention=c.per_block("only_cross_attention")[idx],
                     upcast_attention=c["upcast_attention"], implementation=self.attention_implementation,
-                    remat=self.remat, dtype=self.dtype, param_dtype=self.param_dtype)
+                    remat=self.remat, scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype)
 
     def _time_embedding(self, t, batch, added_cond_kwargs):
         c = self.config
@@ -400,9 +408,7 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         c = self.config
-        if self.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"attention_implementation={self.attention_implementation!r} is not one of "
-                              f"{ATTENTION_IMPLEMENTATIONS}")
+        attention.check(self.attention_implementation)
         n = c.num_blocks
         channels = c["block_out_channels"]
         x = jnp.transpose(jnp.asarray(sample), (0, 2, 3, 1)).astype(self.dtype)
@@ -482,7 +488,8 @@ def config_shapes(config: Mapping[str, Any] | UNetConfig) -> dict:
     return dict(_config_shapes(config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)))
 
 
-def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, **overrides):
+def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None, *,
+         scan_layers: bool | str = False, **overrides):
     """Load ``(unet, params)`` from a fairjax model dir (or its ``unet/`` folder).
 
     ``overrides``: module options (``attention_implementation``, ``remat``,
@@ -490,11 +497,15 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     Params are returned as stored (float32 masters unless converted otherwise),
     cast to ``param_dtype`` when given; every key and shape is checked against the config.
     Params that need no cast are read-only views of the file's memory map (read on first use).
+    ``scan_layers`` (True, False or "auto": on accelerators only) returns the scanned model and its
+    params stacked (:func:`stack_params`); the files hold the unrolled layout either way.
     """
     import os
 
     from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir, load_params, read_json
+    from fairjax.models.layers import scan_layers_setting
 
+    scan = scan_layers_setting(scan_layers)
     folder = component_dir(model_dir, "unet")
     config = read_json(os.path.join(folder, CONFIG_FILE))
     module_keys = {"attention_implementation", "remat"}
@@ -505,4 +516,20 @@ def load(model_dir: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None =
     # cast are memory-mapped, read when first used (as diffusers' from_pretrained)
     params = load_params(os.path.join(folder, PARAMS_FILE), lambda: config_shapes(unet.config), dtype=param_dtype,
                          mmap=True)
+    if scan:
+        unet, params = unet.clone(scan_layers=True), stack_params(params)
     return unet, params
+
+
+def stack_params(params) -> dict:
+    """Unrolled UNet params (``transformer_blocks_i``, the files' layout) -> the ``scan_layers`` layout."""
+    from fairjax.io.tree import stack_layers
+
+    return stack_layers(params, ("transformer_blocks",))
+
+
+def unstack_params(params) -> dict:
+    """``scan_layers`` UNet params -> the unrolled layout every file holds (unrolled params pass through)."""
+    from fairjax.io.tree import unstack_layers
+
+    return unstack_layers(params, ("transformer_blocks",))

@@ -46,7 +46,7 @@ from fairjax import parallel
 from fairjax.errors import CheckpointError
 from fairjax.models import llama
 from fairjax.models import transformer as transformer_mod
-from fairjax.models.layers import layer_norm
+from fairjax.models.layers import layer_norm, remat_wrap, scan_stack
 from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward
 
 Dtype = Any
@@ -243,18 +243,25 @@ class AttentionBlock(nn.Module):
 
 
 class AttentionStack(nn.Module):
+    """``blocks_0 .. blocks_{n_layer-1}`` (:class:`AttentionBlock`), or with ``scan_layers`` one ``blocks``
+    under ``nn.scan`` whose params have a leading layer axis."""
+
     config: RQTransformerConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x):
-        block = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+        if self.scan_layers:
+            block = remat_wrap(AttentionBlock, self.remat, prevent_cse=False)(self.config, name="blocks", **kw)
+            return scan_stack(block, self.config.n_layer, x)[0]
+        block = remat_wrap(AttentionBlock, self.remat)
         for i in range(self.config.n_layer):
-            x = block(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                      attention_impl=self.attention_impl, name=f"blocks_{i}")(x)
+            x = block(self.config, name=f"blocks_{i}", **kw)(x)
         return x
 
 
@@ -270,7 +277,8 @@ class RQTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
-    remat: bool = False
+    remat: bool | str = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, embed_from_body, code_embeds):
@@ -282,8 +290,8 @@ class RQTransformer(nn.Module):
         x = jnp.concatenate([body[:, :, None, :], ctx[:, :, :-1, :]], axis=-2).reshape(b * s, d, c.embed_dim)
         pos = self.param("pos_emb_d", nn.initializers.normal(0.02), (1, c.depth, c.embed_dim), self.param_dtype)
         x = x + pos[:, :d].astype(self.dtype)
-        x = AttentionStack(c, attention_impl=self.attention_impl, remat=self.remat, name="head_transformer",
-                           **kw)(x)
+        x = AttentionStack(c, attention_impl=self.attention_impl, remat=self.remat, scan_layers=self.scan_layers,
+                           name="head_transformer", **kw)(x)
         x = ClassifierMLP(c, name="classifier_mlp", **kw)(x)
         return x.reshape(b, s, d, -1).astype(jnp.float32)
 
@@ -323,6 +331,16 @@ class VilaU:
         h, w, _ = self.rqtransformer.config.block_size
         return h * w
 
+    @property
+    def scan_layers(self) -> bool:
+        return bool(self.llm.scan_layers)
+
+    def with_scan_layers(self, scan: bool) -> "VilaU":
+        """The same model with the LLaMA and depth-transformer layers scanned (or not); convert its params
+        with :func:`stack_params` / :func:`unstack_params`."""
+        return dataclasses.replace(self, llm=self.llm.clone(scan_layers=bool(scan)),
+                                   rqtransformer=self.rqtransformer.clone(scan_layers=bool(scan)))
+
     def init(self, rng) -> dict:
         """Random params (for tests and shape checks)."""
         k = jax.random.split(rng, 4)
@@ -338,16 +356,36 @@ class VilaU:
         }
 
 
+def stack_params(params: Mapping) -> dict:
+    """VILA-U params (``{'llm', 'mm_projector', 'rqtransformer', 'codebook'}``, the files' unrolled layout) ->
+    the ``scan_layers`` layout: ``llm/model/layers`` and ``rqtransformer/head_transformer/blocks`` stacked
+    (the projector's ``layers_0``, ``layers_2`` are not a layer stack and stay as they are)."""
+    from fairjax.io.tree import stack_layers
+
+    return dict(params, llm=stack_layers(params["llm"], ("layers",)),
+                rqtransformer=stack_layers(params["rqtransformer"], ("blocks",)))
+
+
+def unstack_params(params: Mapping) -> dict:
+    """Inverse of :func:`stack_params` (unrolled params pass through)."""
+    from fairjax.io.tree import unstack_layers
+
+    return dict(params, llm=unstack_layers(params["llm"], ("layers",)),
+                rqtransformer=unstack_layers(params["rqtransformer"], ("blocks",)))
+
+
 def build(llm_config: Mapping[str, Any], vision_tower_config: Mapping[str, Any],
           mm_projector_config: Mapping[str, Any] | None = None, *, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32, attention_impl: str | None = None, remat: bool = False) -> VilaU:
-    """Modules from ``llm/config.json``, ``vision_tower/config.json`` and ``mm_projector/config.json`` dicts."""
+          param_dtype: Dtype = jnp.float32, attention_impl: str | None = None, remat: bool | str = False,
+          scan_layers: bool = False) -> VilaU:
+    """Modules from ``llm/config.json``, ``vision_tower/config.json`` and ``mm_projector/config.json`` dicts;
+    ``scan_layers`` scans the LLaMA layers and the depth transformer's blocks."""
     for k in ("rqtransformer", "rqvaesiglip"):
         if not isinstance(vision_tower_config.get(k), Mapping):
             raise CheckpointError(f"vision_tower config: no '{k}' dict; expected vila-u's "
                                   f"vision_tower/config.json (RQVAESIGLIPTransformerConfig)")
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    lm = llama.from_config(llm_config, attention_impl=attention_impl, remat=remat, **kw)
+    lm = llama.from_config(llm_config, attention_impl=attention_impl, remat=remat, scan_layers=scan_layers, **kw)
     rq = RQTransformerConfig.from_dict(vision_tower_config["rqtransformer"])
     cb = CodebookConfig.from_dict(vision_tower_config["rqvaesiglip"])
     pj = ProjectorConfig.from_dict(mm_projector_config or {}, mm_hidden_size=cb.embed_dim,
@@ -360,7 +398,8 @@ def build(llm_config: Mapping[str, Any], vision_tower_config: Mapping[str, Any],
         raise CheckpointError(f"rqtransformer config: block_size depth {rq.depth} / vocab_size {rq.vocab_size} do "
                               f"not match the codebook's code_shape depth {cb.depth} / n_embed {cb.n_embed}")
     return VilaU(llm=lm, mm_projector=MultimodalProjector(pj, **kw),
-                 rqtransformer=RQTransformer(rq, attention_impl=attention_impl, remat=remat, **kw),
+                 rqtransformer=RQTransformer(rq, attention_impl=attention_impl, remat=remat, scan_layers=scan_layers,
+                                             **kw),
                  codebook=RQCodebook(cb, **kw))
 
 

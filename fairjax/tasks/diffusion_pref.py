@@ -58,6 +58,8 @@ from fairjax import losses
 from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
 from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
 from fairjax.errors import ConfigError, UserError
+from fairjax.models import attention as attention_lib
+from fairjax.models.layers import REMAT_POLICIES, SCAN_LAYERS, remat_policy, scan_layers_setting
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,14 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         dir="",  # a fairjax model dir: unet/, text_encoder*/, tokenizer*/, scheduler/
         dtype="auto",  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
         param_dtype="float32",  # the frozen params (reference UNet / LoRA base); trained params stay float32
-        remat=True,  # rematerialise each transformer block in the backward pass
-        attention="",  # "" (XLA default) | "xla" | "cudnn" | "einsum"
+        # activation checkpointing of each transformer block: none | nothing_saveable (recompute the
+        # block in the backward) | dots_saveable | dots_with_no_batch_dims_saveable (keep matmuls)
+        remat="nothing_saveable",
+        # auto (cuDNN flash on GPU, Pallas on TPU, where their rules allow) | xla | cudnn | pallas | einsum | chunked
+        attention="auto",
+        # nn.scan over each transformer stack (params stacked per stack; files stay unrolled): "auto" =
+        # "true" on GPU / TPU, "false" on CPU; the run's config.json records what "auto" resolved to
+        scan_layers="auto",
     ))
     c.tiny = ""  # "tiny" | "micro": build that random model + dataset under <workdir>/tiny_<name>/
     c.data = ml_collections.ConfigDict(dict(path="", split="train", caption_dropout=0.2, shuffle=True))
@@ -138,7 +146,7 @@ def make_config(loss: str, arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.warmup_steps = 2
         c.checkpoint.every_steps = 6
         c.log_every_steps = 2
-        c.model.remat = False
+        c.model.remat = "none"
     return c
 
 
@@ -156,8 +164,9 @@ RANGES = {
     "tiny": config_lib.one_of("", "tiny", "micro"),
     "model.dtype": config_lib.one_of("auto", "float32", "bfloat16", "float16"),
     "model.param_dtype": config_lib.one_of("float32", "bfloat16", "float16"),
-    "model.remat": config_lib.BOOL,
-    "model.attention": config_lib.one_of("", "xla", "cudnn", "einsum"),
+    "model.remat": config_lib.one_of(*REMAT_POLICIES, "true", "false"),
+    "model.attention": config_lib.one_of(*attention_lib.IMPLEMENTATIONS, ""),
+    "model.scan_layers": config_lib.one_of(*SCAN_LAYERS),
     "data.caption_dropout": config_lib.floats(0, 1),
     "data.shuffle": config_lib.BOOL,
     "text_embeds.batch_size": config_lib.ints(1),
@@ -209,6 +218,8 @@ class DiffusionPrefTask:
         _check(c.loss in LOSSES, f"config.loss={c.loss!r} is not one of {', '.join(LOSSES)}")
         _check(int(c.get("noise_draws", 1)) >= 1,
                f"config.noise_draws={c.get('noise_draws')} must be >= 1 (noise draws per image)")
+        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"), key="config.model.scan_layers")
+        c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         self.model_dir, data_path = str(c.model.dir), str(c.data.path)
         if c.get("tiny"):
             from fairjax.diffusion import tiny as tiny_sdxl
@@ -244,8 +255,8 @@ class DiffusionPrefTask:
         self.dtype = _compute_dtype(str(c.model.dtype))
         self.param_dtype = _compute_dtype(str(c.model.param_dtype), key="model.param_dtype", auto=False)
         self.unet = unet_mod.UNet2DConditionModel.from_config(
-            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=bool(c.model.remat),
-            attention_implementation=str(c.model.attention) or None)
+            self.unet_config, dtype=self.dtype, param_dtype=jnp.float32, remat=remat_policy(c.model.remat),
+            attention_implementation=str(c.model.attention) or None, scan_layers=self.scan_layers)
         self.rank = int(c.lora.rank)
         _check(self.rank >= 0, f"config.lora.rank={self.rank} must be >= 0 (0 = full fine-tuning)")
         self.lora_alpha = float(c.lora.alpha)
@@ -327,11 +338,14 @@ class DiffusionPrefTask:
     # -- the contract -----------------------------------------------------------------
 
     def init(self, rng):
-        """``(trainable, frozen)``: full: (params, reference copy) or (params, {}) for SFT; LoRA: (lora, base)."""
+        """``(trainable, frozen)``: full: (params, reference copy) or (params, {}) for SFT; LoRA: (lora, base).
+        With ``model.scan_layers`` the params are stacked per transformer stack; a LoRA is keyed by the
+        unrolled kernel paths either way (:mod:`fairjax.lora`)."""
         from fairjax.models import unet as unet_mod
 
         try:
-            _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32)
+            _, params = unet_mod.load(self.model_dir, dtype=self.dtype, param_dtype=jnp.float32,
+                                      scan_layers=self.scan_layers)
         except UserError as e:
             raise ConfigError(str(e)) from None
         frozen = params if self.param_dtype == jnp.float32 else jax.tree.map(lambda x: x.astype(self.param_dtype), params)
@@ -484,7 +498,9 @@ class DiffusionPrefTask:
 
     def finish(self, trainable, frozen, workdir: str) -> dict:
         """Write the trained UNet (full: ``<workdir>/model/unet/``, a fairjax model dir; LoRA:
-        ``<workdir>/unet_lora.safetensors``) on process 0 and say where."""
+        ``<workdir>/unet_lora.safetensors``) on process 0 and say where. Both hold the unrolled layout
+        whatever ``model.scan_layers`` was."""
+        from fairjax.models import unet as unet_mod
         from fairjax.trainer import params_on_host
 
         host = params_on_host(trainable)
@@ -492,6 +508,7 @@ class DiffusionPrefTask:
             out = os.path.join(workdir, "unet_lora.safetensors")
         else:
             out = os.path.join(workdir, "model")
+            host = unet_mod.unstack_params(host)
         if jax.process_index() == 0:
             if self.rank:
                 from fairjax import lora

@@ -43,7 +43,10 @@ from fairjax import config as config_lib
 from fairjax import lora as lora_lib
 from fairjax import losses
 from fairjax.errors import UserError
+from fairjax.models import attention as attention_lib
 from fairjax.models import siglip
+from fairjax.models import vila_u as vila_u_mod
+from fairjax.models.layers import REMAT_POLICIES, SCAN_LAYERS, remat_policy, scan_layers_setting
 from fairjax.vila_u import data as vdata
 from fairjax.vila_u.augment import random_resized_crop
 from fairjax.vila_u.logprobs import encode_codes, image_code_logprobs, response_logprobs
@@ -82,9 +85,12 @@ def default_config():
         dir="",  # a fairjax VILA-U model dir (tools/convert_vila_u.py) or the vila-u checkpoint folder
         dtype="float32",  # compute: bfloat16 on accelerators
         param_dtype="float32",  # frozen base params: bfloat16 on accelerators (LoRA stays float32)
-        remat=False,  # rematerialise each LLaMA / depth-transformer block in the backward pass
-        attention="",  # '' = XLA; 'cudnn' = flash attention on GPU
+        remat="none",  # each LLaMA / depth-transformer block: none | nothing_saveable | dots_saveable | ...
+        attention="auto",  # auto | xla | cudnn | pallas | einsum | chunked (fairjax.models.attention)
         head_chunk=0,  # > 0: image positions per rematerialised depth-head chunk (bounds the code logits)
+        # nn.scan over the LLaMA layers and the depth transformer's blocks (files stay unrolled): "auto" =
+        # "true" on GPU / TPU, "false" on CPU; the run's config.json records what "auto" resolved to
+        scan_layers="auto",
     ))
     c.data = ml_collections.ConfigDict(dict(path="", split="train", shuffle=True, max_prompt_len=0))
     c.lora = ml_collections.ConfigDict(dict(rank=32, alpha=32.0, dropout=0.1, targets=LORA_TARGETS,
@@ -111,7 +117,9 @@ RANGES = {
     "tiny_seed": config_lib.SEED,
     "model.dtype": config_lib.one_of(*_DTYPES),
     "model.param_dtype": config_lib.one_of(*_DTYPES),
-    "model.remat": config_lib.BOOL,
+    "model.remat": config_lib.one_of(*REMAT_POLICIES, "true", "false"),
+    "model.attention": config_lib.one_of(*attention_lib.IMPLEMENTATIONS, ""),
+    "model.scan_layers": config_lib.one_of(*SCAN_LAYERS),
     "model.head_chunk": config_lib.ints(0, note="0 = the whole depth head at once"),
     "data.shuffle": config_lib.BOOL,
     "data.max_prompt_len": config_lib.ints(0, note="0 = the longest prompt"),
@@ -121,7 +129,8 @@ RANGES = {
 }
 
 
-def load_model(model_dir: str, *, dtype=jnp.float32, param_dtype=None, remat=False, attention_impl=None):
+def load_model(model_dir: str, *, dtype=jnp.float32, param_dtype=None, remat=False, attention_impl=None,
+               scan_layers=False):
     """``(VilaU, params, RQVAESiglip, vision params)`` of a fairjax VILA-U model dir or a vila-u checkpoint
     folder (:func:`fairjax.convert.vila_u.load`)."""
     from fairjax.convert import vila_u as convert_vila_u
@@ -130,7 +139,7 @@ def load_model(model_dir: str, *, dtype=jnp.float32, param_dtype=None, remat=Fal
         raise UserError(f"model.dir {model_dir!r} is not a folder; pass vila-u-7b-256's folder or its "
                         "tools/convert_vila_u.py output (or use a :tiny preset)")
     return convert_vila_u.load(model_dir, dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl,
-                               remat=remat)
+                               remat=remat, scan_layers=scan_layers)
 
 
 def _dtype(name: str, key: str):
@@ -141,7 +150,8 @@ def _dtype(name: str, key: str):
 
 class VilaUPrefTask:
     """Task for :func:`fairjax.trainer.train` (contract in its docstring). ``model`` optionally gives
-    ``(VilaU, params[, RQVAESiglip, vision params])`` in place of ``config.model.dir`` (tests)."""
+    ``(VilaU, params[, RQVAESiglip, vision params])`` in place of ``config.model.dir`` (tests); it is put
+    into the layout ``model.scan_layers`` asks for."""
 
     init_in_jit = False
 
@@ -150,16 +160,23 @@ class VilaUPrefTask:
         self.loss_name = str(c.loss)
         if self.loss_name not in LOSSES:
             raise UserError(f"config.loss={self.loss_name!r} is not one of {', '.join(LOSSES)}")
+        self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"), key="config.model.scan_layers")
+        c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         if c.get("tiny"):
             dirs = ensure_tiny(os.path.join(c.tiny_root, f"seed{int(c.tiny_seed)}"), int(c.tiny_seed))
             c.model.dir = c.model.dir or dirs["model"]
             c.data.path = c.data.path or dirs["mdpo" if self.loss_name == "mdpo" else "pairs"]
         dtype = _dtype(str(c.model.dtype), "model.dtype")
         self.param_dtype = _dtype(str(c.model.param_dtype), "model.param_dtype")
+        remat = remat_policy(c.model.remat)  # both checked before anything is loaded or compiled
+        attention = attention_lib.check(c.model.attention)
         if model is None:
-            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=bool(c.model.remat),
-                               attention_impl=c.model.attention or None)
+            model = load_model(str(c.model.dir), dtype=dtype, param_dtype=self.param_dtype, remat=remat,
+                               attention_impl=attention, scan_layers=self.scan_layers)
         self.vu, self.base = model[0], model[1]
+        if self.vu.scan_layers != self.scan_layers:
+            stack = vila_u_mod.stack_params if self.scan_layers else vila_u_mod.unstack_params
+            self.vu, self.base = self.vu.with_scan_layers(self.scan_layers), stack(self.base)
         self.tower, vis = (model[2], model[3]) if len(model) > 2 else (None, None)
         if self.loss_name == "mdpo":
             if self.tower is None:

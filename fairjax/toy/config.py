@@ -35,7 +35,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dir = ASSET_DIR
     c.time_ids = (float(w.size), float(w.size), 0.0, 0.0, float(w.size), float(w.size))
     c.model.dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.data.caption_dropout = 0.0  # the toy samples without guidance: a dropped caption only dilutes the signal
     # beta 250, about an eighth of the calibrated 1893: the per-sample loss sees each image's reward
     # through a one- or two-draw estimate of its ELBO difference, and -logsigmoid's curvature turns

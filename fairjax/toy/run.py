@@ -236,6 +236,9 @@ def _main(argv: list[str]) -> int:
         p.add_argument("--calibrated", action="store_true", help="also train PopAlign with the calibrated beta")
         p.add_argument("--overwrite", action="store_true", help="redo every stage")
         args = p.parse_args(rest)
+        from fairjax import parallel
+
+        parallel.enable_compilation_cache()
         run(args.workdir, args.preset, sft=not args.no_sft, calibrated=args.calibrated, overwrite=args.overwrite,
             overrides=overrides)
     except UserError as e:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from fairjax.errors import UserError
-from fairjax.lora import lora_interceptor
+from fairjax.lora import lora_interceptor, lora_variables
 from fairjax.models import llama, vila_u
 
 
@@ -24,14 +24,15 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def _llm_hidden(vu: vila_u.VilaU, llm_params, x, mask, lora, lora_alpha, dropout, row_keys):
-    """Final-norm hidden states of the LLM on input embeddings ``x`` (LoRA applied when given)."""
-    def run():
-        return vu.llm.apply({"params": llm_params}, inputs_embeds=x, attention_mask=mask, logits=False).hidden_states
+    """Final-norm hidden states of the LLM on input embeddings ``x`` (LoRA applied when given, unmerged,
+    as a ``'lora'`` variable collection: the same in the unrolled and the scanned layout)."""
+    def run(variables):
+        return vu.llm.apply(variables, inputs_embeds=x, attention_mask=mask, logits=False).hidden_states
 
     if not lora:
-        return run()
-    with nn.intercept_methods(lora_interceptor(lora, lora_alpha, dropout, row_keys)):
-        return run()
+        return run({"params": llm_params})
+    with nn.intercept_methods(lora_interceptor(dropout, row_keys)):
+        return run({"params": llm_params, "lora": lora_variables(lora, llm_params, lora_alpha)})
 
 
 def _embed(vu, params, ids):
