@@ -15,6 +15,8 @@ import pytest
 from _bad_inputs import (held_by_other_process, inject_mkdir_error, linked_copy, os_error, readonly_dir, refused,
                          replace_file, small_fs, tool, write_raw_safetensors)
 
+import fairjax.convert.pipeline as pipeline
+
 convert = tool("convert_diffusers")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -135,7 +137,8 @@ CASES = {
     "src_is_a_file": (lambda s, t: [os.path.join(s, "config.json"), t / "out"], ["not a folder"]),
     "config_not_an_object": (lambda s, t: _config(s, t, "[1, 2]"), ["config.json", "expected a JSON object"]),
     "config_invalid_json": (lambda s, t: _config(s, t, "{nope"), ["config.json", "not valid JSON"]),
-    "config_other_class": (lambda s, t: _config(s, t, '{"_class_name": "AutoencoderKL"}'), ["has no converter"]),
+    "config_other_class": (lambda s, t: _config(s, t, '{"_class_name": "ControlNetModel"}'),
+                           ["ControlNetModel", "has no converter"]),
     "model_index_not_an_object": (lambda s, t: _pipeline_index(s, t, "[]"), ["model_index.json",
                                                                            "expected a JSON object"]),
     "weights_negative_offsets": (lambda s, t: _bad_weights(s, t, _negative_offsets),
@@ -185,7 +188,7 @@ def test_disk_full_injected(micro_diffusers_unet, tmp_path, capsys, monkeypatch)
     def write_index(*a, **k):
         raise os_error(errno.ENOSPC, os.path.join(a[0], "fairjax.json"))
 
-    monkeypatch.setattr(convert, "write_index", write_index)
+    monkeypatch.setattr(pipeline, "write_index", write_index)  # convert_folder writes its index there
     line = refused(convert.main, [micro_diffusers_unet, tmp_path / "out"], capsys,
                    ["disk full writing", "needs at least", "written before the disk filled"],
                    roots=[tmp_path, micro_diffusers_unet])

@@ -107,7 +107,7 @@ def test_train_cli_exits_130_after_saving_on_sigint(tmp_path, capsys):
         out, err = capsys.readouterr()
         assert err.strip().splitlines() == [f"stopped by SIGINT at step 4: checkpoint saved in {tmp_path}/checkpoints/4; "
                                             "run the same command again to resume"]
-        assert json.loads(out)["preempted"] and not (tmp_path / "mixture.json").exists()
+        assert json.loads(out[out.index("{"):])["preempted"] and not (tmp_path / "mixture.json").exists()
         assert train.main(argv) == 0
     finally:
         mog.MogTask.batch = real

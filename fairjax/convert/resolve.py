@@ -367,7 +367,7 @@ def resolve_model(spec: str, *, variant: str | None = None, dtype: str | None = 
                               f"Hugging Face repo id (ORG/NAME[@REVISION])")
     m = HUB_ID.fullmatch(spec)
     if m is None:
-        raise CheckpointError(f"{spec}: no such folder, and not a Hugging Face repo id (ORG/NAME[@REVISION])")
+        raise CheckpointError(f"{spec}: model directory not found, and not a Hugging Face repo id (ORG/NAME[@REVISION])")
     return resolve_hub(m["repo"], m["rev"], variant=variant, dtype=dtype, cache=cache, spec=spec, log=log)
 
 
