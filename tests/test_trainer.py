@@ -93,7 +93,7 @@ def test_grad_accumulation_equals_big_batch(tmp_path, rel, kw):
     summary = trainer.train(cfg, task, str(tmp_path / "k4"))
     ref_loss, ref_params = reference_run(ToyTask(cfg, **kw), cfg, steps=3)
     assert rel(summary["loss"], ref_loss) <= 1e-5
-    assert max_rel(task.final, ref_params, rel) <= 1e-5
+    assert max_rel(task.final, ref_params, rel) <= 5e-5  # float rounding through Adam (seen 2.3e-5 on XLA:CPU); the micro-batch centre misses by > 1e-4
     if kw["centre"]:  # the same loss with k taken per micro-batch is another objective
         local = _MicroBatchCentre(cfg, **kw)
         trainer.train(cfg, local, str(tmp_path / "local"))
