@@ -86,24 +86,24 @@ def make_config(preset: str | None = None, stage: str = "bpo", seed: int = 0) ->
     elif stage == "bpo":  # stage 2: BPO (the scripts' loss = BPO only), continuing the stage-1 LoRA
         c.beta = 1.0
         c.bpo_variant = "v1"
-        c.optimizer.lr = 2e-3
+        c.optimizer.lr = 5e-4
         c.batch_size = 16
-        c.total_steps = 20 if quick else 150
+        c.total_steps = 20 if quick else 100
     else:  # DPO on summed image-token log-probs, reference = the base without LoRA
-        c.beta = 0.1
-        c.optimizer.lr = 1e-3
+        c.beta = 1.0
+        c.optimizer.lr = 2e-4
         c.batch_size = 16
-        c.total_steps = 20 if quick else 150
+        c.total_steps = 20 if quick else 40
     kw = dict(genders=list(w.genders), races=list(w.races))
     # sampling shared by the pair builder and evaluate: cfg 1, no top-k / top-p: the model's own population
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=1, guidance_scale=1.0, batch_size=128,
                                               top_k=0, top_p=0.0, temperature=1.0))
     c.prefs = ml_collections.ConfigDict(dict(n_identity=16 if quick else 48, n_neutral=32 if quick else 160,
-                                             seed=1 + 100 * int(seed)))
+                                             seed=1 + 100 * int(seed), identity_sft=True))
     c.eval = ml_collections.ConfigDict(dict(
         occupations=list(w.occupations), neutral_template=world_lib.NEUTRAL_TEMPLATE,
         identity_template=world_lib.IDENTITY_TEMPLATE, keywords=kw,
-        n_neutral=32 if quick else 250, n_identity=4 if quick else 24, seed=1000 + 100 * int(seed), classifier="toy",
+        n_neutral=32 if quick else 250, n_identity=4 if quick else 48, seed=1000 + 100 * int(seed), classifier="toy",
         n_resamples=50 if quick else 500, grid_images=8 if quick else 16))
     return c
 
@@ -150,8 +150,13 @@ def build_pairs(cfg, out: str, log=log) -> dict:
         ids = vdata.generation_ids(tok, prompt)
         avail = [i for i in idents if winners[(oi, i)]]
         for ident in avail:
+            iprompt = w.identity_prompt(o, *ident)
+            iids = vdata.generation_ids(tok, iprompt)
             for c in winners[(oi, ident)]:
                 images.append({"id": oi, "prompt": prompt, "prompt_ids": ids, "codes": c, "group": "/".join(ident)})
+                if cfg.prefs.identity_sft:  # the same image under the prompt it was generated from (keeps recall)
+                    images.append({"id": oi, "prompt": iprompt, "prompt_ids": iids, "codes": c,
+                                   "group": "/".join(ident)})
         for got, c_b in losers[oi]:
             choices = [i for i in avail if i != got]
             if not choices:
