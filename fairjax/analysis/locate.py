@@ -20,7 +20,10 @@ DeepFace classifier):
     (the position whose input is the first image code's embedding; ``embed`` = the LLM's input, then
     after each decoder layer) of the model's own neutral-prompt images, teacher-forced, and a linear
     probe (:func:`linear_probe`) of each image's label per layer, held-out accuracy against the
-    majority-class rate.
+    majority-class rate;
+(fix) with ``fix_steps`` (toy models): the same short BPO on pairs (a balanced image of another identity vs
+    the model's own neutral image) with the LoRA on the LLM (the BPO recipe) or on the image head (the depth
+    transformer) only, and the generation discrepancy each leaves (:func:`fix_experiment`).
 
 ``DIR/locate.json`` holds every number (``summary`` the headline keys), ``DIR/probe.png`` and
 ``DIR/shares.png`` the plots, ``DIR/index.html`` the page.
@@ -175,6 +178,95 @@ def answer_scores(vu, params, tok, codes: np.ndarray, question: str, answers: Se
     return out
 
 
+HEAD_TARGETS = (r"blocks_\d+/attn/(query|key|value|proj)/kernel$", r"blocks_\d+/mlp_(0|2)/kernel$")
+
+
+def head_code_logprobs(vu, params, prompt_ids, prompt_mask, codes, lora, alpha: float):
+    """:func:`fairjax.vila_u.logprobs.image_code_logprobs` (mean over the codes) with the LoRA on the image
+    head (the depth transformer's kernels) instead of the LLM's."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from fairjax.lora import lora_interceptor, lora_variables
+    from fairjax.models import llama, vila_u
+    from fairjax.vila_u.logprobs import token_logprobs
+
+    p = prompt_ids.shape[1]
+    te = vu.llm.apply({"params": params["llm"]}, prompt_ids, method=llama.LlamaForCausalLM.embed)
+    ie = vila_u.image_embeds(vu, params, codes[:, :-1]).astype(te.dtype)
+    mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones((codes.shape[0], codes.shape[1] - 1), bool)], 1)
+    h = vu.llm.apply({"params": params["llm"]}, inputs_embeds=jnp.concatenate([te, ie], 1), attention_mask=mask,
+                     logits=False).hidden_states[:, p - 1:]
+    with nn.intercept_methods(lora_interceptor()):
+        logits = vu.rqtransformer.apply({"params": params["rqtransformer"],
+                                         "lora": lora_variables(lora, params["rqtransformer"], alpha)},
+                                        h, vila_u.code_embeds(vu, params, codes))
+    return jnp.mean(token_logprobs(logits, codes), axis=(1, 2))
+
+
+def fix_experiment(model, tokenizer, prompts, pairs, *, steps: int, n_per_prompt: int, seed: int, classify,
+                   classes, rank: int = 8, lr: float = 1e-3, batch: int = 16, log=print) -> dict:
+    """The "fix" half: the same short BPO (:func:`fairjax.losses.bpo`, rank-``rank`` LoRA, ``steps`` AdamW steps
+    of ``batch`` pairs) once with the LoRA on the LLM (the BPO recipe) and once on the image head only; each
+    result's neutral-prompt generation discrepancy. ``pairs``: ``[(prompt index, codes a, codes b)]``."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from fairjax import lora as lora_lib
+    from fairjax import losses
+    from fairjax.fairness.metrics import discrepancy_of
+    from fairjax.tasks.vila_u_pref import LORA_TARGETS
+    from fairjax.vila_u import data as vdata
+    from fairjax.vila_u.generate import RecordGenerator, SampleOptions
+    from fairjax.vila_u.logprobs import image_code_logprobs
+
+    vu, params = model.vu, model.params
+    ids = [vdata.generation_ids(tokenizer, p) for p in prompts]
+    plen = max(len(i) for i in ids)
+    pid, pm = vdata.left_pad(ids, plen)
+    alpha = float(rank)
+    out = {"steps": steps, "rank": rank, "lr": lr, "pairs": len(pairs)}
+    for where, part, targets in (("llm", "llm", LORA_TARGETS), ("head", "rqtransformer", HEAD_TARGETS)):
+        lora = lora_lib.init(params[part], list(targets), rank, alpha, jax.random.key(seed))
+
+        def lp(lo, rows, codes, where=where):
+            if where == "llm":
+                return image_code_logprobs(vu, params, jnp.asarray(pid)[rows], jnp.asarray(pm)[rows], codes, lora=lo,
+                                           lora_alpha=alpha)
+            return head_code_logprobs(vu, params, jnp.asarray(pid)[rows], jnp.asarray(pm)[rows], codes, lo, alpha)
+
+        def loss_fn(lo, rows, ca, cb):
+            return losses.bpo(lp(lo, rows, ca), lp(lo, rows, cb))[0]
+
+        opt = optax.adam(lr)
+        state = opt.init(lora)
+
+        @jax.jit
+        def step(lo, st, rows, ca, cb):
+            loss, g = jax.value_and_grad(loss_fn)(lo, rows, ca, cb)
+            upd, st = opt.update(g, st, lo)
+            return optax.apply_updates(lo, upd), st, loss
+
+        rng = np.random.default_rng(seed)
+        for _ in range(steps):
+            pick = [pairs[j] for j in rng.integers(len(pairs), size=batch)]
+            lora, state, _ = step(lora, state, np.asarray([p[0] for p in pick]), np.stack([p[1] for p in pick]),
+                                  np.stack([p[2] for p in pick]))
+        merged = dict(params, **{part: lora_lib.merge(jax.device_get(params[part]), jax.device_get(lora), alpha)})
+        gen = RecordGenerator(model._replace(params=merged), SampleOptions(cfg=1.0, top_k=None, top_p=None),
+                              batch_size=64)
+        labs = [classify(img[None])[0] for _, _, img, _ in gen.run(list(prompts), [n_per_prompt] * len(prompts),
+                                                                   7919 + seed)]
+        out[where] = {"generation_discrepancy": {a: float(discrepancy_of([x[a] for x in labs if x], c))
+                                                 for a, c in classes.items()},
+                      "no_face": float(np.mean([x is None for x in labs])),
+                      "lora_params": int(lora_lib.num_params(jax.device_get(lora)))}
+        log(f"locate: fix with LoRA on the {where}: generation discrepancy "
+            + ", ".join(f"{a} {v:.3f}" for a, v in out[where]["generation_discrepancy"].items()))
+    return out
+
+
 def _toy_setup(model_dir: str):
     """Balanced images (every occupation x identity, rendered), labels, the classifier and the questions."""
     from fairjax.toy.vila_u_model import GENDER_ANSWERS, GENDER_QUESTION, RACE_QUESTION
@@ -185,7 +277,9 @@ def _toy_setup(model_dir: str):
     images = np.stack([w.render(o, g, r) for o in w.occupations for g, r in identity_grid(w)])
     questions = {"gender": (GENDER_QUESTION, {GENDER_ANSWERS[g]: g for g in w.genders}),
                  "race": (RACE_QUESTION, {r: r for r in w.races})}
-    return {"world": w, "images": images, "labels": labs, "classify": lambda ims: [w.decode(i) for i in ims],
+    occ = [i for i, _ in enumerate(w.occupations) for _ in identity_grid(w)]
+    return {"world": w, "images": images, "labels": labs, "occupation": occ,
+            "classify": lambda ims: [w.decode(i) for i in ims],
             "classes": w.classes, "questions": questions, "prompts": w.neutral_prompts()}
 
 
@@ -206,7 +300,7 @@ def _real_setup(images_dir: str, prompts: Sequence[str]):
 
 
 def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prompt: int = 64, seed: int = 0,
-                images_dir: str | None = None, prompts: Sequence[str] = (), log=print) -> dict:
+                images_dir: str | None = None, prompts: Sequence[str] = (), fix_steps: int = 0, log=print) -> dict:
     """Run (a)-(d) of the module docstring on ``model_dir`` (+ ``lora``), write ``out``; returns locate.json's dict."""
     import jax
 
@@ -291,13 +385,27 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
         log("locate: probe accuracy per layer " + "; ".join(
             f"{a}: " + " ".join(f"{x:.2f}" for x in d["accuracy"]) + f" (chance {d['chance']:.2f})"
             for a, d in probe["by_attribute"].items()))
+    fix = None
+    if fix_steps > 0 and "occupation" in setup:  # pairs: a balanced image of another identity vs the model's own
+        rng = np.random.default_rng(seed)
+        pairs = []
+        for i in keep:
+            lab = g_labels[i]
+            cand = [j for j, o in enumerate(setup["occupation"]) if o == g_prompt[i] and setup["labels"][j] != lab]
+            if cand:
+                pairs.append((g_prompt[i], img_codes[cand[rng.integers(len(cand))]], g_codes[i]))
+        if pairs:
+            fix = fix_experiment(model, model.tokenizer, prompts_, pairs, steps=fix_steps, n_per_prompt=n_per_prompt,
+                                 seed=seed, classify=setup["classify"], classes=setup["classes"], log=log)
     summary = {"tokenizer_flip_rate": tok_res["flip_rate"],
                "understanding_accuracy": {a: d["accuracy"] for a, d in und.items()},
                "answer_bias": {a: d["answer_bias"] for a, d in und.items()},
                "generation_discrepancy": gen_res["discrepancy"],
                "probe_accuracy": {a: d["accuracy"] for a, d in probe["by_attribute"].items()}}
+    if fix:
+        summary["fix_generation_discrepancy"] = {k: fix[k]["generation_discrepancy"] for k in ("llm", "head")}
     result = {"model": model_dir, "lora": lora, "summary": summary, "tokenizer": tok_res, "understanding": und,
-              "generation": gen_res, "probe": probe, **summary}
+              "generation": gen_res, "probe": probe, "fix": fix, **summary}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "locate.json"), "w") as f:
         json.dump(result, f, indent=2, default=float)
@@ -370,6 +478,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=64, help="images per neutral prompt for (c) and (d)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fix-steps", type=int, default=0,
+                   help="toy models: also run the short BPO with the LoRA on the LLM vs on the image head (e.g. 60)")
     p.add_argument("--images", default=None, help="balanced face images (a model that is not a toy-world model)")
     p.add_argument("--prompts", nargs="*", default=[], help="neutral prompts (a model that is not a toy-world model)")
     args = p.parse_args(argv)
@@ -377,7 +487,7 @@ def main(argv=None) -> int:
         if args.n < 2:
             raise UserError(f"--n {args.n}: need at least 2 images per prompt")
         r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
-                        images_dir=args.images, prompts=args.prompts)
+                        images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps)
         print(json.dumps(r["summary"], indent=1, default=float))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,11 +13,13 @@
    DPO reads a = chosen, b = rejected), ``WORKDIR/data/images`` the balanced halves (stage 1);
 3. ``python -m fairjax.train`` machinery (:mod:`fairjax.tasks.vila_u_pref`, LoRA on the LLM's q/k/v/o/
    gate/up/down kernels): stage-1 SFT on the balanced images -> ``WORKDIR/sft``; stage-2 BPO continuing
-   that LoRA -> ``WORKDIR/bpo``; DPO beside it, from the same stage-1 LoRA -> ``WORKDIR/dpo``;
+   that LoRA -> ``WORKDIR/bpo``; stage 1 trains each balanced image under the neutral prompt and under the
+   identity prompt it was generated from (``prefs.identity_sft``: without it BPO's shift leaks into the
+   identity prompts and costs recall); DPO beside it, from the same stage-1 LoRA -> ``WORKDIR/dpo``;
 4. :func:`fairjax.evaluate.evaluate`: base, sft, bpo, dpo on the neutral and identity prompts
    -> ``WORKDIR/report/report/index.html``;
 5. locate-then-fix (:mod:`fairjax.analysis.locate`) on the base and the BPO model -> ``WORKDIR/locate``
-   (unless ``--no-locate``).
+   (unless ``--no-locate``); on the base also the short BPO with the LoRA on the LLM vs on the image head.
 
 ``WORKDIR/result.json``: ``metrics.<model>.discrepancy.{gender,race}``, ``metrics.<model>.recall``,
 ``shares.<model>.<occupation>`` (the neutral prompt's gender / race shares), ``target`` (whether BPO
@@ -303,8 +305,9 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
         t0 = time.perf_counter()
         loc_dir = os.path.join(workdir, "locate")
         n = 16 if preset == "quick" else 64
+        fix = 10 if preset == "quick" else 60  # the LLM-vs-image-head LoRA comparison, on the base only
         result["locate"] = {name: locate_bias(base_dir, os.path.join(loc_dir, name), lora=lora, n_per_prompt=n,
-                                              seed=seed, log=log)["summary"]
+                                              seed=seed, fix_steps=fix if name == "base" else 0, log=log)["summary"]
                             for name, (_, lora) in (("base", models["base"]), ("bpo", models["bpo"]))}
         result["locate_html"] = {k: os.path.join(loc_dir, k, "index.html") for k in result["locate"]}
         times["locate"] = time.perf_counter() - t0
