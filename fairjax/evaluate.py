@@ -23,6 +23,10 @@ the ``base_model`` its ``fairjax.json`` names. Without ``--config`` a toy-world 
 ``toy_world.json``) uses :func:`fairjax.toy.config.make_config`, any other model the SDXL
 defaults of :func:`default_config`.
 
+A VILA-U model dir (``model_type: vila_u``, e.g. the toy VILA-U ``fairjax/assets/toy_vila_u``) is sampled
+through :class:`fairjax.vila_u.generate.RecordGenerator` (:func:`vila_u_sampler`: ``sample.guidance_scale`` is
+vila-u's cfg; ``--lora`` is merged into its LLM).
+
 ``OUT`` (written to a temporary folder, renamed at the end, locked while it is written): ``report/``
 (index.html, report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
 ``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image). An ``OUT`` that equals,
@@ -205,7 +209,7 @@ def _evaluate(config, models, out: str, *, jobs, base_dir, overwrite, log) -> di
         gen, gen_pipe = None, None
         for name, (model_dir, lora) in models.items():
             if vila:  # VILA-U: the image-token sampler (guidance_scale = vila-u's cfg), LoRA merged into the LLM
-                gen = _vila_u_generator(config, model_dir, lora)
+                gen = vila_u_sampler(config, model_dir, lora)
                 n = sum(c for *_, c in jobs)
                 log(f"evaluate: {name}: generating {n} images ({len(jobs)} prompts)")
                 slug = _slug(name)
@@ -242,7 +246,7 @@ def _is_vila_u(model_dir: str) -> bool:
     return os.path.isdir(model_dir) and is_vila_u(model_dir)
 
 
-def _vila_u_generator(config, model_dir: str, lora: str | None):
+def vila_u_sampler(config, model_dir: str, lora: str | None):
     """A VILA-U model's sampler for :func:`generate_records`: ``sample.guidance_scale`` is vila-u's cfg
     (1 = conditional sampling), ``sample.top_k`` / ``sample.top_p`` (0 = off, the default: the model's own
     population) and ``sample.temperature`` (default 1)."""

@@ -94,6 +94,8 @@ def test_quick_main_job_writes_result_and_report(tmp_path):
         for key in ("tokenizer_flip_rate", "understanding_accuracy", "generation_discrepancy", "probe_accuracy"):
             assert key in loc
         assert os.path.isfile(tmp_path / "w" / "locate" / name / "index.html")
+    assert set(saved["locate_moved"]["generation_discrepancy"]) == {"gender", "race"}
+    assert saved["locate_moved"]["tokenizer_flip_rate"] == {"gender": 0.0, "race": 0.0}  # BPO leaves it alone
     # the base's generation is biased (the recorded shares of its neutral images)
     assert saved["shares"]["base"]["doctor"]["male"] > 0.6
 

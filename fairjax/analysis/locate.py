@@ -309,6 +309,10 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
     from fairjax.vila_u import data as vdata
     from fairjax.vila_u.generate import RecordGenerator, SampleOptions, load_model
 
+    if not os.path.isdir(model_dir):
+        raise UserError(f"{model_dir}: model directory not found")
+    if lora and not os.path.isfile(lora):
+        raise UserError(f"{lora}: LoRA file not found")
     toy = os.path.isfile(os.path.join(model_dir, "toy_world.json"))
     if toy:
         setup = _toy_setup(model_dir)

@@ -114,13 +114,13 @@ def make_config(preset: str | None = None, stage: str = "bpo", seed: int = 0) ->
 
 def build_pairs(cfg, out: str, log=log) -> dict:
     """The pair and image datasets of the module docstring under ``out`` (atomically); returns a summary."""
-    from fairjax.evaluate import _vila_u_generator
+    from fairjax.evaluate import vila_u_sampler
     from fairjax.io.model_dir import atomic_output_dir
     from fairjax.toy.world import identity_grid, load_toy_world
     from fairjax.vila_u import data as vdata
 
     w = load_toy_world(str(cfg.model.dir))
-    gen = _vila_u_generator(cfg, str(cfg.model.dir), None)
+    gen = vila_u_sampler(cfg, str(cfg.model.dir), None)
     tok = gen.gen.model.tokenizer
     n_embed = int(gen.gen.model.vu.codebook.config.n_embed)
     idents = identity_grid(w)
@@ -310,6 +310,7 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
                                               seed=seed, fix_steps=fix if name == "base" else 0, log=log)["summary"]
                             for name, (_, lora) in (("base", models["base"]), ("bpo", models["bpo"]))}
         result["locate_html"] = {k: os.path.join(loc_dir, k, "index.html") for k in result["locate"]}
+        result["locate_moved"] = moved(result["locate"]["base"], result["locate"]["bpo"])
         times["locate"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     result["times"] = {k: round(v, 1) for k, v in times.items()}
@@ -324,6 +325,16 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
     log(f"times (s): {result['times']}")
     log(f"report: {report['html']}")
     return result
+
+
+def moved(base: dict, tuned: dict) -> dict:
+    """What fine-tuning moved in the locate-then-fix summary: ``tuned - base`` for every per-attribute number
+    of the tokenizer, understanding and generation keys."""
+    out = {}
+    for key in ("tokenizer_flip_rate", "understanding_accuracy", "generation_discrepancy"):
+        a, b = base.get(key) or {}, tuned.get(key) or {}
+        out[key] = {k: round(float(b[k]) - float(a[k]), 4) for k in a if k in b}
+    return out
 
 
 def target(metrics: dict, model: str = "bpo") -> dict:
