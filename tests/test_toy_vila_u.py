@@ -109,3 +109,18 @@ def test_default_main_job_bpo_halves_both_discrepancies_and_keeps_recall(tmp_pat
     t = res["target"]
     assert t["gender_ratio"] <= 0.5 and t["race_ratio"] <= 0.5, t
     assert t["recall_ratio"] >= 0.95, t
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    from fairjax.locate_bias import main as locate_main
+    from fairjax.toy.vila_u import main as job_main
+
+    assert job_main(["--workdir", str(tmp_path / "w"), "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert locate_main(["--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "model directory not found" in capsys.readouterr().err
+    assert locate_main(["--model", vila_u_model.ASSET_DIR, "--lora", str(tmp_path / "x.safetensors"),
+                        "--out", str(tmp_path / "o")]) == 2
+    assert "LoRA file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -243,6 +243,8 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
     from fairjax.toy.vila_u_model import default_model_dir
     from fairjax.toy.world import load_toy_world
 
+    if (preset or "default") not in PRESETS:  # before anything is written
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     t_start = time.perf_counter()
     times = {}
     workdir = os.path.abspath(workdir)
