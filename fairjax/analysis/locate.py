@@ -20,13 +20,14 @@ DeepFace classifier):
     (the position whose input is the first image code's embedding; ``embed`` = the LLM's input, then
     after each decoder layer) of the model's own neutral-prompt images, teacher-forced, and a linear
     probe (:func:`linear_probe`) of each image's label per layer, held-out accuracy against the
-    majority-class rate;
+    majority-class rate; the same probe at every image position (``by_position``, ``probe_decided_at``: the
+    first position where some layer reads the attribute at >= 0.9);
 (fix) with ``fix_steps`` (toy models): the same short BPO on pairs (a balanced image of another identity vs
     the model's own neutral image) with the LoRA on the LLM (the BPO recipe) or on the image head (the depth
     transformer) only, and the generation discrepancy each leaves (:func:`fix_experiment`).
 
-``DIR/locate.json`` holds every number (``summary`` the headline keys), ``DIR/probe.png`` and
-``DIR/shares.png`` the plots, ``DIR/index.html`` the page.
+``DIR/locate.json`` holds every number (``summary`` the headline keys), ``DIR/probe.png``,
+``DIR/probe_positions.png`` and ``DIR/shares.png`` the plots, ``DIR/index.html`` the page.
 """
 
 from __future__ import annotations
@@ -113,9 +114,10 @@ def shares(labels: Sequence[Mapping | None], attribute: str, classes: Sequence[s
 
 # ----------------------------------------------------------------------------- the model side
 
-def layer_hidden_states(vu, params, prompt_ids, prompt_mask, codes, position: int = 0):
+def layer_hidden_states(vu, params, prompt_ids, prompt_mask, codes, position: int | None = 0):
     """Teacher-forced hidden states at image position ``position`` (0 = the first image token's input), at the
-    LLM's input and after every decoder layer: (B, 1 + layers, H) float32."""
+    LLM's input and after every decoder layer: (B, 1 + layers, H) float32; ``position=None``: at every image
+    position, (B, 1 + layers, N, H)."""
     import flax.linen as nn
     import jax.numpy as jnp
 
@@ -125,7 +127,7 @@ def layer_hidden_states(vu, params, prompt_ids, prompt_mask, codes, position: in
     ie = vila_u.image_embeds(vu, params, codes).astype(te.dtype)
     x = jnp.concatenate([te, ie], axis=1)
     mask = jnp.concatenate([prompt_mask.astype(bool), jnp.ones(codes.shape[:2], bool)], 1)
-    p = prompt_ids.shape[1] + position
+    p = prompt_ids.shape[1] + position if position is not None else slice(prompt_ids.shape[1], None)
 
     def keep(mdl, name):
         return isinstance(mdl, llama.LlamaDecoderLayer) and name == "__call__"
@@ -380,15 +382,26 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
         ids = [vdata.generation_ids(model.tokenizer, prompts_[g_prompt[i]]) for i in keep]
         pid, pm = vdata.left_pad(ids, max(len(x) for x in ids))
         codes = np.stack([g_codes[i] for i in keep])
-        fn = jax.jit(lambda p, a, b, c: layer_hidden_states(vu, p, a, b, c))
-        feats = np.concatenate([np.asarray(fn(params, pid[s:s + 64], pm[s:s + 64], codes[s:s + 64]))
-                                for s in range(0, len(keep), 64)])
+        fn = jax.jit(lambda p, a, b, c: layer_hidden_states(vu, p, a, b, c, position=None))
+        every = np.concatenate([np.asarray(fn(params, pid[s:s + 64], pm[s:s + 64], codes[s:s + 64]))
+                                for s in range(0, len(keep), 64)])  # (n, 1 + layers, N, H)
+        feats = every[:, :, 0]
         probe["layers"] = ["embed"] + [f"layer_{i}" for i in range(feats.shape[1] - 1)]
+        probe["by_position"], probe["decided_at"] = {}, {}
         for attr in attrs:
-            probe["by_attribute"][attr] = linear_probe(feats, [g_labels[i][attr] for i in keep], seed=seed)
+            labs = [g_labels[i][attr] for i in keep]
+            probe["by_attribute"][attr] = linear_probe(feats, labs, seed=seed)
+            # every image position: accuracy[layer][position]; the attribute is "decided" at the first position
+            # where some layer reads it at >= 0.9
+            acc = np.asarray([linear_probe(every[:, :, t], labs, seed=seed)["accuracy"]
+                              for t in range(every.shape[2])]).T
+            probe["by_position"][attr] = acc.tolist()
+            hit = np.flatnonzero(acc.max(0) >= 0.9)
+            probe["decided_at"][attr] = int(hit[0]) if len(hit) else None
         log("locate: probe accuracy per layer " + "; ".join(
             f"{a}: " + " ".join(f"{x:.2f}" for x in d["accuracy"]) + f" (chance {d['chance']:.2f})"
             for a, d in probe["by_attribute"].items()))
+        log(f"locate: first image position where a layer reads the attribute at >= 0.9: {probe['decided_at']}")
     fix = None
     if fix_steps > 0 and "occupation" in setup:  # pairs: a balanced image of another identity vs the model's own
         rng = np.random.default_rng(seed)
@@ -405,7 +418,8 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
                "understanding_accuracy": {a: d["accuracy"] for a, d in und.items()},
                "answer_bias": {a: d["answer_bias"] for a, d in und.items()},
                "generation_discrepancy": gen_res["discrepancy"],
-               "probe_accuracy": {a: d["accuracy"] for a, d in probe["by_attribute"].items()}}
+               "probe_accuracy": {a: d["accuracy"] for a, d in probe["by_attribute"].items()},
+               "probe_decided_at": probe.get("decided_at", {})}
     if fix:
         summary["fix_generation_discrepancy"] = {k: fix[k]["generation_discrepancy"] for k in ("llm", "head")}
     result = {"model": model_dir, "lora": lora, "summary": summary, "tokenizer": tok_res, "understanding": und,
@@ -436,6 +450,18 @@ def _plots(result: dict, out: str) -> None:
         fig.tight_layout()
         fig.savefig(os.path.join(out, "probe.png"), dpi=100)
         plt.close(fig)
+    if pr.get("by_position"):
+        attrs_ = list(pr["by_position"])
+        fig, axes = plt.subplots(1, len(attrs_), figsize=(4.5 * len(attrs_), 2.8), squeeze=False)
+        for ax, a in zip(axes[0], attrs_):
+            im = ax.imshow(np.asarray(pr["by_position"][a]), vmin=0, vmax=1, aspect="auto", cmap="viridis")
+            ax.set_yticks(range(len(pr["layers"])), pr["layers"], fontsize=7)
+            ax.set_xlabel("image position (raster order)", fontsize=8)
+            ax.set_title(f"{a}: probe accuracy per layer and position", fontsize=8)
+            fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "probe_positions.png"), dpi=100)
+        plt.close(fig)
     per = result["generation"]["per_prompt"]
     attrs = [a for a in result["generation"]["discrepancy"]]
     fig, axes = plt.subplots(1, len(attrs), figsize=(4 * len(attrs), 3), squeeze=False)
@@ -463,7 +489,7 @@ def _html(result: dict, out: str) -> None:
             continue
         rows.append(f"<tr><td>{html.escape(key)}</td><td><code>{html.escape(json.dumps(val, default=float))}"
                     f"</code></td></tr>")
-    imgs = "".join(f'<p><img src="{n}"></p>' for n in ("probe.png", "shares.png") if os.path.isfile(os.path.join(out, n)))
+    imgs = "".join(f'<p><img src="{n}"></p>' for n in ("probe.png", "probe_positions.png", "shares.png") if os.path.isfile(os.path.join(out, n)))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>locate-then-fix</title></head><body>"
             f"<h1>Locate-then-fix: {html.escape(result['model'])}"
             f"{' + ' + html.escape(result['lora']) if result['lora'] else ''}</h1>"
