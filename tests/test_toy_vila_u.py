@@ -124,3 +124,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
                         "--out", str(tmp_path / "o")]) == 2
     assert "LoRA file not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_rebuild_reproduces_the_shipped_files(tmp_path):
+    """``python -m fairjax.toy.vila_u_model --out DIR`` (about 5 minutes on 2 cores) writes the shipped files bit
+    for bit (same jax / flax / optax / tokenizers versions as the manifest records; a CPU build)."""
+    man = vila_u_model.check(vila_u_model.ASSET_DIR)
+    out = vila_u_model.build(str(tmp_path / "m"), measure_n=20, log=lambda m: None)
+    assert vila_u_model.file_digests(out) == man["files"]
