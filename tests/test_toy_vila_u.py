@@ -143,3 +143,33 @@ def test_rebuild_reproduces_the_shipped_files(tmp_path):
     subprocess.run([sys.executable, "-m", "fairjax.toy.vila_u_model", "--out", out, "--measure-n", "20"], env=env,
                    check=True, capture_output=True)
     assert vila_u_model.file_digests(out) == man["files"]
+
+
+def test_sigterm_stops_after_a_saved_stage_and_a_rerun_resumes(tmp_path):
+    """SIGTERM during stage-2 training: exit 143 with a checkpoint; the same command reuses the pairs and
+    stage 1 and resumes stage 2 from the checkpoint."""
+    import signal
+    import subprocess
+    import sys
+
+    wd = str(tmp_path / "w")
+    cmd = [sys.executable, "-m", "fairjax.toy.vila_u", "--workdir", wd, "--preset", "quick", "--no-locate"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("train step ready") and any(x.startswith("train: bpo") for x in lines):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "run the same command again to resume" in rest
+    import re
+
+    stage = re.search(r"checkpoint saved in (\S+)/checkpoints/", rest).group(1)  # bpo, or dpo on a slow machine
+    assert not os.path.exists(os.path.join(stage, "lora.safetensors"))
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "pairs: reusing" in again.stdout and "train: reusing" in again.stdout
+    assert "resumed from" in again.stdout + again.stderr
+    assert os.path.isfile(os.path.join(wd, "result.json"))
