@@ -23,6 +23,10 @@ the ``base_model`` its ``fairjax.json`` names. Without ``--config`` a toy-world 
 ``toy_world.json``) uses :func:`fairjax.toy.config.make_config`, any other model the SDXL
 defaults of :func:`default_config`.
 
+A VILA-U model dir (``model_type: vila_u``, e.g. the toy VILA-U ``fairjax/assets/toy_vila_u``) is sampled
+through :class:`fairjax.vila_u.generate.RecordGenerator` (:func:`vila_u_sampler`: ``sample.guidance_scale`` is
+vila-u's cfg; ``--lora`` is merged into its LLM).
+
 ``OUT`` (written to a temporary folder, renamed at the end, locked while it is written): ``report/``
 (index.html, report.json, CSVs, charts, grids), ``images/<name>/`` (every generated image),
 ``records_<name>.jsonl`` (prompt, labels, image, identity, reason per image). An ``OUT`` that equals,
@@ -200,9 +204,19 @@ def _evaluate(config, models, out: str, *, jobs, base_dir, overwrite, log) -> di
     first_dir = next(iter(models.values()))[0]
     classifier, classes = make_classifier(str(ec.classifier), first_dir)
     runs = {}
+    vila = _is_vila_u(first_dir)
     with tempfile.TemporaryDirectory() as scratch, atomic_output_dir(out, overwrite) as tmp:
         gen, gen_pipe = None, None
         for name, (model_dir, lora) in models.items():
+            if vila:  # VILA-U: the image-token sampler (guidance_scale = vila-u's cfg), LoRA merged into the LLM
+                gen = vila_u_sampler(config, model_dir, lora)
+                n = sum(c for *_, c in jobs)
+                log(f"evaluate: {name}: generating {n} images ({len(jobs)} prompts)")
+                slug = _slug(name)
+                recs = generate_records(gen, jobs, int(ec.seed), classifier, os.path.join(tmp, "images", slug), log)
+                write_records(os.path.join(tmp, f"records_{slug}.jsonl"), [_moved(r, tmp, out) for r in recs])
+                runs[name] = recs
+                continue
             path = complete_model_dir(model_dir, base_dir, scratch)
             pipe = load_any_pipeline(path, lora=lora or None)
             if gen is not None and _same_tree(
@@ -224,6 +238,25 @@ def _evaluate(config, models, out: str, *, jobs, base_dir, overwrite, log) -> di
     report["out"] = out
     report["html"] = os.path.join(out, REPORT_DIR, "index.html")
     return report
+
+
+def _is_vila_u(model_dir: str) -> bool:
+    from fairjax.vila_u.generate import is_vila_u
+
+    return os.path.isdir(model_dir) and is_vila_u(model_dir)
+
+
+def vila_u_sampler(config, model_dir: str, lora: str | None):
+    """A VILA-U model's sampler for :func:`generate_records`: ``sample.guidance_scale`` is vila-u's cfg
+    (1 = conditional sampling), ``sample.top_k`` / ``sample.top_p`` (0 = off, the default: the model's own
+    population) and ``sample.temperature`` (default 1)."""
+    from fairjax.vila_u.generate import RecordGenerator, SampleOptions, load_model
+
+    s = config.sample
+    top_k, top_p = int(s.get("top_k", 0)), float(s.get("top_p", 0.0))
+    opts = SampleOptions(cfg=float(s.guidance_scale), temperature=float(s.get("temperature", 1.0)),
+                         top_k=top_k or None, top_p=top_p or None)
+    return RecordGenerator(load_model(model_dir, lora=lora or None), opts, batch_size=int(s.batch_size))
 
 
 def _slug(name: str) -> str:

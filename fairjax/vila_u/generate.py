@@ -310,3 +310,29 @@ def run(args, prompts: Sequence[str]) -> dict:
         with open(os.path.join(tmp, "generate.json"), "w") as f:
             json.dump(settings, f, indent=2, allow_nan=False)
     return {"out": os.path.abspath(args.out), **settings}
+
+
+class RecordGenerator:
+    """:class:`VilaUGenerator` behind the ``run(prompts, counts, seed)`` interface of
+    :class:`fairjax.diffusion.generator.Generator` (what :mod:`fairjax.evaluate` and the toy main job
+    iterate): yields ``(prompt index, image index, uint8 image, codes)``. Every prompt is padded to one
+    length, so an image depends only on ``(seed, p, i)``."""
+
+    def __init__(self, model: VilaUModel, options: SampleOptions = SampleOptions(), *, batch_size: int = 8):
+        self.gen = VilaUGenerator(model, options, batch_size=batch_size)
+
+    def run(self, prompts: Sequence[str], counts: Sequence[int], seed: int):
+        from fairjax.checkpoint import raise_if_stopped
+
+        tok = self.gen.model.tokenizer
+        self.gen.prompt_len = padded_length([len(tok.prompt_ids(p)) for p in prompts] + [len(self.gen.uncond_ids)])
+        jobs = [(p, i) for p, n in enumerate(counts) for i in range(int(n))]
+        bs = self.gen.batch_size
+        for start in range(0, len(jobs), bs):
+            raise_if_stopped(f"while generating images ({start} of {len(jobs)} done); this stage keeps nothing "
+                             "partial: run the same command again to redo it")
+            chunk = jobs[start:start + bs]
+            images, codes = self.gen([prompts[p] for p, _ in chunk], [p for p, _ in chunk], [i for _, i in chunk],
+                                     seed)
+            for (p, i), img, c in zip(chunk, images, codes):
+                yield p, i, img, c
