@@ -357,6 +357,17 @@ def _versions() -> dict:
     return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__}
 
 
+def check_files(folder: str, man: dict, rebuild: str) -> None:
+    """The files under ``folder`` are exactly those ``man["files"]`` lists, with their sha256; else a
+    UserError naming the missing, unexpected and changed ones and the ``rebuild`` command."""
+    have, want = file_digests(folder), man.get("files", {})
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or extra or changed:
+        raise UserError(f"{folder} does not match its manifest: missing {missing}, unexpected {extra}, "
+                        f"changed {changed}; rebuild with {rebuild}")
+
+
 def check(folder: str) -> dict:
     """Verify ``folder`` against its ``manifest.json``: every file's sha256 and the recorded configs
     equal what this code builds. Returns the manifest; raises UserError naming the first mismatch."""
@@ -366,14 +377,7 @@ def check(folder: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {MANIFEST}; rebuild the toy model with python -m fairjax.toy.model --out DIR")
     man = read_json(path)
-    have = file_digests(folder)
-    want = man.get("files", {})
-    missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
-    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or extra or changed:
-        raise UserError(f"{folder} does not match its manifest: missing {missing}, unexpected {extra}, "
-                        f"changed {changed}; rebuild with python -m fairjax.toy.model --out DIR")
+    check_files(folder, man, "python -m fairjax.toy.model --out DIR")
     world = ToyWorld.from_json(man["world"])
     if man.get("unet_config") != unet_config(world.size) or man.get("scheduler_config") != SCHEDULER_CONFIG:
         raise UserError(f"{folder}: the manifest's UNet/scheduler config differs from fairjax.toy.model's; "

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ import time
 import numpy as np
 
 from fairjax.errors import UserError
+from fairjax.toy.model import check_files, file_digests
 from fairjax.toy.world import WORLD_FILE, ToyWorld
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "toy_vila_u")
@@ -345,19 +345,6 @@ def measure(model_dir: str, n: int = 200, seed: int = 0, lora: str | None = None
 
 # ----------------------------------------------------------------------------- build / manifest / check
 
-def file_digests(folder: str) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file under ``folder`` except the manifest."""
-    out = {}
-    for root, _, files in os.walk(folder):
-        for f in sorted(files):
-            path = os.path.join(root, f)
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            if rel == MANIFEST:
-                continue
-            with open(path, "rb") as fh:
-                out[rel] = hashlib.sha256(fh.read()).hexdigest()
-    return dict(sorted(out.items()))
-
 
 def configs() -> dict:
     return {"llm": LLM, "siglip": SIGLIP, "rqvaesiglip": RQVAESIGLIP, "rqtransformer": RQTRANSFORMER,
@@ -438,12 +425,7 @@ def check(folder: str) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"{folder}: no {MANIFEST}; rebuild with python -m fairjax.toy.vila_u_model --out DIR")
     man = read_json(path)
-    have, want = file_digests(folder), man.get("files", {})
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    changed = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or extra or changed:
-        raise UserError(f"{folder} does not match its manifest: missing {missing}, unexpected {extra}, "
-                        f"changed {changed}; rebuild with python -m fairjax.toy.vila_u_model --out DIR")
+    check_files(folder, man, "python -m fairjax.toy.vila_u_model --out DIR")
     if json.loads(json.dumps(configs())) != man.get("configs"):
         raise UserError(f"{folder}: the manifest's configs differ from fairjax.toy.vila_u_model's; rebuild with "
                         "python -m fairjax.toy.vila_u_model --out DIR")
