@@ -151,11 +151,13 @@ def generate_records(generator, jobs, seed: int, classifier, image_dir: str, log
     from PIL import Image
 
     from fairjax.fairness.metrics import Record
+    from fairjax.progress import Rate
 
     os.makedirs(image_dir, exist_ok=True)
     prompts = [p for p, _, _ in jobs]
     counts = [n for _, _, n in jobs]
     total, recs = sum(counts), []
+    rate = Rate(total)
     for p, i, img, lat in generator.run(prompts, counts, seed):
         path = os.path.join(image_dir, f"{p:05d}_{i:04d}.png")
         lab = classifier.classify([img])
@@ -167,7 +169,7 @@ def generate_records(generator, jobs, seed: int, classifier, image_dir: str, log
         Image.fromarray(img).save(path)
         recs.append(Record(prompt=prompts[p], labels=labels, image=path, identity=jobs[p][1], reason=reason))
         if len(recs) % 1000 == 0:
-            log(f"  {len(recs)}/{total} images")
+            log(f"  {rate.line(len(recs), 'images')}")
     return recs
 
 

@@ -87,6 +87,7 @@ from fairjax import config as config_lib
 from fairjax import parallel
 from fairjax.checkpoint import Checkpointer, PreemptionGuard
 from fairjax.errors import ConfigError, NonFiniteLossError
+from fairjax.progress import format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -459,6 +460,7 @@ class _Logger:
 
     def __init__(self, workdir, total, start, progress_bar):
         self.main = jax.process_index() == 0
+        self.total = total
         self.tb = self.jsonl = self.bar = None
         if not self.main:
             return
@@ -489,8 +491,11 @@ class _Logger:
         self.jsonl.flush()
         if self.bar is not None:
             self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics})
-        else:
-            log.info("step %d: %s", step, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))
+        else:  # no bar: one line per logged step, with the time left at the current rate
+            rate = metrics.get("steps_per_sec", 0.0)
+            left = f", {format_seconds((self.total - step) / rate)} left" if rate > 0 and step < self.total else ""
+            shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics)
+            print(f"  step {step}/{self.total}: {shown} ({rate:.2f} steps/s{left})", flush=True)
 
     def message(self, text):
         if not self.main:

@@ -304,6 +304,7 @@ def _build(c, out: str, *, overwrite: bool, log) -> dict:
     from fairjax.data.prompts import keywords_from, warn_not_neutral
     from fairjax.diffusion.generator import Generator, load_any_pipeline
     from fairjax.io.model_dir import atomic_output_dir
+    from fairjax.progress import Rate
 
     pc = c.prefs
     neutral = [str(p) for p in pc.neutral_prompts]
@@ -319,7 +320,13 @@ def _build(c, out: str, *, overwrite: bool, log) -> dict:
     total = sum(n for *_, n in plan)
     log(f"build_prefs: generating {total} images for {len(neutral)} neutral prompts "
         f"({pc.n_neutral} each) and {len(plan) - len(neutral)} identity prompts ({pc.n_identity} each)")
-    items = generate_plan(gen, plan, int(pc.seed))
+    rate = Rate(total)
+
+    def progress(done, n):
+        if done % 1000 == 0 or done == n:
+            log(f"  {rate.line(done, 'images')}")
+
+    items = generate_plan(gen, plan, int(pc.seed), progress=progress)
     labelled = label_items(items, classifier)
     records, summary = form_sets(labelled, neutral, classes)
     if not records:

@@ -101,12 +101,35 @@ def _done(path: str) -> bool:
     return os.path.exists(path)
 
 
+def _sample_units(cfg, n_prompts: int, n_neutral: int, n_identity: int, n_models: int = 1) -> float:
+    """UNet forward passes of one image that generating a neutral + identity prompt grid takes."""
+    n_ident = len(cfg.prefs.keywords.genders) * len(cfg.prefs.keywords.races)
+    images = n_prompts * (int(n_neutral) + n_ident * int(n_identity)) * n_models
+    cfg_pass = 2 if float(cfg.sample.guidance_scale) > 1.0 else 1
+    return float(images * int(cfg.sample.steps) * cfg_pass)
+
+
+def _train_units(cfg) -> float:
+    """A training run's work in the same unit (a rough FLOP count: backward ~ 1 forward for a LoRA,
+    whose frozen kernels need no weight gradient, ~ 2 forwards for the full UNet; the reference
+    model's forward 1; the identity anchor runs both on half the batch)."""
+    policy = 2.0 if int(cfg.lora.rank) else 3.0
+    if str(cfg.loss) == "sft":
+        per_image = policy * int(cfg.get("noise_draws", 1))
+    else:
+        per_image = (policy + 1.0) * int(cfg.get("noise_draws", 1))
+        if float(cfg.get("anchor_weight", 0.0)):
+            per_image += 0.5 * (policy + 1.0)
+    return float(int(cfg.total_steps) * int(cfg.batch_size) * per_image)
+
+
 def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: bool = False,
         overwrite: bool = False, overrides: dict | None = None) -> dict:
     """The main job (module docstring); returns ``{"report", "html", "beta", "times", ...}``."""
     from fairjax.config import apply_overrides
     from fairjax.data.build_prefs import build_prefs, read_summary
     from fairjax.evaluate import evaluate, summary_lines
+    from fairjax.progress import StagePlan, format_seconds
     from fairjax.toy.config import make_config
     from fairjax.toy.model import SCHEDULER_CONFIG, default_model_dir
 
@@ -122,16 +145,6 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
     log(f"toy world: base model {base.model.dir}")
 
     prefs_dir = os.path.join(workdir, "prefs")
-    t0 = time.perf_counter()
-    if overwrite or not _done(prefs_dir):
-        build_prefs(base, prefs_dir, overwrite=overwrite, log=log)
-    else:
-        log(f"build_prefs: reusing {prefs_dir}")
-        _check_prompts(prefs_dir, float(base.get("anchor_weight", 0.0)))
-    summary = read_summary(prefs_dir)
-    times["build_prefs"] = time.perf_counter() - t0
-    raise_if_stopped(f"after build_prefs finished ({prefs_dir}); run the same command again to go on with training")
-
     runs = {"popalign": copy.deepcopy(base)}
     runs["popalign"].loss = "popalign"
     if sft:  # the SFT baseline on the same data, with its own preset's rate and steps
@@ -141,13 +154,43 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
             apply_overrides(runs["sft"], overrides)
         runs["sft"].model.dir = base.model.dir
         runs["sft"].loss = "sft"
+    if calibrated:
+        runs["popalign_calibrated"] = copy.deepcopy(base)
+        runs["popalign_calibrated"].loss = "popalign"
+    n_prompts = len(base.prefs.neutral_prompts)
+    plan = StagePlan(
+        [("build_prefs", "sample", _sample_units(base, n_prompts, base.prefs.n_neutral, base.prefs.n_identity))]
+        + [(f"train_{name}", "train", _train_units(cfg)) for name, cfg in runs.items()]
+        + [("evaluate", "sample", _sample_units(base, len(base.eval.occupations), base.eval.n_neutral,
+                                                base.eval.n_identity, n_models=1 + len(runs)))])
+    log(f"stages: {', '.join(n for n, _, _ in plan.stages)} (time left is estimated after each stage)")
+
+    def stage_done(name: str, seconds: float, reused: bool = False) -> None:
+        if reused:
+            plan.skip(name)
+            return
+        plan.done(name, seconds)
+        left = plan.line()
+        if left:
+            log(f"{name}: {format_seconds(seconds)}; {left}")
+
+    t0 = time.perf_counter()
+    reused = not overwrite and _done(prefs_dir)
+    if not reused:
+        build_prefs(base, prefs_dir, overwrite=overwrite, log=log)
+    else:
+        log(f"build_prefs: reusing {prefs_dir}")
+        _check_prompts(prefs_dir, float(base.get("anchor_weight", 0.0)))
+    summary = read_summary(prefs_dir)
+    times["build_prefs"] = time.perf_counter() - t0
+    stage_done("build_prefs", times["build_prefs"], reused)
+    raise_if_stopped(f"after build_prefs finished ({prefs_dir}); run the same command again to go on with training")
+
     cal = calibrated_beta(summary, SCHEDULER_CONFIG, _latent_shape(prefs_dir))
     log(f"calibrate_beta: exact-likelihood beta {cal['exact']:.3f} (per attribute "
         f"{ {k: round(v, 3) for k, v in cal['exact_per_attribute'].items()} }) x scale {cal['scale']:.0f} "
         f"= {cal['beta']:.0f} on the diffusion reward (config beta {base.beta:g})")
     if calibrated:
-        runs["popalign_calibrated"] = copy.deepcopy(base)
-        runs["popalign_calibrated"].loss = "popalign"
         runs["popalign_calibrated"].beta = float(round(cal["beta"], 1))
     models = {"base": (str(base.model.dir), None)}
     for name, cfg in runs.items():
@@ -155,7 +198,8 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         cfg.data.path = prefs_dir
         t0 = time.perf_counter()
         out_model = tuned_model(cfg, wd)
-        if overwrite or not _done(out_model[1] or out_model[0]):
+        reused = not overwrite and _done(out_model[1] or out_model[0])
+        if not reused:
             if overwrite and os.path.isdir(wd):
                 import shutil
 
@@ -168,6 +212,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         else:
             log(f"train: reusing {wd}")
         times[f"train_{name}"] = time.perf_counter() - t0
+        stage_done(f"train_{name}", times[f"train_{name}"], reused)
         models[name] = out_model
         raise_if_stopped(f"after train {name} finished ({wd}); run the same command again to go on")
 
