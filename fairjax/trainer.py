@@ -495,7 +495,7 @@ class _Logger:
             rate = metrics.get("steps_per_sec", 0.0)
             left = f", {format_seconds((self.total - step) / rate)} left" if rate > 0 and step < self.total else ""
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("loss", "grad_norm") if k in metrics)
-            print(f"  step {step}/{self.total}: {shown} ({rate:.2f} steps/s{left})", flush=True)
+            self.message(f"  step {step}/{self.total}: {shown} ({rate:.2f} steps/s{left})")
 
     def message(self, text):
         if not self.main:
