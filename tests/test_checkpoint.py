@@ -204,6 +204,12 @@ def _launch(tmp_path, name, *extra, devices=1, mesh="1,2,1"):
     return cmd, env
 
 
+def _our_frames(log):
+    """Traceback frame lines in ``log`` that pass through fairjax's code or the test worker."""
+    return [line for line in log.splitlines()
+            if line.lstrip().startswith("File ") and ("/fairjax/" in line or "_multihost_worker.py" in line)]
+
+
 def _summary(stdout):
     return json.loads(next(line for line in stdout.splitlines() if line.startswith("SUMMARY"))[8:])
 
@@ -235,7 +241,10 @@ def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp
     assert len(warned) == 1 and "process 1:" in warned[0] and "restoring" in warned[0] and \
         warned[0].rstrip().endswith("checkpoints/1 instead"), out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from" in out.stdout and out.stdout.count("checkpoints/1\n") >= 1
-    assert "Traceback" not in p1, p1[-3000:]
+    # orbax's reader can leave tensorstore callbacks in flight when one read fails; they may print
+    # "RuntimeError: Event loop is closed" tracebacks from its own threads after the failed restore
+    # returned (seen in CI, timing-dependent). Not a crash: no traceback may pass through our code.
+    assert not _our_frames(p1), p1[-3000:]
     assert _summary(out.stdout)["step"] == 4
     got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, 4, *wide)
     for k in ref:
