@@ -126,6 +126,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_config_overrides_reach_every_stage_or_one_and_unknown_keys_lose_nothing(tmp_path, capsys):
+    from fairjax.toy.vila_u import STAGES, apply_stage_overrides, main as job_main, make_config
+
+    cfgs = {s: make_config(None, s) for s in STAGES}
+    betas = {s: cfgs[s].get("beta") for s in STAGES}
+    apply_stage_overrides(cfgs, {"optimizer.lr": "0.01", "bpo.beta": "0.25", "prefs.n_neutral": "7"})
+    assert all(cfgs[s].optimizer.lr == 0.01 and cfgs[s].prefs.n_neutral == 7 for s in STAGES)
+    assert cfgs["bpo"].beta == 0.25 and cfgs["dpo"].beta == betas["dpo"] != 0.25
+    assert job_main(["--workdir", str(tmp_path / "w"), "--config.optimizer.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optimizer.lrr'" in err and len(err.strip().splitlines()) == 1, err
+    assert job_main(["--workdir", str(tmp_path / "w"), "--config.dpo.nope=1"]) == 2
+    assert "unknown config key 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.rebuild
 def test_rebuild_reproduces_the_shipped_files(tmp_path):
     """``python -m fairjax.toy.vila_u_model --out DIR`` (about 5 minutes on 2 cores) writes the shipped files bit

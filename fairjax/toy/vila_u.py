@@ -1,6 +1,11 @@
 """The unified-MLLM main job: BPO (and DPO) on the biased toy VILA-U, on a CPU.
 
-    python -m fairjax.toy.vila_u --workdir runs/toy_vila_u [--preset default|quick] [--seed N] [--no-locate]
+    python -m fairjax.toy.vila_u --workdir runs/toy_vila_u [--preset default|quick] [--seed N] [--no-locate] \
+        [--config.KEY=VALUE ...] [--config.STAGE.KEY=VALUE ...]
+
+``--config.KEY=VALUE`` sets a key in every stage's config (``sft``, ``bpo``, ``dpo``; the pairs and the
+evaluation read the ``bpo`` stage's ``sample`` / ``prefs`` / ``eval`` keys), ``--config.bpo.beta=0.5`` in one
+stage's only; an unknown key is a one-line error before anything is written.
 
 1. the pre-trained toy VILA-U (``fairjax/assets/toy_vila_u``, checked against its manifest; see
    :mod:`fairjax.toy.vila_u_model`): its generation is biased the way the corpus is;
@@ -234,8 +239,21 @@ def neutral_shares(records_path: str, w) -> dict:
     return out
 
 
+def apply_stage_overrides(cfgs: dict, overrides: dict[str, str]) -> None:
+    """``STAGE.KEY`` -> that stage's config only; any other ``KEY`` -> every stage's config."""
+    from fairjax.config import apply_overrides
+
+    for key, text in (overrides or {}).items():
+        head, _, rest = key.partition(".")
+        if head in cfgs and rest and head not in cfgs[head]:
+            apply_overrides(cfgs[head], {rest: text})
+        else:
+            for c in cfgs.values():
+                apply_overrides(c, {key: text})
+
+
 def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = True, overwrite: bool = False,
-        log=log) -> dict:
+        log=log, overrides: dict[str, str] | None = None) -> dict:
     """The main job (module docstring); returns the result dict (also ``WORKDIR/result.json``)."""
     import shutil
 
@@ -248,9 +266,10 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
     t_start = time.perf_counter()
     times = {}
     workdir = os.path.abspath(workdir)
+    cfgs = {s: make_config(preset, s, seed) for s in STAGES}
+    apply_stage_overrides(cfgs, overrides)  # before anything is written: an unknown key loses nothing
     os.makedirs(workdir, exist_ok=True)
     base_dir = default_model_dir()
-    cfgs = {s: make_config(preset, s, seed) for s in STAGES}
     for c in cfgs.values():
         c.model.dir = base_dir
     log(f"toy VILA-U: base model {base_dir} (preset {preset or 'default'}, seed {seed})")
@@ -356,14 +375,20 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     with PreemptionGuard():
         try:
-            p = argparse.ArgumentParser(prog="python -m fairjax.toy.vila_u", description=__doc__.split("\n\n")[0])
+            from fairjax.config import split_overrides
+
+            argv, overrides = split_overrides(argv)
+            p = argparse.ArgumentParser(prog="python -m fairjax.toy.vila_u", description=__doc__.split("\n\n")[0],
+                                        epilog="--config.KEY=VALUE: every stage; --config.STAGE.KEY=VALUE: one stage "
+                                               f"({', '.join(STAGES)}).")
             p.add_argument("--workdir", default="runs/toy_vila_u")
             p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: default)")
             p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the training and the evaluation")
             p.add_argument("--no-locate", action="store_true", help="skip the locate-then-fix analysis")
             p.add_argument("--overwrite", action="store_true", help="redo every stage")
             args = p.parse_args(argv)
-            run(args.workdir, args.preset, seed=args.seed, locate=not args.no_locate, overwrite=args.overwrite)
+            run(args.workdir, args.preset, seed=args.seed, locate=not args.no_locate, overwrite=args.overwrite,
+                overrides=overrides)
         except Interrupted as e:
             print(str(e), file=sys.stderr)
             return e.exit_code
