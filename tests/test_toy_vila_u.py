@@ -96,6 +96,8 @@ def test_quick_main_job_writes_result_and_report(tmp_path):
         assert os.path.isfile(tmp_path / "w" / "locate" / name / "index.html")
     assert set(saved["locate_moved"]["generation_discrepancy"]) == {"gender", "race"}
     assert saved["locate_moved"]["tokenizer_flip_rate"] == {"gender": 0.0, "race": 0.0}  # BPO leaves it alone
+    page = open(saved["locate_compare_html"]).read()
+    assert "base vs bpo" in page and 'src="base/shares.png"' in page and 'src="bpo/shares.png"' in page
     # the base's generation is biased (the recorded shares of its neutral images)
     assert saved["shares"]["base"]["doctor"]["male"] > 0.6
 
@@ -124,6 +126,24 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
                         "--out", str(tmp_path / "o")]) == 2
     assert "LoRA file not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_side_by_side_locate_page_shows_each_model_and_the_change(tmp_path):
+    from fairjax.analysis.locate import compare_html
+    from fairjax.errors import UserError
+
+    for name, disc in (("base", 0.30), ("bpo", 0.05)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "locate.json").write_text(json.dumps({"summary": {
+            "tokenizer_flip_rate": {"gender": 0.0}, "generation_discrepancy": {"gender": disc}}}))
+        (d / "shares.png").write_bytes(b"png")
+    page = open(compare_html({"base": str(tmp_path / "base"), "bpo": str(tmp_path / "bpo")}, str(tmp_path))).read()
+    assert "<th>bpo - base</th>" in page and "gender: 0.300" in page and "gender: 0.050" in page
+    assert "gender: -0.250" in page and "gender: +0.000" in page  # 0.05 - 0.30; the flip rate unchanged
+    assert 'src="base/shares.png"' in page and 'src="bpo/shares.png"' in page
+    with pytest.raises(UserError, match="no locate result to compare"):
+        compare_html({"base": str(tmp_path / "base"), "x": str(tmp_path / "missing")}, str(tmp_path / "o"))
 
 
 def test_config_overrides_reach_every_stage_or_one_and_unknown_keys_lose_nothing(tmp_path, capsys):

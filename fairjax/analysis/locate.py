@@ -118,7 +118,6 @@ def layer_hidden_states(vu, params, prompt_ids, prompt_mask, codes, position: in
     """Teacher-forced hidden states at image position ``position`` (0 = the first image token's input), at the
     LLM's input and after every decoder layer: (B, 1 + layers, H) float32; ``position=None``: at every image
     position, (B, 1 + layers, N, H)."""
-    import flax.linen as nn
     import jax.numpy as jnp
 
     from fairjax.models import llama, vila_u
@@ -499,6 +498,64 @@ def _html(result: dict, out: str) -> None:
             f"<pre>{html.escape(json.dumps(result['probe'], indent=1, default=float))}</pre></body></html>")
     with open(os.path.join(out, "index.html"), "w") as f:
         f.write(page)
+
+
+def compare_html(dirs: Mapping[str, str], out: str) -> str:
+    """One side-by-side page over several locate runs (``{name: DIR}``, each holding ``locate.json`` and its
+    plots; e.g. the base and the BPO model): every summary number per model, what changed from the first
+    model to each other one, and the plots next to each other. Writes ``out/index.html`` (links to the
+    plots by relative path) and returns its path."""
+    names = list(dirs)
+    res = {}
+    for n in names:
+        path = os.path.join(dirs[n], "locate.json")
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: no locate result to compare (run python -m fairjax.locate_bias --out {dirs[n]})")
+        with open(path) as f:
+            res[n] = json.load(f)["summary"]
+    first = names[0]
+    keys = [k for k in res[first] if k not in ("probe_accuracy", "fix_generation_discrepancy")]
+
+    def cell(v):
+        if isinstance(v, Mapping):
+            return "<br>".join(f"{html.escape(str(k))}: {cell(x)}" for k, x in v.items())
+        return f"{v:.3f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else html.escape(str(v))
+
+    def delta(a, b):
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            return {k: delta(a[k], b[k]) for k in a if k in b}
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+            return f"{float(b) - float(a):+.3f}"
+        return ""
+
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names) + "".join(
+        f"<th>{html.escape(n)} - {html.escape(first)}</th>" for n in names[1:])
+    rows = "".join(f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{cell(res[n].get(k))}</td>" for n in names)
+                   + "".join(f"<td>{cell(delta(res[first].get(k), res[n].get(k)))}</td>" for n in names[1:]) + "</tr>"
+                   for k in keys)
+    os.makedirs(out, exist_ok=True)
+    plots = ""
+    for plot in ("shares.png", "probe.png", "probe_positions.png"):
+        have = [n for n in names if os.path.isfile(os.path.join(dirs[n], plot))]
+        if have:
+            plots += (f"<h2>{html.escape(plot)}</h2><table><tr>" + "".join(f"<th>{html.escape(n)}</th>" for n in have)
+                      + "</tr><tr>" + "".join(
+                          f'<td><img src="{html.escape(os.path.relpath(os.path.join(dirs[n], plot), out))}"></td>'
+                          for n in have) + "</tr></table>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>locate-then-fix, side by side</title></head><body>"
+            f"<h1>Locate-then-fix: {' vs '.join(html.escape(n) for n in names)}</h1>"
+            "<p>(a) tokenizer round-trip flips, (b) understanding of balanced images, (c) generation for neutral "
+            "prompts, (d) the probe; the last columns are what changed from the first model.</p>"
+            f"<table border='1' cellpadding='4'><tr><th></th>{head}</tr>{rows}</table>"
+            "<p>Each model's own page: " + ", ".join(
+                f'<a href="{html.escape(os.path.relpath(os.path.join(dirs[n], "index.html"), out))}">{html.escape(n)}</a>'
+                for n in names) + f"</p>{plots}</body></html>")
+    path = os.path.join(out, "index.html")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(page)
+    os.replace(tmp, path)
+    return path
 
 
 def main(argv=None) -> int:

@@ -331,6 +331,9 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
                                               seed=seed, fix_steps=fix if name == "base" else 0, log=log)["summary"]
                             for name, (_, lora) in (("base", models["base"]), ("bpo", models["bpo"]))}
         result["locate_html"] = {k: os.path.join(loc_dir, k, "index.html") for k in result["locate"]}
+        from fairjax.analysis.locate import compare_html
+
+        result["locate_compare_html"] = compare_html({k: os.path.join(loc_dir, k) for k in result["locate"]}, loc_dir)
         result["locate_moved"] = moved(result["locate"]["base"], result["locate"]["bpo"])
         times["locate"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
