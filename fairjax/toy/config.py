@@ -42,8 +42,10 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # that estimator's variance into a penalty on moving at all (about beta^2 var(g) / 8; the
     # training loss sits above log 2). Without the anchor below, beta 2000 -> 1000 -> 500 took race
     # discrepancy 0.191 -> 0.157 -> 0.127 and recall 98% -> 95% -> 92% of the base's; with it the
-    # recall stays within about 1% of the base's down to beta 150 (README, toy world)
-    c.beta = 250.0
+    # recall stays within about 1% of the base's down to beta 150 (docs/toy_world.md). 200 with the
+    # short cosine schedule below: at 250 it left the per-prompt gender bias at 0.53-0.54x the base's in
+    # training seeds 1 and 2 (misses), at 150 seed 2's race at 0.50x; 200 met the target in seeds 0-2
+    c.beta = 200.0
     # the identity anchor (fairjax.tasks.diffusion_pref): w * |eps_policy - eps_ref|^2 on each winner
     # under the identity prompt it was generated from. Without it PopAlign's shift is shared by the
     # identity prompts ("an amber female doctor" follows "a doctor") and halving race cost 5% of
@@ -56,10 +58,11 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.alpha = 0.9
     c.calibrate_beta = False  # True: beta from fairjax.losses.calibrate_beta on the dataset's group frequencies
     c.batch_size = 64  # 32 winner/loser pairs per step (SFT: 64 winners)
-    # each image's reward averaged over 2 (eps, t) draws; 1100 steps (with the anchor's work, the
-    # time of the 1500 anchor-free steps before it)
+    # each image's reward averaged over 2 (eps, t) draws (1 draw missed the target in three seeds);
+    # 400 steps with a cosine decay from lr 8e-3 do what 1100 constant-rate steps at 3e-3 did
+    # (docs/toy_world.md, "The 400-step schedule")
     c.noise_draws = 2
-    c.total_steps = 1100
+    c.total_steps = 400
     # PopAlign trains a rank-8 LoRA on the cross-attention keys and values only: what the prompt's
     # tokens contribute, so its change is a function of the prompt's tokens.
     # With the pooled-text embedding added, the main job at this beta let chefs overshoot to 44%
@@ -69,15 +72,16 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.rank = 8
     c.lora.alpha = 8.0
     c.lora.targets = r"attn2/to_(k|v)/kernel$"
-    c.optimizer.lr = 3e-3
+    c.optimizer.lr = 8e-3
     c.optimizer.warmup_steps = 20
-    c.optimizer.schedule = "constant"
+    c.optimizer.schedule = "cosine"
     c.checkpoint.every_steps = 1000
     c.log_every_steps = 100
     c.progress_bar = False
 
-    # sampling shared by build_prefs and evaluate (no guidance: the model's own population)
-    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=20, guidance_scale=1.0, batch_size=128))
+    # sampling shared by build_prefs and evaluate (no guidance: the model's own population). 10 DDIM
+    # steps: the base's discrepancies and recall match 20 steps' within their sampling error, at half the time
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=10, guidance_scale=1.0, batch_size=128))
     kw = dict(genders=list(w.genders), races=list(w.races))
     c.prefs = ml_collections.ConfigDict(dict(
         neutral_prompts=list(w.neutral_prompts()),
@@ -95,7 +99,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         identity_template=world_lib.IDENTITY_TEMPLATE,
         keywords=kw,
         n_neutral=400,  # 1600 neutral images: the pooled gender discrepancy's sampling error is about 0.017
-        n_identity=64,  # 2048 identity images: recall's sampling error about 0.006 (16 per prompt: 0.013)
+        n_identity=32,  # 1024 identity images: recall's sampling error about 0.009 (the target's margin is ~0.04)
         seed=1000,  # other seeds than build_prefs: fresh images
         classifier="toy",
         n_resamples=1000,
@@ -107,10 +111,11 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.anchor_weight = 0.0  # (SFT has no reference to anchor to)
         c.lora.rank = 0
         c.optimizer.lr = 2e-5  # small steps, many of them: a step's damage grows as lr^2, its signal as lr
+        c.optimizer.schedule = "constant"
         c.noise_draws = 1
         c.total_steps = 3000
     if arg in ("sft", "quick_sft", "smoke_sft"):  # SFT has no degradation to avoid: the usual rate, fewer steps
-        c.total_steps = 300
+        c.total_steps = 150
         c.optimizer.lr = 1e-4
         c.checkpoint.every_steps = 100
         c.log_every_steps = 25
