@@ -12,12 +12,14 @@ then, ``--rounds`` times, each in its own subprocess and in this order:
    weights stay memory-mapped until used),
 2. the same, then one element read from every 4 KB page of every parameter (all of it resident),
 3. fairjax cold: ``fairjax.convert.resolve.resolve_model(src)`` with an empty model cache
-   (``$FAIRJAX_CACHE_DIR``): the conversion into the cache, then ``fairjax.models.unet.load`` of
-   the entry (params as stored, float16: read-only views of the entry's memory map, as diffusers),
+   (``$FAIRJAX_CACHE_DIR``): the conversion into the cache (no dtype change: a ``params.link.json``
+   to the source file, :mod:`fairjax.io.linked`), then ``fairjax.models.unet.load`` of the entry
+   (params as stored, float16: read-only views of the source's memory map, kernels transposed
+   views, as diffusers maps it),
 4. fairjax warm: the same command again: the cache is found and loaded,
 5. fairjax warm, then every page read as in 2,
 6. with ``--tool``: ``tools/convert_diffusers.py src out --dtype float16`` (the conversion alone, as
-   BENCHMARKS.md measured it before the model cache).
+   BENCHMARKS.md measured it before the model cache: every tensor read, transposed and written).
 
 and prints wall time and peak RSS (``ru_maxrss`` of the child) of each, with
 ratios: time vs that round's diffusers run, RSS vs the checkpoint size. The

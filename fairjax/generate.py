@@ -115,13 +115,11 @@ def check_lora(model_dir: str, lora_path: str) -> None:
     """The LoRA file is a fairjax LoRA whose entries fit the model's UNet (VILA-U: its LLM), checked from
     the safetensors headers before any model is loaded."""
     from fairjax import lora as lora_lib
-    from fairjax.io.model_dir import PARAMS_FILE, component_dir
-    from fairjax.io.safetensors import SafetensorsReader
+    from fairjax.io.model_dir import component_dir, open_params
     from fairjax.vila_u.generate import is_vila_u
 
     entries, _ = lora_lib.load(lora_path)
-    with SafetensorsReader(os.path.join(component_dir(model_dir, "llm" if is_vila_u(model_dir) else "unet"),
-                                        PARAMS_FILE)) as r:
+    with open_params(component_dir(model_dir, "llm" if is_vila_u(model_dir) else "unet")) as r:
         try:
             lora_lib.check_fits(entries, {k: r.shape(k) for k in r.keys()})
         except UserError as e:

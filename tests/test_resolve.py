@@ -22,6 +22,8 @@ import diffusers  # noqa: F401
 from fairjax.convert import cache as cache_lib  # noqa: E402
 from fairjax.convert import resolve  # noqa: E402
 from fairjax.errors import CheckpointError  # noqa: E402
+from fairjax.io.linked import LINK_FILE  # noqa: E402
+from fairjax.io.model_dir import open_params  # noqa: E402
 from fairjax.io.safetensors import SafetensorsReader  # noqa: E402
 from test_convert_vila_u import src as vila_u_src  # noqa: E402,F401  (fixture: a tiny vila-u checkpoint folder)
 from test_pipeline import build_tiny_sdxl, convert_tiny_sdxl  # noqa: E402
@@ -103,10 +105,13 @@ def _files(folder):
 
 
 def _same_params(a: str, b: str):
-    with SafetensorsReader(a) as ra, SafetensorsReader(b) as rb:
+    """The params at ``a`` (a file, or the link beside it) equal those of the file ``b``, as views and as reads."""
+    with open_params(a) as ra, SafetensorsReader(b) as rb:
         assert sorted(ra.keys()) == sorted(rb.keys())
         for k in ra.keys():
-            assert ra.dtype(k) == rb.dtype(k) and np.array_equal(ra[k], rb[k]), k
+            assert ra.dtype(k) == rb.dtype(k) and ra.shape(k) == rb.shape(k), k
+            assert np.array_equal(ra[k], rb[k]) and np.array_equal(ra.read(k), rb[k]), k
+            assert ra.read(k).flags.c_contiguous, k
 
 
 # ----------------------------------------------------------------------------- SDXL by repo id
@@ -135,6 +140,10 @@ def test_generate_by_repo_id_matches_the_converted_dir_and_converts_once(hub, of
     index = json.load(open(os.path.join(entry, "fairjax.json")))
     assert index["hub"] == {"repo": REPO, "revision": "main", "commit": COMMIT}
     for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        # no dtype change: the entry links to the snapshot's files instead of holding a copy of the weights
+        assert not os.path.exists(os.path.join(entry, comp, "params.safetensors"))
+        link = json.load(open(os.path.join(entry, comp, LINK_FILE)))
+        assert all(s["path"].startswith(os.path.join(hub["hf_home"], "hub")) for s in link["sources"])
         _same_params(os.path.join(entry, comp, "params.safetensors"),
                      os.path.join(hub["converted"], comp, "params.safetensors"))
 
@@ -213,6 +222,62 @@ def test_local_folders_and_no_cache(hub, offline, capsys):
     assert not tmp.startswith(offline) and not os.path.exists(os.path.join(offline, "models"))
     assert "--no-cache" in capsys.readouterr().err
     _same_params(os.path.join(tmp, "vae", "params.safetensors"), os.path.join(hub["converted"], "vae", "params.safetensors"))
+
+
+def test_linked_entries_follow_their_sources(hub, offline, tmp_path, capsys):
+    """A cache entry links to its source's files: a source rewritten since is a one-line error when the entry is
+    opened directly, and asking for the model again converts it again (a new key for a changed local folder; the
+    same key, rebuilt, for a Hugging Face blob rewritten in place). A dtype change copies instead of linking,
+    and a linked entry exports to diffusers exactly as the explicitly converted dir does."""
+    from test_convert_unet import export_tool as export_diffusers
+
+    from fairjax.io.linked import LinkedReader
+
+    src = str(tmp_path / "src")
+    shutil.copytree(hub["src"], src)
+    entry = resolve.resolve_model(src)
+    unet_file = os.path.join(src, "unet", "diffusion_pytorch_model.safetensors")
+    assert os.path.getsize(os.path.join(entry, "unet", LINK_FILE)) < 64 << 10
+
+    out_entry, out_dir = str(tmp_path / "exp_entry"), str(tmp_path / "exp_dir")
+    assert export_diffusers.main([entry, out_entry]) == 0 and export_diffusers.main([hub["converted"], out_dir]) == 0
+    for comp in ("unet", "vae"):
+        (f,) = [n for n in os.listdir(os.path.join(out_dir, comp)) if n.endswith(".safetensors")]
+        with SafetensorsReader(os.path.join(out_entry, comp, f)) as a, \
+                SafetensorsReader(os.path.join(out_dir, comp, f)) as b:
+            assert sorted(a.keys()) == sorted(b.keys()) and all(np.array_equal(a[k], b[k]) for k in a.keys())
+
+    st = os.stat(unet_file)
+    os.utime(unet_file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the same bytes, rewritten a second later
+    with pytest.raises(CheckpointError, match="changed since it was converted") as e:
+        LinkedReader(os.path.join(entry, "unet", LINK_FILE))
+    assert "\n" not in str(e.value)
+    assert not cache_lib.is_complete(entry)
+    again = resolve.resolve_model(src)
+    assert again != entry and cache_lib.is_complete(again)
+    _same_params(os.path.join(again, "unet", "params.safetensors"),
+                 os.path.join(hub["converted"], "unet", "params.safetensors"))
+    os.remove(unet_file)
+    with pytest.raises(CheckpointError, match="which is gone"):
+        LinkedReader(os.path.join(again, "unet", LINK_FILE))
+
+    copied = resolve.resolve_model(hub["src"], dtype="float16")  # a cast: the entry holds the converted copy
+    assert os.path.isfile(os.path.join(copied, "unet", "params.safetensors"))
+    assert not os.path.exists(os.path.join(copied, "unet", LINK_FILE))
+
+    hub_home = str(tmp_path / "hf")
+    shutil.copytree(hub["hf_home"], hub_home, symlinks=True)
+    os.environ["HF_HOME"] = hub_home  # restored by the offline fixture's monkeypatch
+    entry = resolve.resolve_model(REPO)
+    link = json.load(open(os.path.join(entry, "unet", LINK_FILE)))
+    (blob,) = [s["path"] for s in link["sources"]]
+    st = os.stat(blob)
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert resolve.resolve_model(REPO) == entry  # same snapshot, same key: converted again in place
+    assert "into the model cache" in capsys.readouterr().err
+    _same_params(os.path.join(entry, "unet", "params.safetensors"),
+                 os.path.join(hub["converted"], "unet", "params.safetensors"))
 
 
 def test_vila_u_repo_id_converts_with_its_converter(offline, tmp_path, request, monkeypatch):

@@ -54,8 +54,7 @@ from fairjax.convert import unet as unet_convert
 from fairjax.convert.resolve import add_model_args, resolve_args
 from fairjax.errors import UserError
 from fairjax.io import fs
-from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, component_dir, read_json
-from fairjax.io.safetensors import SafetensorsReader
+from fairjax.io.model_dir import CONFIG_FILE, atomic_output_dir, component_dir, has_params, open_params, read_json
 
 #: component name -> exporter(fairjax component folder, diffusers out folder, *, dtype, lora, alpha) -> summary
 EXPORTERS: dict[str, Callable[..., dict]] = {
@@ -77,7 +76,7 @@ DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bf
 
 def _is_component(folder: str) -> bool:
     """A bare fairjax component folder (config.json + params.safetensors) rather than a model dir."""
-    return all(os.path.isfile(os.path.join(folder, f)) for f in (CONFIG_FILE, PARAMS_FILE))
+    return os.path.isfile(os.path.join(folder, CONFIG_FILE)) and has_params(folder)
 
 
 def _bare_component(folder: str) -> tuple[str, str]:
@@ -155,7 +154,7 @@ def export_model(model_dir: str, out: str, *, dtype: str | None = None, lora_pat
             lora, alpha, _ = _load_lora(lora_path)
             from fairjax import lora as lora_lib
 
-            with SafetensorsReader(os.path.join(dict(comps)["unet"], PARAMS_FILE)) as r:
+            with open_params(dict(comps)["unet"]) as r:
                 try:
                     lora_lib.check_fits(lora, {k: r.shape(k) for k in r.keys()})
                 except UserError as e:

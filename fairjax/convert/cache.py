@@ -13,6 +13,12 @@ once its folder exists: converters write into a temporary folder beside it and r
 exclusive lock on ``models/.<key>.lock`` (:func:`exclusive_lock`), so a second process asking for the
 same key waits for the first and then loads what it wrote; a later call finds the folder and reads it
 without taking the lock or writing anything.
+
+An entry converted without a dtype change holds no copy of the weights: each component has a
+``params.link.json`` naming the source files (their size and mtime) and the tensors it reads from them,
+transposed when used (:mod:`fairjax.io.linked`). Converting a 5 GB SDXL UNet then writes a few hundred KB,
+and loading it maps the source as diffusers does. An entry whose linked sources are gone or changed is not
+complete (:func:`is_complete`): asking for the model converts it again.
 """
 
 from __future__ import annotations
@@ -93,9 +99,15 @@ def exclusive_lock(path: str, *, log=print, what: str = "") -> Iterator[None]:
 
 
 def is_complete(entry: str) -> bool:
+    """The entry was written to the end, and every source file its linked components read is still as it was
+    (a Hugging Face cache cleaned since, say: the entry is then converted again; :mod:`fairjax.io.linked`)."""
+    from fairjax.io.linked import LINK_FILE, sources_intact
     from fairjax.io.model_dir import INDEX_FILE
 
-    return os.path.isfile(os.path.join(entry, INDEX_FILE))
+    if not os.path.isfile(os.path.join(entry, INDEX_FILE)):
+        return False
+    links = glob.glob(os.path.join(glob.escape(entry), "*", LINK_FILE))
+    return all(sources_intact(p) for p in links)
 
 
 def ensure_entry(key: str, build: Callable[[str], object], *, log=print, what: str = "") -> tuple[str, bool]:

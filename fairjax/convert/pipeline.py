@@ -40,8 +40,10 @@ from fairjax.convert import unet as unet_convert
 from fairjax.convert import vae as vae_convert
 from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion
 from fairjax.errors import CheckpointError, UserError
-from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, atomic_output_dir, read_json, write_index, write_json
-from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
+from fairjax.io.linked import LINK_FILE, write_link
+from fairjax.io.model_dir import (CONFIG_FILE, PARAMS_FILE, atomic_output_dir, open_params, read_json, write_index,
+                                  write_json)
+from fairjax.io.safetensors import ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str
 
 MODEL_INDEX = "model_index.json"
@@ -184,12 +186,21 @@ def check_weights(folder: str, prefix: str, variant: str | None = None) -> None:
         pass
 
 
-def convert_component(family: Family, src: str, out: str, *, dtype=None, variant: str | None = None) -> dict:
+def linkable(reader, keys, dtype) -> bool:
+    """A conversion of ``keys`` to ``dtype`` (None: as stored) that changes no tensor's dtype, so the component
+    can link to its source instead of copying it (:mod:`fairjax.io.linked`)."""
+    return dtype is None or all(reader.dtype(k) == np.dtype(dtype) for k in keys)
+
+
+def convert_component(family: Family, src: str, out: str, *, dtype=None, variant: str | None = None,
+                      link: bool = False) -> dict:
     """A diffusers / transformers component folder ``src`` -> fairjax component folder ``out``.
 
     ``out/config.json`` is the source config as is; ``out/params.safetensors`` holds the Flax
     tree (``dtype``, or each tensor's own dtype). Tensors are read with ``pread`` and transposed in
     worker threads while earlier ones are written (:func:`fairjax.convert.unet.pipelined`).
+    ``link=True`` and no dtype change: ``out/params.link.json`` instead, which reads the source's tensors in
+    place (:mod:`fairjax.io.linked`; for the model cache, whose entries are keyed by the source's fingerprints).
     The caller owns atomicity (``atomic_output_dir``).
     """
     cfg_path = os.path.join(src, CONFIG_FILE)
@@ -204,6 +215,12 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
         except CheckpointError as e:
             raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
         check_float(reader, mapping, src)
+        if link and linkable(reader, mapping, dtype):
+            os.makedirs(out, exist_ok=True)
+            write_link(os.path.join(out, LINK_FILE),
+                       {path_str(p): (reader.file_of(k), k) for k, (p, _) in mapping.items()})
+            write_json(os.path.join(out, CONFIG_FILE), config)
+            return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())), "linked": True}
         specs = []
         for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
             dt = np.dtype(dtype or reader.dtype(key))
@@ -230,7 +247,7 @@ def torch_shape(shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return s
 
 
-def _check_params(reader: SafetensorsReader, shapes: Mapping[Path, tuple[int, ...]]) -> None:
+def _check_params(reader, shapes: Mapping[Path, tuple[int, ...]]) -> None:
     want = {path_str(p): tuple(s) for p, s in shapes.items()}
     have = {k: reader.shape(k) for k in reader.keys()}
     missing = sorted(set(want) - set(have))
@@ -249,7 +266,7 @@ def export_component(family: Family, src: str, out: str, *, dtype=None) -> dict:
     ``<prefix>.safetensors``, in ``dtype`` or as stored)."""
     config = read_json(os.path.join(src, CONFIG_FILE))
     shapes = family.shapes(config)
-    with SafetensorsReader(os.path.join(src, PARAMS_FILE)) as reader:
+    with open_params(src) as reader:
         _check_params(reader, shapes)
         items, dtypes = [], set()
         for k in sorted(reader.keys()):
@@ -350,17 +367,18 @@ def plan_sources(src: str, variant: str | None = None) -> tuple[list[tuple[str, 
 
 
 def convert_folder(src: str, out: str, *, dtype: str | None = "float32", variant: str | None = None,
-                   overwrite: bool = False, log=print, **index_extra) -> dict:
+                   overwrite: bool = False, link: bool = False, log=print, **index_extra) -> dict:
     """Convert SRC (a pipeline folder or one component folder) into the fairjax model dir OUT (atomic:
-    written to a temp dir, renamed at the end). ``dtype`` None keeps each tensor's dtype; ``index_extra``
-    goes into ``fairjax.json``. Returns ``{component: summary}``."""
+    written to a temp dir, renamed at the end). ``dtype`` None keeps each tensor's dtype; ``link=True``: a
+    component whose dtype does not change links to SRC's files instead of copying them (model cache entries:
+    :mod:`fairjax.io.linked`); ``index_extra`` goes into ``fairjax.json``. Returns ``{component: summary}``."""
     todo, copied, skipped = plan_sources(src, variant)
     np_dtype = DTYPES[dtype] if dtype else None
     done = {}
     with atomic_output_dir(out, overwrite) as tmp:
         for name, folder in todo:
             t0 = time.time()
-            done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant)
+            done[name] = CONVERTERS[name](folder, os.path.join(tmp, name), dtype=np_dtype, variant=variant, link=link)
             log(f"{name}: {done[name]} in {time.time() - t0:.1f}s")
         for name in copied:
             copy_part(src, tmp, name)

@@ -60,12 +60,12 @@ def _stderr(msg: str) -> None:
 
 def is_fairjax_dir(path: str) -> bool:
     """A fairjax model dir (``fairjax.json``), a bare component folder or a folder of components
-    (``[*/]params.safetensors``)."""
-    from fairjax.io.model_dir import INDEX_FILE, PARAMS_FILE
+    (``[*/]params.safetensors`` or ``params.link.json``)."""
+    from fairjax.io.model_dir import INDEX_FILE, has_params
 
-    if os.path.isfile(os.path.join(path, INDEX_FILE)) or os.path.isfile(os.path.join(path, PARAMS_FILE)):
+    if os.path.isfile(os.path.join(path, INDEX_FILE)) or has_params(path):
         return True
-    return any(os.path.isfile(os.path.join(path, d, PARAMS_FILE)) for d in _listdir(path))
+    return any(has_params(os.path.join(path, d)) for d in _listdir(path))
 
 
 def _listdir(path: str) -> list[str]:
@@ -301,7 +301,7 @@ def _convert(kind: str, src: str, out: str, *, dtype: str | None, variant: str |
     else:
         from fairjax.convert import pipeline
 
-        pipeline.convert_folder(src, out, dtype=dtype, variant=variant, log=log, **meta)
+        pipeline.convert_folder(src, out, dtype=dtype, variant=variant, log=log, link=True, **meta)
 
 
 def _convert_once(kind: str, src: str, key: str, *, cache: bool, dtype, variant, log, what: str, **meta) -> str:

@@ -25,7 +25,8 @@ import numpy as np
 
 from fairjax.convert.core import _flax_shape, flax_to_torch_key, plan_conversion, torch_to_flax_prefix
 from fairjax.errors import CheckpointError
-from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, read_json, write_json
+from fairjax.io.linked import LINK_FILE, write_link
+from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, open_params, read_json, write_json
 from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str
 
@@ -231,7 +232,7 @@ def _write(reader, shapes, dtype, out: str, src: str, check=None) -> int:
     return len(items)
 
 
-def convert_component(src: str, out: str, *, dtype=None, variant: str | None = None) -> dict:
+def convert_component(src: str, out: str, *, dtype=None, variant: str | None = None, link: bool = False) -> dict:
     """diffusers ``unet/`` folder ``src`` -> fairjax component folder ``out`` (created).
 
     Writes ``out/config.json`` (the diffusers config as is) and
@@ -244,6 +245,10 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
     (:func:`implied_shapes`); the two are compared as soon as the trace ends, and again before
     returning: a checkpoint that does not fit is the same one-line error as before any tensor
     was read, only later.
+
+    ``link=True`` and no dtype change (the model cache): ``out/params.link.json`` instead of the params file,
+    written once the trace has checked every key and shape; the tensors stay in the source, read and
+    transposed when used (:mod:`fairjax.io.linked`).
     """
     cfg_path = os.path.join(src, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
@@ -254,6 +259,22 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
     with open_weights(src, variant) as reader, ThreadPoolExecutor(1, thread_name_prefix="fairjax-shapes") as ex:
         source = {k: reader.shape(k) for k in reader.keys()}
         traced = ex.submit(target_shapes, config)
+        if link:
+            from fairjax.convert.pipeline import linkable
+
+            if linkable(reader, source, dtype):
+                shapes = traced.result()
+                try:
+                    mapping = plan(source, shapes)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
+                check_float(reader, mapping, src)
+                os.makedirs(out, exist_ok=True)
+                write_link(os.path.join(out, LINK_FILE), {path_str(p): (reader.file_of(k), k)
+                                                          for k, (p, _) in mapping.items()})
+                write_json(os.path.join(out, CONFIG_FILE), config)
+                return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())),
+                        "linked": True}
         implied = implied_shapes({k: s for k, s in source.items()})
         done: list[bool] = []
 
@@ -348,7 +369,7 @@ def export_component(src: str, out: str, *, dtype=None, lora: Mapping | None = N
     """
     config, shapes = read_component(src)
     config.setdefault("_class_name", CLASS_NAME)
-    with SafetensorsReader(os.path.join(src, PARAMS_FILE)) as reader:
+    with open_params(src) as reader:
         items, pipe = lazy_torch_items(reader, shapes, dtype=dtype, lora=lora, alpha=alpha)
         os.makedirs(out, exist_ok=True)
         try:

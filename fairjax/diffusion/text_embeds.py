@@ -139,13 +139,13 @@ def _file_digest(path: str, h) -> None:
 
 def encoders_fingerprint(model_dir: str, components: Sequence[str], tokenizer_dirs: Sequence[str]) -> str:
     """sha256 over the encoder configs/params and the tokenizer files (see :func:`_file_digest`)."""
-    from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, component_dir
+    from fairjax.io.model_dir import CONFIG_FILE, component_dir, params_file
 
     h = hashlib.sha256()
     for comp in components:
         folder = component_dir(model_dir, comp)
-        for name in (CONFIG_FILE, PARAMS_FILE):
-            _file_digest(os.path.join(folder, name), h)
+        for path in (os.path.join(folder, CONFIG_FILE), params_file(folder)):  # a link names its sources' size+mtime
+            _file_digest(path, h)
     for tdir in tokenizer_dirs:
         for name in sorted(os.listdir(tdir)):
             p = os.path.join(tdir, name)

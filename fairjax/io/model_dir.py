@@ -5,7 +5,9 @@ pipeline folder (``unet/``, ``vae/``, ``text_encoder/``, ...), each with
 
 * ``config.json``: the upstream (diffusers / transformers) config dict as is,
 * ``params.safetensors``: the Flax param tree, keys are ``/``-joined Flax paths
-  (``down_blocks_0/resnets_0/conv1/kernel``), arrays in Flax layout,
+  (``down_blocks_0/resnets_0/conv1/kernel``), arrays in Flax layout; or, in a model cache entry
+  converted without a dtype change, ``params.link.json``: the same tree read from the source
+  checkpoint and transposed on the fly (:mod:`fairjax.io.linked`; :func:`open_params` opens both),
 
 plus ``fairjax.json`` at the top (``{"format": 1, "components": [...]}``).
 A single component folder (``config.json`` + ``params.safetensors``) is also
@@ -29,6 +31,7 @@ import numpy as np
 
 from fairjax.errors import CheckpointError, OutputError
 from fairjax.io import fs
+from fairjax.io.linked import LINK_FILE, LinkedReader
 from fairjax.io.safetensors import SafetensorsReader, check_float, write_safetensors
 from fairjax.io.tree import flatten, path_str, unflatten
 
@@ -43,8 +46,32 @@ def save_params(path: str, params: Mapping, metadata: dict | None = None) -> Non
     write_safetensors(path, items, metadata)
 
 
+def params_file(folder: str) -> str:
+    """The file that holds a component's params: ``params.safetensors``, else ``params.link.json`` when only
+    that exists (the former's path when neither does, for the error that names it)."""
+    own = os.path.join(folder, PARAMS_FILE)
+    link = os.path.join(folder, LINK_FILE)
+    return link if not os.path.isfile(own) and os.path.isfile(link) else own
+
+
+def has_params(folder: str) -> bool:
+    """``folder`` holds a component's params (either form)."""
+    return os.path.isfile(params_file(folder))
+
+
+def open_params(path: str) -> SafetensorsReader | LinkedReader:
+    """A reader of a component's params given the path of its ``params.safetensors`` (or of its folder): that
+    file, else the folder's ``params.link.json`` (Flax keys and layout either way)."""
+    path = os.fspath(path)
+    folder, name = (path, PARAMS_FILE) if os.path.isdir(path) else os.path.split(path)
+    if name == PARAMS_FILE:
+        path = params_file(folder)
+    return LinkedReader(path) if path.endswith(LINK_FILE) else SafetensorsReader(path)
+
+
 def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4, mmap: bool = False) -> dict:
-    """Read a ``params.safetensors`` into a nested dict of numpy arrays.
+    """Read a ``params.safetensors`` (or the ``params.link.json`` beside it: :func:`open_params`) into a
+    nested dict of numpy arrays.
 
     With ``target_shapes`` (``{flax path: shape}``), every missing, unexpected
     and mismatched key is reported in one error before anything is read. It may
@@ -60,7 +87,7 @@ def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4, 
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def check(r: SafetensorsReader, shapes) -> None:
+    def check(r, shapes) -> None:
         want = {path_str(p): tuple(s) for p, s in shapes.items()}
         have = {k: r.shape(k) for k in r.keys()}
         missing = [k for k in want if k not in have]
@@ -77,14 +104,15 @@ def load_params(path: str, target_shapes=None, dtype=None, *, workers: int = 4, 
             raise CheckpointError(f"{path} does not fit the model config: " + " | ".join(parts))
         check_float(r, want, path)  # integer or mislabelled tensors where weights go: an error, never a cast
 
-    def read(r: SafetensorsReader, k: str) -> np.ndarray:
+    def read(r, k: str) -> np.ndarray:
         same = dtype is None or np.dtype(dtype) == r.dtype(k)
         if mmap and same:
             return r[k]
         a = r.read(k)
         return a if same else a.astype(dtype)
 
-    with SafetensorsReader(path) as r:
+    with open_params(path) as r:
+        path = r.path
         if target_shapes is not None and not callable(target_shapes):
             check(r, target_shapes)
         with ThreadPoolExecutor(max(1, workers), thread_name_prefix="fairjax-load") as pool:
@@ -113,7 +141,7 @@ def component_dir(model_dir: str, name: str) -> str:
         raise CheckpointError(f"{model_dir}: model directory not found")
     sub = os.path.join(model_dir, name)
     for cand in (sub, model_dir):
-        if os.path.isfile(os.path.join(cand, CONFIG_FILE)) and os.path.isfile(os.path.join(cand, PARAMS_FILE)):
+        if os.path.isfile(os.path.join(cand, CONFIG_FILE)) and has_params(cand):
             return cand
     raise CheckpointError(
         f"{model_dir}: no fairjax '{name}' component (need {name}/{CONFIG_FILE} and {name}/{PARAMS_FILE}); "

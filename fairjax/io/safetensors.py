@@ -357,6 +357,10 @@ class ShardedReader:
     def __getitem__(self, key: str) -> np.ndarray:
         return self._readers[self._where[key]][key]
 
+    def file_of(self, key: str) -> str:
+        """The path of the file that holds ``key``."""
+        return self._readers[self._where[key]].path
+
     def read(self, key: str) -> np.ndarray:
         """:meth:`SafetensorsReader.read` of the shard holding ``key``."""
         return self._readers[self._where[key]].read(key)
