@@ -279,3 +279,35 @@ def test_blocked_transposes_equal_core_layout_rules():
             back = unet_convert.to_torch_array(got, leaf, np.float16)
             assert np.array_equal(back, np.ascontiguousarray(flax_to_torch_array(want, leaf)).astype(np.float16))
             assert np.array_equal(back, a)
+
+
+def test_traced_shapes_are_kept_on_disk(torch_model, tmp_path, monkeypatch):
+    """The UNet's param shapes are traced once and kept under the cache root: a later process reads them instead
+    of tracing (the trace is most of a cold SDXL conversion). They equal the shapes the torch model's state dict
+    implies; a corrupt file is traced again and rewritten; an unwritable cache only costs the trace."""
+    from fairjax.models import unet as unet_model
+
+    want = unet_convert.implied_shapes({k: tuple(v.shape) for k, v in torch_model.state_dict().items()})
+    cfg = dict(torch_model.config)
+    monkeypatch.setenv("FAIRJAX_CACHE_DIR", str(tmp_path / "cache"))
+    unet_model._config_shapes.cache_clear()
+    assert unet_model.config_shapes(cfg) == want
+    (stored,) = list((tmp_path / "cache" / unet_model.SHAPES_DIR).iterdir())
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced although the shapes are on disk")
+
+    unet_model._config_shapes.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(unet_model, "param_shapes", no_trace)
+        assert unet_model.config_shapes(cfg) == want  # as a new process would: read, not traced
+
+    stored.write_text('{"conv_in/kernel": [3, 3')  # truncated
+    unet_model._config_shapes.cache_clear()
+    assert unet_model.config_shapes(cfg) == want
+    assert json.loads(stored.read_text()) == {"/".join(k): list(v) for k, v in want.items()}
+
+    monkeypatch.setenv("FAIRJAX_CACHE_DIR", str(stored))  # a file where the cache folder should be: not writable
+    unet_model._config_shapes.cache_clear()
+    assert unet_model.config_shapes(cfg) == want
+    unet_model._config_shapes.cache_clear()
