@@ -34,19 +34,11 @@ from collections.abc import Callable, Iterator, Mapping
 
 from fairjax.errors import CheckpointError
 
-CACHE_ENV = "FAIRJAX_CACHE_DIR"
+from fairjax.io.fs import CACHE_ENV, cache_root  # noqa: F401  (re-exported: the cache's root and its variable)
+
 MODELS = "models"
 #: bumped whenever a converter writes something different for the same source: old entries are not reused
 CONVERTER_VERSION = 1
-
-
-def cache_root() -> str:
-    """``$FAIRJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fairjax``, else ``~/.cache/fairjax`` (not created)."""
-    root = os.environ.get(CACHE_ENV)
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "fairjax")
-    return os.path.abspath(os.path.expanduser(root))
 
 
 def models_root() -> str:

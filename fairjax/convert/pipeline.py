@@ -40,7 +40,7 @@ from fairjax.convert import unet as unet_convert
 from fairjax.convert import vae as vae_convert
 from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion
 from fairjax.errors import CheckpointError, UserError
-from fairjax.io.linked import LINK_FILE, write_link
+from fairjax.io.linked import LINK_FILE, link_json, linkable
 from fairjax.io.model_dir import (CONFIG_FILE, PARAMS_FILE, atomic_output_dir, open_params, read_json, write_index,
                                   write_json)
 from fairjax.io.safetensors import ShardedReader, check_float, write_safetensors
@@ -186,12 +186,6 @@ def check_weights(folder: str, prefix: str, variant: str | None = None) -> None:
         pass
 
 
-def linkable(reader, keys, dtype) -> bool:
-    """A conversion of ``keys`` to ``dtype`` (None: as stored) that changes no tensor's dtype, so the component
-    can link to its source instead of copying it (:mod:`fairjax.io.linked`)."""
-    return dtype is None or all(reader.dtype(k) == np.dtype(dtype) for k in keys)
-
-
 def convert_component(family: Family, src: str, out: str, *, dtype=None, variant: str | None = None,
                       link: bool = False) -> dict:
     """A diffusers / transformers component folder ``src`` -> fairjax component folder ``out``.
@@ -217,8 +211,8 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
         check_float(reader, mapping, src)
         if link and linkable(reader, mapping, dtype):
             os.makedirs(out, exist_ok=True)
-            write_link(os.path.join(out, LINK_FILE),
-                       {path_str(p): (reader.file_of(k), k) for k, (p, _) in mapping.items()})
+            write_json(os.path.join(out, LINK_FILE),
+                       link_json({path_str(p): (reader.file_of(k), k) for k, (p, _) in mapping.items()}))
             write_json(os.path.join(out, CONFIG_FILE), config)
             return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())), "linked": True}
         specs = []

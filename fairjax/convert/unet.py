@@ -25,7 +25,7 @@ import numpy as np
 
 from fairjax.convert.core import _flax_shape, flax_to_torch_key, plan_conversion, torch_to_flax_prefix
 from fairjax.errors import CheckpointError
-from fairjax.io.linked import LINK_FILE, write_link
+from fairjax.io.linked import LINK_FILE, link_json, linkable
 from fairjax.io.model_dir import CONFIG_FILE, PARAMS_FILE, open_params, read_json, write_json
 from fairjax.io.safetensors import SafetensorsReader, ShardedReader, check_float, write_safetensors
 from fairjax.io.tree import Path, path_str
@@ -260,8 +260,6 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
         source = {k: reader.shape(k) for k in reader.keys()}
         traced = ex.submit(target_shapes, config)
         if link:
-            from fairjax.convert.pipeline import linkable
-
             if linkable(reader, source, dtype):
                 shapes = traced.result()
                 try:
@@ -270,8 +268,8 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
                     raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
                 check_float(reader, mapping, src)
                 os.makedirs(out, exist_ok=True)
-                write_link(os.path.join(out, LINK_FILE), {path_str(p): (reader.file_of(k), k)
-                                                          for k, (p, _) in mapping.items()})
+                write_json(os.path.join(out, LINK_FILE), link_json({path_str(p): (reader.file_of(k), k)
+                                                                     for k, (p, _) in mapping.items()}))
                 write_json(os.path.join(out, CONFIG_FILE), config)
                 return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())),
                         "linked": True}

@@ -478,3 +478,16 @@ def error_line(e: BaseException) -> str | None:
     else:
         return None
     return "error: " + " ".join(text.split())  # one line, whatever the message held
+
+
+#: the environment variable that moves fairjax's cache (models, traced shapes)
+CACHE_ENV = "FAIRJAX_CACHE_DIR"
+
+
+def cache_root() -> str:
+    """``$FAIRJAX_CACHE_DIR``, else ``$XDG_CACHE_HOME/fairjax``, else ``~/.cache/fairjax`` (not created)."""
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "fairjax")
+    return os.path.abspath(os.path.expanduser(root))

@@ -31,6 +31,9 @@ from fairjax.io.safetensors import SafetensorsReader
 LINK_FILE = "params.link.json"
 LINK_FORMAT = "fairjax-link"
 LINK_VERSION = 1
+#: PyTorch kernel -> Flax kernel by rank (OIHW -> HWIO, OIW -> WIO, (out, in) -> (in, out)): the rule of
+#: fairjax.convert.core, which sits above this layer (tests/test_resolve.py checks linked reads against it)
+_TO_FLAX = {2: (1, 0), 3: (2, 1, 0), 4: (2, 3, 1, 0)}
 
 
 def _stat(path: str) -> dict:
@@ -38,14 +41,23 @@ def _stat(path: str) -> dict:
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def write_link(path: str, tensors: Mapping[str, tuple[str, str]]) -> None:
-    """Write ``params.link.json`` at ``path``: ``tensors`` is ``{flax key: (source file, source key)}``."""
-    from fairjax.io.model_dir import write_json
+def _perm(leaf: str, ndim: int) -> tuple[int, ...] | None:
+    return _TO_FLAX.get(ndim) if leaf == "kernel" else None
 
+
+def linkable(reader, keys, dtype) -> bool:
+    """A conversion of ``keys`` to ``dtype`` (None: as stored) that changes no tensor's dtype, so the component
+    can link to its source instead of copying it."""
+    return dtype is None or all(reader.dtype(k) == np.dtype(dtype) for k in keys)
+
+
+def link_json(tensors: Mapping[str, tuple[str, str]]) -> dict:
+    """The content of a ``params.link.json`` (write it with ``fairjax.io.model_dir.write_json``): ``tensors`` is
+    ``{flax key: (source file, source key)}``; each source is recorded with its size and mtime now."""
     files = sorted({os.path.realpath(f) for f, _ in tensors.values()})
     index = {f: i for i, f in enumerate(files)}
-    write_json(path, {"format": LINK_FORMAT, "version": LINK_VERSION, "sources": [_stat(f) for f in files],
-                      "tensors": {k: [index[os.path.realpath(f)], key] for k, (f, key) in sorted(tensors.items())}})
+    return {"format": LINK_FORMAT, "version": LINK_VERSION, "sources": [_stat(f) for f in files],
+            "tensors": {k: [index[os.path.realpath(f)], key] for k, (f, key) in sorted(tensors.items())}}
 
 
 def sources_intact(path: str) -> bool:
@@ -119,10 +131,10 @@ class LinkedReader:
         return len(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        from fairjax.convert.core import _flax_shape
-
         r, k = self._where[key]
-        return _flax_shape(r.shape(k), key.rsplit("/", 1)[-1])
+        shape = r.shape(k)
+        perm = _perm(key.rsplit("/", 1)[-1], len(shape))
+        return tuple(shape[p] for p in perm) if perm else tuple(shape)
 
     def dtype(self, key: str) -> np.dtype:
         r, k = self._where[key]
@@ -130,17 +142,17 @@ class LinkedReader:
 
     def __getitem__(self, key: str) -> np.ndarray:
         """A transposed view of the source's memory map (nothing read until used)."""
-        from fairjax.convert.core import torch_to_flax_array
-
         r, k = self._where[key]
-        return torch_to_flax_array(r[k], key.rsplit("/", 1)[-1])
+        a = r[k]
+        perm = _perm(key.rsplit("/", 1)[-1], a.ndim)
+        return a.transpose(perm) if perm else a
 
     def read(self, key: str) -> np.ndarray:
-        """A new C-contiguous array in Flax layout (read with ``pread``, transposed in row blocks)."""
-        from fairjax.convert.unet import to_flax_array
-
+        """A new C-contiguous array in Flax layout (read with ``pread``, then transposed)."""
         r, k = self._where[key]
-        return to_flax_array(r.read(k), key.rsplit("/", 1)[-1])
+        a = r.read(k)
+        perm = _perm(key.rsplit("/", 1)[-1], a.ndim)
+        return np.ascontiguousarray(a.transpose(perm)) if perm else a
 
     def close(self) -> None:
         for r in self._readers:

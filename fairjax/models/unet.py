@@ -487,7 +487,7 @@ def _shapes_file(config: UNetConfig) -> str:
 
     import flax
 
-    from fairjax.convert.cache import cache_root
+    from fairjax.io.fs import cache_root
 
     h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
     h.update(f"{jax.__version__} {flax.__version__}".encode())
