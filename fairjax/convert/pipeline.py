@@ -40,7 +40,7 @@ from fairjax.convert import unet as unet_convert
 from fairjax.convert import vae as vae_convert
 from fairjax.convert.core import flax_to_torch_array, flax_to_torch_key, plan_conversion
 from fairjax.errors import CheckpointError, UserError
-from fairjax.io.linked import LINK_FILE, link_json, linkable
+from fairjax.io.linked import linkable
 from fairjax.io.model_dir import (CONFIG_FILE, PARAMS_FILE, atomic_output_dir, open_params, read_json, write_index,
                                   write_json)
 from fairjax.io.safetensors import ShardedReader, check_float, write_safetensors
@@ -210,11 +210,7 @@ def convert_component(family: Family, src: str, out: str, *, dtype=None, variant
             raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
         check_float(reader, mapping, src)
         if link and linkable(reader, mapping, dtype):
-            os.makedirs(out, exist_ok=True)
-            write_json(os.path.join(out, LINK_FILE),
-                       link_json({path_str(p): (reader.file_of(k), k) for k, (p, _) in mapping.items()}))
-            write_json(os.path.join(out, CONFIG_FILE), config)
-            return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())), "linked": True}
+            return unet_convert.write_linked(out, reader, mapping, shapes, config)
         specs = []
         for key, (path, leaf) in sorted(mapping.items(), key=lambda kv: kv[1][0]):
             dt = np.dtype(dtype or reader.dtype(key))

@@ -219,6 +219,17 @@ def implied_shapes(source_shapes: Mapping[str, tuple[int, ...]]) -> dict[Path, t
     return out
 
 
+def write_linked(out: str, reader: ShardedReader, mapping: Mapping[str, tuple[Path, str]],
+                 shapes: Mapping[Path, tuple[int, ...]], config: Mapping) -> dict:
+    """Write component folder ``out`` as a link to ``reader``'s files (``params.link.json`` + ``config.json``;
+    :mod:`fairjax.io.linked`) for a checked ``mapping`` (:func:`plan`); returns the converter's summary."""
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, LINK_FILE),
+               link_json({path_str(p): (reader.file_of(k), k) for k, (p, _) in mapping.items()}))
+    write_json(os.path.join(out, CONFIG_FILE), config)
+    return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())), "linked": True}
+
+
 class _Replan(Exception):
     """The model's params differ from the implied ones although the checkpoint fits them: convert again."""
 
@@ -259,20 +270,14 @@ def convert_component(src: str, out: str, *, dtype=None, variant: str | None = N
     with open_weights(src, variant) as reader, ThreadPoolExecutor(1, thread_name_prefix="fairjax-shapes") as ex:
         source = {k: reader.shape(k) for k in reader.keys()}
         traced = ex.submit(target_shapes, config)
-        if link:
-            if linkable(reader, source, dtype):
-                shapes = traced.result()
-                try:
-                    mapping = plan(source, shapes)
-                except CheckpointError as e:
-                    raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
-                check_float(reader, mapping, src)
-                os.makedirs(out, exist_ok=True)
-                write_json(os.path.join(out, LINK_FILE), link_json({path_str(p): (reader.file_of(k), k)
-                                                                     for k, (p, _) in mapping.items()}))
-                write_json(os.path.join(out, CONFIG_FILE), config)
-                return {"arrays": len(mapping), "params": int(sum(np.prod(s) for s in shapes.values())),
-                        "linked": True}
+        if link and linkable(reader, source, dtype):
+            shapes = traced.result()
+            try:
+                mapping = plan(source, shapes)
+            except CheckpointError as e:
+                raise CheckpointError(f"{src}: {e} (does its config.json belong to these weights?)") from None
+            check_float(reader, mapping, src)
+            return write_linked(out, reader, mapping, shapes, config)
         implied = implied_shapes({k: s for k, s in source.items()})
         done: list[bool] = []
 

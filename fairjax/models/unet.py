@@ -506,11 +506,11 @@ def _config_shapes(config: UNetConfig) -> tuple:
     cache: unreadable, corrupt or unwritable, it is traced again, and the result is the same."""
     import json
     import os
-    import tempfile
 
+    from fairjax.io.model_dir import write_json
     from fairjax.io.tree import shapes_of
 
-    path = tmp = None
+    path = None
     try:
         path = _shapes_file(config)
         with open(path, encoding="utf-8") as f:
@@ -521,15 +521,11 @@ def _config_shapes(config: UNetConfig) -> tuple:
     out = tuple(shapes_of(param_shapes(UNet2DConditionModel(config))).items())
     if path is None:
         return out
-    try:
+    try:  # atomic (temp file + rename); a cache that cannot be written only costs the trace next time
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".shapes-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"/".join(k): list(v) for k, v in out}, f)
-        os.replace(tmp, path)
-    except OSError:  # a cache that cannot be written only costs the trace next time
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        write_json(path, {"/".join(k): list(v) for k, v in out})
+    except OSError:
+        pass
     return out
 
 
