@@ -219,9 +219,10 @@ def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dty
 def param_shapes(model: CLIPTextModel) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import abstract_init
 
     ids = jax.ShapeDtypeStruct((1, model.config.max_position_embeddings), jnp.int32)
-    tree = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
+    tree = abstract_init(model, ids)  # no initialiser traced
     return shapes_of(tree)
 
 

@@ -15,6 +15,7 @@ form, nearest upsampling reproduces ``F.interpolate(mode="nearest")``.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -54,6 +55,51 @@ def remat_wrap(cls, remat, **kwargs):
         return cls
     policy = None if name == "nothing_saveable" else getattr(jax.checkpoint_policies, name)
     return nn.remat(cls, policy=policy, **kwargs)
+
+# ----------------------------------------------------------------------------- abstract init
+
+_ABSTRACT = threading.local()  # ``on`` while :func:`abstract_init` runs on this thread
+
+
+def _zeros_init(rng, shape, dtype=jnp.float32, *args, **kwargs):
+    return jnp.zeros(shape, dtype)
+
+
+def _install_abstract_param():
+    """Wrap flax's ``Scope.param`` once so that, on a thread inside :func:`abstract_init`, a new param's
+    initialiser is replaced by zeros of the same shape and dtype. Every other call goes to flax unchanged."""
+    from flax.core import scope
+
+    if getattr(scope.Scope.param, "_fairjax_abstract", False):
+        return
+    param = scope.Scope.param
+
+    def wrapped(self, name, init_fn, *init_args, **init_kwargs):
+        if getattr(_ABSTRACT, "on", False):
+            init_fn = _zeros_init
+        return param(self, name, init_fn, *init_args, **init_kwargs)
+
+    wrapped._fairjax_abstract = True
+    scope.Scope.param = wrapped
+
+
+def abstract_init(model: nn.Module, *inputs, method=None) -> dict:
+    """``jax.eval_shape`` of ``model.init(key, *inputs)["params"]``: a tree of ``ShapeDtypeStruct``, no memory,
+    no compute. The initialisers are not traced (each param is ``zeros(shape, dtype)`` in the trace): every
+    flax and fairjax initialiser takes ``(key, shape, dtype)``, so the shapes and dtypes are those ``init``
+    gives, and the 1680 random initialisers of the SDXL UNet no longer cost a third of its trace.
+    ``inputs`` may be arrays or ``ShapeDtypeStruct``."""
+    _install_abstract_param()
+
+    def init(*a):
+        before, _ABSTRACT.on = getattr(_ABSTRACT, "on", False), True
+        try:
+            return model.init(jax.random.key(0), *a, method=method)["params"]
+        finally:
+            _ABSTRACT.on = before
+
+    return jax.eval_shape(init, *inputs)
+
 
 #: ``scan_layers`` settings (``model.scan_layers`` of the configs): ``auto`` scans on GPU / TPU, not on CPU
 SCAN_LAYERS = ("auto", "true", "false")

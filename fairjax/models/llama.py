@@ -561,7 +561,8 @@ def unstack_params(params) -> dict:
 def param_shapes(model: LlamaForCausalLM) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import abstract_init
 
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    tree = jax.eval_shape(lambda i: model.init(jax.random.key(0), i), ids)["params"]
+    tree = abstract_init(model, ids)  # no initialiser traced
     return shapes_of(tree)

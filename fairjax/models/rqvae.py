@@ -379,10 +379,11 @@ def from_config(rqvaesiglip_config: Mapping[str, Any], siglip_vision_config: Map
 def param_shapes(model: RQVAESiglip) -> dict:
     """``{flax path: shape}`` of the whole tokenizer, without allocating."""
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import abstract_init
 
     s = model.config.siglip
     x = jax.ShapeDtypeStruct((1, s.num_channels, s.image_size, s.image_size), jnp.float32)
-    return shapes_of(jax.eval_shape(lambda a: model.init(jax.random.key(0), a), x)["params"])
+    return shapes_of(abstract_init(model, x))  # no initialiser traced
 
 
 def num_params(shapes: Mapping) -> int:

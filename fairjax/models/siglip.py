@@ -154,7 +154,8 @@ def preprocess(images_uint8: jax.Array) -> jax.Array:
 def param_shapes(model: SiglipVisionTransformer) -> dict:
     """``{flax path: shape}`` without allocating."""
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import abstract_init
 
     c = model.config
     x = jax.ShapeDtypeStruct((1, c.num_channels, c.image_size, c.image_size), jnp.float32)
-    return shapes_of(jax.eval_shape(lambda a: model.init(jax.random.key(0), a), x)["params"])
+    return shapes_of(abstract_init(model, x))  # no initialiser traced

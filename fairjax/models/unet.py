@@ -36,6 +36,7 @@ from fairjax.models.layers import (
     TimestepEmbedding,
     Transformer2DModel,
     Upsample2D,
+    abstract_init,
     conv2d,
     get_activation,
     group_norm,
@@ -471,8 +472,13 @@ def init_params(model: UNet2DConditionModel, rng: jax.Array) -> dict:
 
 
 def param_shapes(model: UNet2DConditionModel) -> dict:
-    """``jax.eval_shape`` of the params: a tree of ``ShapeDtypeStruct`` (no memory, no compute)."""
-    return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
+    """``jax.eval_shape`` of the params: a tree of ``ShapeDtypeStruct`` (no memory, no compute), in the
+    model's own layout. An unrolled model is traced in its scanned form (one layer per transformer stack
+    instead of up to ten) and unstacked, and no initialiser is traced (:func:`abstract_init`): the full
+    SDXL UNet traces about 3x faster that way, and the tree is the same as ``init``'s."""
+    if not model.scan_layers:
+        return unstack_params(param_shapes(model.clone(scan_layers=True)))
+    return abstract_init(model, *dummy_inputs(model.config))
 
 
 SHAPES_DIR = "shapes"  # under the fairjax cache root (fairjax.convert.cache.cache_root)

@@ -322,10 +322,11 @@ def from_config(cfg: Mapping[str, Any], *, dtype: Dtype = jnp.float32, param_dty
 def param_shapes(model: AutoencoderKL) -> dict:
     """``{flax path: shape}`` of the model's params, without allocating them."""
     from fairjax.io.tree import shapes_of
+    from fairjax.models.layers import abstract_init
 
     f = 2 ** (len(model.config.block_out_channels) - 1)
     x = jax.ShapeDtypeStruct((1, model.config.in_channels, 2 * f, 2 * f), jnp.float32)
-    return shapes_of(jax.eval_shape(lambda a: model.init(jax.random.key(0), a), x)["params"])
+    return shapes_of(abstract_init(model, x))  # no initialiser traced
 
 
 def downsample_factor(config: VAEConfig) -> int:
