@@ -559,10 +559,12 @@ def unstack_params(params) -> dict:
 
 
 def param_shapes(model: LlamaForCausalLM) -> dict:
-    """``{flax path: shape}`` of the model's params, without allocating them."""
+    """``{flax path: shape}`` of the model's params in the model's own layout, without allocating them."""
     from fairjax.io.tree import shapes_of
     from fairjax.models.layers import abstract_init
 
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    tree = abstract_init(model, ids)  # no initialiser traced
-    return shapes_of(tree)
+    if model.scan_layers:
+        return shapes_of(abstract_init(model, ids))  # no initialiser traced
+    # an unrolled model: traced scanned (one layer instead of all of them) and unstacked, the same tree
+    return shapes_of(unstack_params(abstract_init(model.clone(scan_layers=True), ids)))
