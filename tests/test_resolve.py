@@ -194,6 +194,27 @@ def test_two_processes_resolving_the_same_id_at_once(hub, offline, tmp_path):
                  os.path.join(hub["converted"], "unet", "params.safetensors"))
 
 
+def test_a_lone_conversion_never_waits_on_a_lock(hub, offline, monkeypatch):
+    """The cache's cross-process flock and the entry's own write lock (fs.PathLock) are different files: with
+    one file, the write lock found the flock's empty file, took it for a stale lock, waited 5 s on every cold
+    conversion and then broke it (letting a third process in to clear the temp folder of the one converting)."""
+    import types
+
+    from fairjax.io import fs
+
+    def no_wait(seconds):
+        raise AssertionError(f"a lone conversion waited {seconds} s on a lock")
+
+    clock = types.ModuleType("time")  # fs's clock, with a sleep that fails the test
+    clock.__dict__.update({k: getattr(fs.time, k) for k in dir(fs.time) if not k.startswith("__")}, sleep=no_wait)
+    monkeypatch.setattr(fs, "time", clock)
+    monkeypatch.setattr(fs.PathLock, "_break", lambda self, holder: pytest.fail(f"broke {self.lock_file}"))
+    entry = resolve.resolve_model(hub["src"])
+    assert cache_lib.is_complete(entry)
+    assert not os.path.exists(fs.lock_file_for(entry))  # the write lock is released ...
+    assert os.path.exists(os.path.join(os.path.dirname(entry), f".{os.path.basename(entry)}.convert.lock"))
+
+
 def test_local_folders_and_no_cache(hub, offline, capsys):
     assert resolve.resolve_model(hub["converted"]) == hub["converted"]  # fairjax already: as is
     entry = resolve.resolve_model(hub["src"])  # a diffusers folder: converted into the cache, keyed by content

@@ -111,7 +111,9 @@ def ensure_entry(key: str, build: Callable[[str], object], *, log=print, what: s
     if is_complete(entry):
         return entry, False
     root = models_root()
-    with exclusive_lock(os.path.join(root, f".{key}.lock"), log=log, what=what or key):
+    # its own file: ``.<key>.lock`` is the lock file the atomic write of the entry takes (fs.PathLock, which
+    # would see this flock's empty file as a stale lock, wait 5 s and break it, letting a third process in)
+    with exclusive_lock(os.path.join(root, f".{key}.convert.lock"), log=log, what=what or key):
         if is_complete(entry):  # another process finished it while this one waited
             return entry, False
         for stale in glob.glob(os.path.join(root, f".{key}.tmp-*")) + glob.glob(os.path.join(root, f".{key}.old-*")):
