@@ -38,6 +38,7 @@ IMPORTS = {
     "werkzeug": ["werkzeug.datastructures"],
     "onnx": ["onnx", "onnx.helper"],
     "pytest": ["pytest"],
+    "pytest-xdist": ["xdist", "xdist.plugin"],
     "mpmath": ["mpmath"],
 }
 
