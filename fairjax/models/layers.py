@@ -83,7 +83,7 @@ def _install_abstract_param():
     scope.Scope.param = wrapped
 
 
-def abstract_init(model: nn.Module, *inputs, method=None) -> dict:
+def abstract_init(model: nn.Module, *inputs) -> dict:
     """``jax.eval_shape`` of ``model.init(key, *inputs)["params"]``: a tree of ``ShapeDtypeStruct``, no memory,
     no compute. The initialisers are not traced (each param is ``zeros(shape, dtype)`` in the trace): every
     flax and fairjax initialiser takes ``(key, shape, dtype)``, so the shapes and dtypes are those ``init``
@@ -94,7 +94,7 @@ def abstract_init(model: nn.Module, *inputs, method=None) -> dict:
     def init(*a):
         before, _ABSTRACT.on = getattr(_ABSTRACT, "on", False), True
         try:
-            return model.init(jax.random.key(0), *a, method=method)["params"]
+            return model.init(jax.random.key(0), *a)["params"]
         finally:
             _ABSTRACT.on = before
 
