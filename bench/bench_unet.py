@@ -24,8 +24,11 @@ then the forward's), then the step times interleaved; prints ``ratio = scan / un
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import time
 
@@ -49,6 +52,7 @@ import diffusers  # noqa: E402
 from _torch_util import DictReader  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
+from fairjax.io.host import tune_allocator  # noqa: E402
 from fairjax.models import unet as unet_mod  # noqa: E402
 from fairjax.models.unet import UNet2DConditionModel  # noqa: E402
 
@@ -63,12 +67,15 @@ CONFIG = {
 
 
 def _time(fn, steps):
-    """[(wall seconds, process CPU seconds)] per call."""
+    """[(wall seconds, process CPU seconds, system CPU seconds, minor page faults)] per call."""
     out = []
     for _ in range(steps):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        out.append((time.perf_counter() - t0, time.process_time() - c0))
+        t1, c1 = time.perf_counter(), time.process_time()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        out.append((t1 - t0, c1 - c0, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt))
     return out
 
 
@@ -82,37 +89,90 @@ def main():
     ap.add_argument("--scan-layers", action="store_true", help="nn.scan over each transformer stack")
     ap.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
     ap.add_argument("--compare-scan", action="store_true", help="Flax unrolled vs scan_layers: compile and step")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run Flax and torch in this one process (default: one worker process each)")
+    ap.add_argument("--worker", choices=("flax", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare_scan:
         return compare_scan(args)
-    b, s = args.batch, args.size
+    if args.worker:
+        return worker(args)
+    if args.one_process:
+        sides = {name: _Local(build(name, args)) for name in ("flax", "torch")}
+    else:
+        argv = [a for a in sys.argv[1:]]
+        sides = {name: _Remote([sys.executable, os.path.abspath(__file__), *argv, "--worker", name])
+                 for name in ("flax", "torch")}
+    info = {name: side.info for name, side in sides.items()}
+    res = {"fwd": ([], []), "step": ([], [])}
+    for _ in range(args.steps):  # interleave
+        for what in res:
+            for i, side in enumerate(sides.values()):
+                res[what][i].append(side.run(what))
+    for side in sides.values():
+        side.close()
+    fi, ti = info["flax"], info["torch"]
+    print(f"UNet {fi['n_params'] / 1e6:.1f}M params, batch {args.batch}, {args.size}x{args.size} latents, context "
+          f"{args.seq}x256, float32, jax {fi['jax']} ({fi['platform']}), torch {ti['torch']} ({ti['threads']} threads, "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); compile fwd {fi['compile_fwd']:.1f}s, "
+          f"step {fi['compile_step']:.1f}s")
+    print(f"attention_implementation={args.attention}, remat={args.remat}, scan_layers={args.scan_layers}; "
+          f"{'one process' if args.one_process else 'one worker process per framework'} "
+          f"(GLIBC_TUNABLES flax {fi['tunables']!r}, torch {ti['tunables']!r}); medians of {args.steps} "
+          f"interleaved runs (wall, and process CPU time summed over threads)")
+    for name, (fj, pt) in res.items():
+        (wj, cj, sj, fj_), (wp, cp, sp, fp) = ([statistics.median(v[i] for v in r) for i in range(4)] for r in (fj, pt))
+        print(f"{name:5s}: wall flax {wj * 1e3:7.1f} ms  torch {wp * 1e3:7.1f} ms  ratio {wj / wp:.2f}  | "
+              f"cpu flax {cj * 1e3:7.1f} ms  torch {cp * 1e3:7.1f} ms  ratio {cj / cp:.2f}  | "
+              f"sys flax {sj * 1e3:5.0f} ms  torch {sp * 1e3:5.0f} ms  | page faults flax {fj_:.0f}  torch {fp:.0f}")
 
+
+def _torch_unet():
     torch.manual_seed(0)
     tm = diffusers.UNet2DConditionModel.from_config({k: v for k, v in CONFIG.items() if not k.startswith("_")})
     with torch.no_grad():
         for p in tm.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    return tm
+
+
+def build(name, args):
+    """(info, {"fwd": fn, "step": fn}) of one framework: same weights (seeded torch init), same inputs."""
+    b = args.batch
+    x, t, ctx, added, target = _inputs(b, args.size, args.seq)
+    tm = _torch_unet()
+    info = {"n_params": sum(p.numel() for p in tm.parameters()), "tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    if name == "torch":
+        tx, tctx, tt, ttarget = (torch.from_numpy(a) for a in (x, ctx, t, target))
+        tadded = {k: torch.from_numpy(v) for k, v in added.items()}
+
+        def torch_fwd():
+            with torch.no_grad():
+                tm(tx, tt, tctx, added_cond_kwargs=tadded).sample
+
+        topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
+        tm.train()
+
+        def torch_step():
+            topt.zero_grad(set_to_none=True)
+            loss = torch.mean((tm(tx, tt, tctx, added_cond_kwargs=tadded).sample - ttarget) ** 2)
+            loss.backward()
+            topt.step()
+
+        torch_fwd()
+        torch_step()
+        info.update(torch=torch.__version__, threads=torch.get_num_threads())
+        return info, {"fwd": torch_fwd, "step": torch_step}
+
     unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention, remat=args.remat,
                                             scan_layers=args.scan_layers)
     params = convert_checkpoint(DictReader(tm.state_dict()), unet_convert.target_shapes(CONFIG))
     params = jax.tree_util.tree_map(jnp.asarray, unet_mod.stack_params(params) if args.scan_layers else params)
-    n_params = sum(p.numel() for p in tm.parameters())
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((b, 4, s, s)).astype(np.float32)
-    ctx = rng.standard_normal((b, args.seq, 256)).astype(np.float32)
-    t = rng.integers(0, 1000, b).astype(np.float32)
-    added = {"text_embeds": rng.standard_normal((b, 256)).astype(np.float32),
-             "time_ids": np.tile(np.array([[256, 256, 0, 0, 256, 256]], np.float32), (b, 1))}
-    target = rng.standard_normal(x.shape).astype(np.float32)
-    tx, tctx, tt = torch.from_numpy(x), torch.from_numpy(ctx), torch.from_numpy(t)
-    tadded = {k: torch.from_numpy(v) for k, v in added.items()}
-    ttarget = torch.from_numpy(target)
-
-    # --- forward
-    fwd = jax.jit(unet.apply)
+    tm = None  # the flax worker keeps no torch model
     jx = [jnp.asarray(a) for a in (x, t, ctx)]
     jadded = {k: jnp.asarray(v) for k, v in added.items()}
+
+    fwd = jax.jit(unet.apply)
     t0 = time.perf_counter()
     jax.block_until_ready(fwd({"params": params}, jx[0], jx[1], jx[2], jadded))
     compile_fwd = time.perf_counter() - t0
@@ -120,13 +180,6 @@ def main():
     def jax_fwd():
         jax.block_until_ready(fwd({"params": params}, jx[0], jx[1], jx[2], jadded))
 
-    def torch_fwd():
-        with torch.no_grad():
-            tm(tx, tt, tctx, added_cond_kwargs=tadded).sample
-
-    torch_fwd()
-
-    # --- train step
     opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)
 
     def loss_fn(p):
@@ -151,36 +204,54 @@ def main():
         state[0], state[1], loss = jstep(state[0], state[1])
         jax.block_until_ready(loss)
 
-    topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2)
-    tm.train()
+    info.update(jax=jax.__version__, platform=jax.devices()[0].platform, compile_fwd=compile_fwd,
+                compile_step=compile_step)
+    return info, {"fwd": jax_fwd, "step": jax_step}
 
-    def torch_step():
-        topt.zero_grad(set_to_none=True)
-        loss = torch.mean((tm(tx, tt, tctx, added_cond_kwargs=tadded).sample - ttarget) ** 2)
-        loss.backward()
-        topt.step()
 
-    torch_step()
+class _Local:
+    def __init__(self, built):
+        self.info, self.fns = built
 
-    res = {"fwd": ([], []), "step": ([], [])}
-    for _ in range(args.steps):  # interleave
-        res["fwd"][0].extend(_time(jax_fwd, 1))
-        res["fwd"][1].extend(_time(torch_fwd, 1))
-        res["step"][0].extend(_time(jax_step, 1))
-        res["step"][1].extend(_time(torch_step, 1))
+    def run(self, what):
+        return _time(self.fns[what], 1)[0]
 
-    print(f"UNet {n_params / 1e6:.1f}M params, batch {b}, {s}x{s} latents, context {args.seq}x256, float32, "
-          f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); "
-          f"compile fwd {compile_fwd:.1f}s, step {compile_step:.1f}s")
-    print(f"attention_implementation={args.attention}, remat={args.remat}, scan_layers={args.scan_layers}; "
-          f"medians of {args.steps} interleaved runs "
-          f"(wall, and process CPU time summed over threads)")
-    for name, (fj, pt) in res.items():
-        wj, wp = (statistics.median(w for w, _ in r) for r in (fj, pt))
-        cj, cp = (statistics.median(c for _, c in r) for r in (fj, pt))
-        print(f"{name:5s}: wall flax {wj * 1e3:7.1f} ms  torch {wp * 1e3:7.1f} ms  ratio {wj / wp:.2f}  | "
-              f"cpu flax {cj * 1e3:7.1f} ms  torch {cp * 1e3:7.1f} ms  ratio {cj / cp:.2f}")
+    def close(self):
+        pass
+
+
+class _Remote:
+    """A worker process that builds one side, then times one call per request line on stdin."""
+
+    def __init__(self, cmd):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(_REPLY):
+                return json.loads(line[len(_REPLY):])
+        raise SystemExit(f"bench worker {self.proc.args[-1]} exited with status {self.proc.wait()}")
+
+    def run(self, what):
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return tuple(self._read())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+_REPLY = "@bench "
+
+
+def worker(args):
+    tune_allocator()  # what fairjax's entry points do; applied to both sides alike
+    info, fns = build(args.worker, args)
+    print(_REPLY + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print(_REPLY + json.dumps(_time(fns[line.strip()], 1)[0]), flush=True)
 
 
 def _inputs(b, s, seq):
@@ -195,14 +266,10 @@ def _inputs(b, s, seq):
 
 def compare_scan(args):
     """Unrolled vs scan_layers Flax train step (AdamW, as in main): compile and step times, one process."""
-    torch.manual_seed(0)
-    tm = diffusers.UNet2DConditionModel.from_config({k: v for k, v in CONFIG.items() if not k.startswith("_")})
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    tm = _torch_unet()
     unrolled = convert_checkpoint(DictReader(tm.state_dict()), unet_convert.target_shapes(CONFIG))
     n_params = sum(p.numel() for p in tm.parameters())
-    del tm
+    tm = None  # the flax worker keeps no torch model
     x, t, ctx, added, target = (jax.tree_util.tree_map(jnp.asarray, a) for a in _inputs(args.batch, args.size,
                                                                                           args.seq))
     opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)

@@ -34,7 +34,7 @@ import os
 import sys
 
 from fairjax.errors import UserError
-from fairjax.io import fs
+from fairjax.io import fs, host
 
 
 def parse_args(argv):
@@ -147,4 +147,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_allocator()  # re-executes once with glibc malloc tunables (fairjax.io.host)
     sys.exit(main())

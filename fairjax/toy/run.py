@@ -35,6 +35,7 @@ import numpy as np
 
 from fairjax.checkpoint import raise_if_stopped
 from fairjax.errors import Interrupted, UserError
+from fairjax.io import host
 
 
 def log(msg: str) -> None:
@@ -293,4 +294,5 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    host.tune_allocator()  # re-executes once with glibc malloc tunables (fairjax.io.host)
     sys.exit(main())
