@@ -78,7 +78,8 @@ def test_pipeline_tools_stop_with_143_and_write_nothing(tool, tmp_path, capsys):
     with PreemptionGuard():
         os.kill(os.getpid(), signal.SIGTERM)
         assert main(argv) == 143
-    err = capsys.readouterr().err.strip().splitlines()
+    # the process's one-time "attention auto -> ..." note appears when this test is the first to build a model
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("fairjax: attention auto")]
     assert len(err) == 1 and err[0].startswith("stopped by SIGTERM while generating images (0 of "), err
     assert os.listdir(tmp_path) == []
 
