@@ -100,8 +100,7 @@ def main():
     if args.one_process:
         sides = {name: _Local(build(name, args)) for name in ("flax", "torch")}
     else:
-        argv = [a for a in sys.argv[1:]]
-        sides = {name: _Remote([sys.executable, os.path.abspath(__file__), *argv, "--worker", name])
+        sides = {name: _Remote([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", name])
                  for name in ("flax", "torch")}
     info = {name: side.info for name, side in sides.items()}
     res = {"fwd": ([], []), "step": ([], [])}
@@ -269,7 +268,7 @@ def compare_scan(args):
     tm = _torch_unet()
     unrolled = convert_checkpoint(DictReader(tm.state_dict()), unet_convert.target_shapes(CONFIG))
     n_params = sum(p.numel() for p in tm.parameters())
-    tm = None  # the flax worker keeps no torch model
+    del tm
     x, t, ctx, added, target = (jax.tree_util.tree_map(jnp.asarray, a) for a in _inputs(args.batch, args.size,
                                                                                           args.seq))
     opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)

@@ -24,7 +24,6 @@ import sys
 
 TUNABLES = "glibc.malloc.arena_max=2:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 OFF_VARIABLE = "FAIRJAX_HOST_MALLOC"
-_MARK = "FAIRJAX_HOST_MALLOC_REEXEC"
 
 
 def _glibc_at_least(major: int, minor: int) -> bool:
@@ -40,15 +39,15 @@ def _glibc_at_least(major: int, minor: int) -> bool:
 def tuned_environment(environ: dict[str, str] | None = None) -> dict[str, str] | None:
     """The environment to re-execute with, or None when this process should run as it is."""
     env = dict(os.environ if environ is None else environ)
-    if env.get(OFF_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off") or env.get(_MARK):
+    if env.get(OFF_VARIABLE, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if sys.platform != "linux" or not _glibc_at_least(2, 26):
         return None
     tunables = env.get("GLIBC_TUNABLES", "")
+    # yours win; and the re-executed process finds ours here, so it does not re-execute again
     if "glibc.malloc." in tunables or any(k.startswith("MALLOC_") for k in env):
         return None
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLES}" if tunables else TUNABLES
-    env[_MARK] = "1"
     return env
 
 
