@@ -147,5 +147,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    host.tune_allocator()  # re-executes once with glibc malloc tunables (fairjax.io.host)
+    host.tune_allocator()  # glibc malloc tunables (re-executes once), synchronous CPU dispatch
     sys.exit(main())

@@ -64,3 +64,46 @@ def test_a_users_own_malloc_settings_win():
     env = host.tuned_environment({"GLIBC_TUNABLES": "glibc.cpu.x86_rep_movsb_threshold=4096"})
     assert env["GLIBC_TUNABLES"] == "glibc.cpu.x86_rep_movsb_threshold=4096:" + host.TUNABLES
     assert host.tuned_environment(env) is None
+
+
+# A jitted program whose temp buffer (a @ b: 6144 x 6144 float32, 144 MiB) is far above glibc's 32 MiB
+# largest dynamic mmap threshold, so untuned glibc mmaps it (and first-touches its 36,864 pages) on
+# every call. The minor page faults of calls 3-5 per call, and the dispatch mode JAX ran with.
+FAULT_PROBE = r"""
+import resource
+from fairjax.io import host
+host.tune_allocator()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda a, b, c: (a @ b) @ c)
+a, b, c = jnp.ones((6144, 4)), jnp.ones((4, 6144)), jnp.ones((6144, 4))
+for _ in range(2):
+    f(a, b, c).block_until_ready()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    f(a, b, c).block_until_ready()
+print("PID ASYNC", jax.config.read("jax_cpu_enable_async_dispatch"), "FAULTS",
+      (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) // 3)
+"""
+
+
+def _fault_probe(env_extra):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", host.OFF_VARIABLE, host.DISPATCH_VARIABLE) and not k.startswith("MALLOC_")}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], env=env, capture_output=True, text=True, check=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PID")]
+    assert len(line) == 1, out.stdout + out.stderr
+    _, _, is_async, _, faults = line[0].split()
+    return is_async, int(faults)
+
+
+@pytest.mark.skipif(not GLIBC or sys.version_info < (3, 10), reason="glibc tunables; sys.orig_argv")
+def test_tuned_process_runs_xla_cpu_on_its_main_thread_and_keeps_the_temp_buffer():
+    # Untuned, every call mmaps the 144 MiB temp buffer anew. Tuned, the main thread allocates it from
+    # glibc's main arena and keeps it (no faults). With asynchronous dispatch a worker thread bound to a
+    # second arena would mmap it whatever mmap_max says (glibc's sysmalloc fallback), in some processes.
+    assert _fault_probe({}) == ("False", 0)
+    is_async, faults = _fault_probe({host.OFF_VARIABLE: "0"})
+    assert is_async == "True" and faults >= 30_000
+    # your JAX_CPU_ENABLE_ASYNC_DISPATCH wins over ours
+    assert _fault_probe({host.DISPATCH_VARIABLE: "true"})[0] == "True"
