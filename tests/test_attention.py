@@ -25,7 +25,7 @@ def _qkv(b, t, s, n, kv, h, seed=0):
     return q, kk, v, mask
 
 
-@pytest.mark.parametrize("impl", ["einsum", "chunked", "xla", "auto"])
+@pytest.mark.parametrize("impl", ["einsum", "chunked", "batched", "xla", "auto"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
 def test_implementations_match_xla(impl, causal, masked, monkeypatch):
@@ -37,15 +37,16 @@ def test_implementations_match_xla(impl, causal, masked, monkeypatch):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_gradients_match_xla(monkeypatch):
-    q, k, v, mask = _qkv(1, 33, 33, 2, 2, 8, seed=1)
+@pytest.mark.parametrize("impl", ["chunked", "batched"])
+def test_gradients_match_xla(impl, monkeypatch):
+    q, k, v, mask = _qkv(1, 33, 33, 4, 2, 8, seed=1)
     monkeypatch.setattr(A, "CHUNK_SCORES", 8 * 33)
 
     def loss(impl):
         return lambda q, k, v: jnp.sum(A.dot_product_attention(q, k, v, mask=mask, implementation=impl) ** 2)
 
     want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    got = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(impl), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
 
@@ -55,7 +56,7 @@ def test_auto_runs_on_cpu_and_says_what_it_picked(capsys):
     q, k, v, _ = _qkv(1, 8, 8, 2, 2, 8)
     out = A.dot_product_attention(q, k, v)  # the default is auto
     assert out.shape == q.shape
-    assert "attention auto -> xla (cpu backend)" in capsys.readouterr().err
+    assert "attention auto -> batched (cpu backend)" in capsys.readouterr().err
     A.dot_product_attention(q, k, v)
     assert capsys.readouterr().err == ""  # once per distinct choice
 
@@ -72,7 +73,8 @@ def test_auto_runs_on_cpu_and_says_what_it_picked(capsys):
     ("tpu", jnp.bfloat16, (2, 4096, 10, 64), (2, 77, 10, 64), False, None, "xla"),     # 77 keys: not 128-blocked
     ("tpu", jnp.bfloat16, (1, 16384, 1, 512), (1, 16384, 1, 512), False, None, "pallas"),
     ("cpu", jnp.float32, (1, 16384, 1, 512), (1, 16384, 1, 512), False, None, "chunked"),
-    ("cpu", jnp.float32, (2, 4096, 10, 64), (2, 4096, 10, 64), False, None, "xla"),
+    ("cpu", jnp.float32, (2, 4096, 10, 64), (2, 4096, 10, 64), False, None, "batched"),
+    ("cpu", jnp.float32, (2, 300, 32, 128), (2, 300, 8, 128), True, None, "batched"),     # LLaMA on CPU
 ])
 def test_auto_rules(backend, dtype, q_shape, k_shape, masked, limit, want):
     got, why = A.resolve("auto", q_shape=q_shape, k_shape=k_shape, dtype=dtype, masked=masked, backend=backend,
@@ -83,7 +85,7 @@ def test_auto_rules(backend, dtype, q_shape, k_shape, masked, limit, want):
 def test_explicit_choice_is_kept_and_unknown_is_one_line():
     assert A.resolve("einsum", q_shape=(1, 4, 1, 8), k_shape=(1, 4, 1, 8), dtype=jnp.float32)[0] == "einsum"
     assert A.check(None) == A.check("") == "auto"
-    with pytest.raises(ConfigError, match="not one of auto, xla, cudnn, pallas, einsum, chunked") as e:
+    with pytest.raises(ConfigError, match="not one of auto, xla, cudnn, pallas, einsum, chunked, batched") as e:
         A.check("flash")
     assert "\n" not in str(e.value)
 
