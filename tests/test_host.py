@@ -32,11 +32,13 @@ libc.free(ctypes.c_void_p(block))
 """
 
 
-def _probe(env_extra, *args):
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
-    env.pop(host.OFF_VARIABLE, None)
+def _probe(env_extra, *args, script=PROBE):
+    """The one "PID ..." line ``script`` printed in a fresh process, without any malloc/dispatch settings of
+    this environment, plus ``env_extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", host.OFF_VARIABLE, host.DISPATCH_VARIABLE) and not k.startswith("MALLOC_")}
     env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, check=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("PID")]
     assert len(line) == 1, out.stdout + out.stderr  # one process printed: the re-exec replaced the first
     return line[0]
@@ -87,13 +89,7 @@ print("PID ASYNC", jax.config.read("jax_cpu_enable_async_dispatch"), "FAULTS",
 
 
 def _fault_probe(env_extra):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", host.OFF_VARIABLE, host.DISPATCH_VARIABLE) and not k.startswith("MALLOC_")}
-    env.update(env_extra)
-    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], env=env, capture_output=True, text=True, check=True)
-    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PID")]
-    assert len(line) == 1, out.stdout + out.stderr
-    _, _, is_async, _, faults = line[0].split()
+    _, _, is_async, _, faults = _probe(env_extra, script=FAULT_PROBE).split()
     return is_async, int(faults)
 
 

@@ -110,16 +110,23 @@ def _announce(name: str, why: str) -> None:
         print(f"fairjax: attention auto -> {name} ({why})", file=sys.stderr, flush=True)
 
 
-def _einsum(q, k, v, mask, is_causal, scale):
+def _heads_and_mask(q, k, v, mask, is_causal):
+    """``(k, v, mask)`` for the written-out implementations: key/value heads repeated to the query heads
+    (grouped-query attention), the causal mask (top-left aligned, as ``jax.nn.dot_product_attention``)
+    folded into ``mask``."""
     n, kv_heads = q.shape[2], k.shape[2]
-    if kv_heads != n:  # grouped query heads: repeat the key/value heads
+    if kv_heads != n:
         k = jnp.repeat(k, n // kv_heads, axis=2)
         v = jnp.repeat(v, n // kv_heads, axis=2)
-    logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
-    t, s = q.shape[1], k.shape[1]
     if is_causal:
-        causal = jnp.tril(jnp.ones((t, s), bool))  # top-left aligned, as jax.nn.dot_product_attention
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))
         mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal)
+    return k, v, mask
+
+
+def _einsum(q, k, v, mask, is_causal, scale):
+    k, v, mask = _heads_and_mask(q, k, v, mask, is_causal)
+    logits = jnp.einsum("bthd,bshd->bhts", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
@@ -128,20 +135,15 @@ def _einsum(q, k, v, mask, is_causal, scale):
 
 def _batched(q, k, v, mask, is_causal, scale):
     """The heads folded into the batch: ``(B*N, T, H) @ (B*N, H, S)``, float32 softmax, ``@ (B*N, S, H)``."""
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    if kv_heads != n:  # grouped query heads: repeat the key/value heads
-        k = jnp.repeat(k, n // kv_heads, axis=2)
-        v = jnp.repeat(v, n // kv_heads, axis=2)
+    k, v, mask = _heads_and_mask(q, k, v, mask, is_causal)
+    b, t, n, _ = q.shape
+    s = k.shape[1]
 
     def fold(x):  # (B, L, N, H) -> (B*N, L, H)
         return x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], x.shape[3])
 
     logits = jnp.matmul(fold(q * jnp.asarray(scale, q.dtype)), fold(k).transpose(0, 2, 1),
                         preferred_element_type=jnp.float32)
-    if is_causal:
-        causal = jnp.tril(jnp.ones((t, s), bool))  # top-left aligned, as jax.nn.dot_product_attention
-        mask = causal[None, None] if mask is None else jnp.logical_and(mask, causal)
     if mask is not None:
         logits = jnp.where(jnp.broadcast_to(mask, (b, n, t, s)).reshape(b * n, t, s), logits,
                            jnp.finfo(jnp.float32).min)
