@@ -87,17 +87,21 @@ _RACE_CENTROIDS_RGB = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1], [0, 
 def deepface_home(tmp_path_factory):
     import deepface  # noqa: F401
     import onnxruntime  # noqa: F401
-    home = tmp_path_factory.mktemp("deepface_home")
-    weights = home / ".deepface" / "weights"
-    weights.mkdir(parents=True)
+    return write_home(str(tmp_path_factory.mktemp("deepface_home")))
+
+
+def write_home(home: str) -> str:
+    """The tiny ONNX models in ``home/.deepface/weights`` (deepface's layout); returns ``home``."""
+    weights = os.path.join(home, ".deepface", "weights")
+    os.makedirs(weights)
     # the graphs see BGR: rows of W are (B, G, R)
     gender_w = np.array([[10.0, -10.0], [0.0, 0.0], [-10.0, 10.0]])     # [Woman, Man]: Woman iff B > R
-    _attr_model(str(weights / "gender_model_weights.onnx"), gender_w, np.zeros(2))
+    _attr_model(os.path.join(weights, "gender_model_weights.onnx"), gender_w, np.zeros(2))
     cent = _RACE_CENTROIDS_RGB[:, ::-1]                                   # -> BGR
     # -||x - c||^2 up to a constant = 2 x.c - ||c||^2 (scaled by 10 for confident softmax)
-    _attr_model(str(weights / "race_model_single_batch.onnx"), 20 * cent.T, -10 * (cent ** 2).sum(1))
-    _centerface_model(str(weights / "centerface.onnx"))
-    return str(home)
+    _attr_model(os.path.join(weights, "race_model_single_batch.onnx"), 20 * cent.T, -10 * (cent ** 2).sum(1))
+    _centerface_model(os.path.join(weights, "centerface.onnx"))
+    return home
 
 
 # (RGB colour, expected labels with the 'skip' detector)

@@ -369,3 +369,50 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny, tmp_path, capsys):
     assert "--height 16" in _bad(capsys, tiny["model"], prompts, out, "--height", "16") and not out.exists()
     bad_prompts = write_prompts(tmp_path / "bad.txt", ["a <image> of a dog"])
     assert "<image>" in _bad(capsys, tiny["model"], bad_prompts, out) and not out.exists()
+
+
+def test_locate_bias_runs_on_a_converted_model_with_deepface(tiny, tmp_path, monkeypatch, capsys):
+    """locate-then-fix on a converted (not toy-world) VILA-U: balanced images labelled by the real deepface code
+    (tiny ONNX models made here: gender and race by colour, the 'skip' detector), neutral prompts, every key of
+    locate.json, its plots and page; the balanced images' labels are deepface's, called here on its own."""
+    from PIL import Image
+
+    from fairjax.analysis.locate import main as locate_main
+    from fairjax.fairness.classifiers import DeepFaceClassifier
+    from test_classifiers import CASES, _image, write_home
+
+    home = write_home(str(tmp_path / "deepface_home"))
+    monkeypatch.setenv("DEEPFACE_HOME", home)
+    imgs = tmp_path / "balanced"
+    imgs.mkdir()
+    for i, (rgb, _) in enumerate(CASES):
+        Image.fromarray(_image(rgb, 32)).save(imgs / f"{i}.png")
+    out = tmp_path / "locate"
+    prompts = ["a photo of a doctor", "portrait of a firefighter"]
+    rc = locate_main(["--model", tiny["model"], "--out", str(out), "--images", str(imgs), "--prompts", *prompts,
+                      "--n", "4", "--detector", "skip"])
+    assert rc == 0, capsys.readouterr().err
+    with open(out / "locate.json") as f:
+        res = json.load(f)
+    s = res["summary"]
+    assert set(s) >= {"tokenizer_flip_rate", "understanding_accuracy", "answer_bias", "generation_discrepancy",
+                      "probe_accuracy"}
+    # every balanced image has a face under 'skip', so all 6 are in (a) and (b)
+    assert res["tokenizer"]["n"] == len(CASES)
+    assert all(0.0 <= v <= 1.0 for v in s["tokenizer_flip_rate"].values())
+    und = res["understanding"]["gender"]
+    assert und["n"] == len(CASES) and 0.0 <= und["accuracy"] <= 1.0
+    want = DeepFaceClassifier(detector_backend="skip", home=home).classify(
+        [np.asarray(Image.open(imgs / f"{i}.png").convert("RGB")) for i in range(len(CASES))]).labels
+    assert [lab["gender"] for lab in want] == [c[1]["gender"] for c in CASES]
+    n_male = sum(lab["gender"] == "male" for lab in want)
+    shares = und["answer_shares"]
+    assert shares["male"] + shares["female"] == pytest.approx(1.0)
+    assert und["answer_bias"]["male"] == pytest.approx(shares["male"] - n_male / len(CASES))
+    gen = res["generation"]
+    assert gen["n_per_prompt"] == 4 and set(gen["per_prompt"]) == set(prompts)
+    assert set(s["generation_discrepancy"]) == {"gender", "race"}
+    assert res["probe"]["layers"] == ["embed", "layer_0"]  # the tiny LLaMA has one decoder layer
+    for name in ("probe.png", "shares.png", "index.html"):
+        assert os.path.isfile(out / name), name
+

@@ -1,6 +1,7 @@
 """Locate-then-fix for a unified MLLM (VILA-U): where does its demographic bias come from?
 
     python -m fairjax.locate_bias --model M [--lora F] --out DIR [--n 64] [--seed 0]
+    python -m fairjax.locate_bias --model CONVERTED --images BALANCED_DIR --prompts "a doctor" ... --out DIR
 
 The Unified_MLLM_Fairness analysis, on a toy-world VILA-U (a model dir with ``toy_world.json``, whose
 images are labelled exactly) or a converted VILA-U with ``--images DIR`` (balanced PNGs, labelled by the
@@ -284,12 +285,15 @@ def _toy_setup(model_dir: str):
             "classes": w.classes, "questions": questions, "prompts": w.neutral_prompts()}
 
 
-def _real_setup(images_dir: str, prompts: Sequence[str]):
+def _real_setup(images_dir: str, prompts: Sequence[str], detector: str = "yunet"):
     from PIL import Image
 
-    from fairjax.data.build_prefs import make_classifier
+    from fairjax.fairness.classifiers import DeepFaceClassifier
 
-    clf, classes = make_classifier("deepface")
+    if not os.path.isdir(images_dir):
+        raise UserError(f"--images {images_dir}: folder not found")
+    clf = DeepFaceClassifier(detector_backend=detector)
+    classes = dict(clf.classes)
     files = sorted(f for f in os.listdir(images_dir) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise UserError(f"--images {images_dir}: no PNG / JPEG images")
@@ -301,7 +305,8 @@ def _real_setup(images_dir: str, prompts: Sequence[str]):
 
 
 def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prompt: int = 64, seed: int = 0,
-                images_dir: str | None = None, prompts: Sequence[str] = (), fix_steps: int = 0, log=print) -> dict:
+                images_dir: str | None = None, prompts: Sequence[str] = (), fix_steps: int = 0,
+                detector: str = "yunet", log=print) -> dict:
     """Run (a)-(d) of the module docstring on ``model_dir`` (+ ``lora``), write ``out``; returns locate.json's dict."""
     import jax
 
@@ -320,7 +325,7 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
     elif images_dir:
         if not prompts:
             raise UserError("a model that is not a toy-world model needs --prompts (neutral prompts) and --images")
-        setup = _real_setup(images_dir, prompts)
+        setup = _real_setup(images_dir, prompts, detector)
     else:
         raise UserError(f"{model_dir} is not a toy-world model; pass --images DIR (balanced face images) and --prompts")
     model = load_model(model_dir, lora=lora)
@@ -569,12 +574,16 @@ def main(argv=None) -> int:
                    help="toy models: also run the short BPO with the LoRA on the LLM vs on the image head (e.g. 60)")
     p.add_argument("--images", default=None, help="balanced face images (a model that is not a toy-world model)")
     p.add_argument("--prompts", nargs="*", default=[], help="neutral prompts (a model that is not a toy-world model)")
+    p.add_argument("--detector", default="yunet",
+                   help="DeepFace face detector for --images and the generated images (default yunet, as PopAlign's "
+                        "evaluation; 'skip' = the whole image is the face); weights under $DEEPFACE_HOME")
     args = p.parse_args(argv)
     try:
         if args.n < 2:
             raise UserError(f"--n {args.n}: need at least 2 images per prompt")
         r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
-                        images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps)
+                        images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
+                        detector=args.detector)
         print(json.dumps(r["summary"], indent=1, default=float))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
