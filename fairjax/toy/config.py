@@ -59,10 +59,10 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.calibrate_beta = False  # True: beta from fairjax.losses.calibrate_beta on the dataset's group frequencies
     c.batch_size = 64  # 32 winner/loser pairs per step (SFT: 64 winners)
     # each image's reward averaged over 2 (eps, t) draws (1 draw missed the target in three seeds);
-    # 400 steps with a cosine decay from lr 8e-3 do what 1100 constant-rate steps at 3e-3 did
-    # (docs/toy_world.md, "The 400-step schedule")
+    # 300 steps with a cosine decay from lr 1e-2 do what 1100 constant-rate steps at 3e-3 did
+    # (docs/toy_world.md, "The 300-step schedule"; 400 steps from 8e-3 before it)
     c.noise_draws = 2
-    c.total_steps = 400
+    c.total_steps = 300
     # PopAlign trains a rank-8 LoRA on the cross-attention keys and values only: what the prompt's
     # tokens contribute, so its change is a function of the prompt's tokens.
     # With the pooled-text embedding added, the main job at this beta let chefs overshoot to 44%
@@ -72,7 +72,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lora.rank = 8
     c.lora.alpha = 8.0
     c.lora.targets = r"attn2/to_(k|v)/kernel$"
-    c.optimizer.lr = 8e-3
+    c.optimizer.lr = 1e-2
     c.optimizer.warmup_steps = 20
     c.optimizer.schedule = "cosine"
     c.checkpoint.every_steps = 1000
@@ -80,8 +80,10 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.progress_bar = False
 
     # sampling shared by build_prefs and evaluate (no guidance: the model's own population). 10 DDIM
-    # steps: the base's discrepancies and recall match 20 steps' within their sampling error, at half the time
-    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=10, guidance_scale=1.0, batch_size=128))
+    # steps: the base's discrepancies and recall match 20 steps' within their sampling error, at half the time.
+    # 512 images per call: 287 images/s against 230 at 128 on 2 cores (BENCHMARKS.md); the default's
+    # image counts (4096 and 3072) are multiples of it, so no call runs padding rows
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=10, guidance_scale=1.0, batch_size=512))
     kw = dict(genders=list(w.genders), races=list(w.races))
     c.prefs = ml_collections.ConfigDict(dict(
         neutral_prompts=list(w.neutral_prompts()),
@@ -98,7 +100,7 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         neutral_template=world_lib.NEUTRAL_TEMPLATE,  # "a doctor": the same prompts as the preference sets
         identity_template=world_lib.IDENTITY_TEMPLATE,
         keywords=kw,
-        n_neutral=400,  # 1600 neutral images: the pooled gender discrepancy's sampling error is about 0.017
+        n_neutral=512,  # 2048 neutral images: the pooled gender discrepancy's sampling error is about 0.015
         n_identity=32,  # 1024 identity images: recall's sampling error about 0.009 (the target's margin is ~0.04)
         seed=1000,  # other seeds than build_prefs: fresh images
         classifier="toy",
@@ -119,6 +121,8 @@ def make_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optimizer.lr = 1e-4
         c.checkpoint.every_steps = 100
         c.log_every_steps = 25
+    if arg in ("quick", "quick_sft", "smoke", "smoke_sft"):  # a few hundred images: smaller calls waste fewer rows
+        c.sample.batch_size = 128
     if arg in ("quick", "quick_sft"):
         # 20 DDIM steps: at these few images the end-to-end test's SFT check (both discrepancies cut) was set
         # with 20; with 10, quick SFT overshot gender (0.106 -> 0.262) in the one run tried
