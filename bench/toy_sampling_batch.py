@@ -9,7 +9,7 @@ at each call size, in one process with the entry points' malloc tunables, and pr
 time (compile + run) and images/s over the rest. Images do not depend on the call size beyond float
 rounding (``tests/test_pipeline.py``), so the size is a speed setting only. A job whose image count is
 not a multiple of it pays for padding rows in its last call; this benchmark does not when ``--images`` is a
-multiple of every size given).
+multiple of every size given.
 """
 
 from __future__ import annotations

@@ -288,12 +288,11 @@ def _toy_setup(model_dir: str):
 def _real_setup(images_dir: str, prompts: Sequence[str], detector: str = "yunet"):
     from PIL import Image
 
-    from fairjax.fairness.classifiers import DeepFaceClassifier
+    from fairjax.data.build_prefs import make_classifier
 
     if not os.path.isdir(images_dir):
         raise UserError(f"--images {images_dir}: folder not found")
-    clf = DeepFaceClassifier(detector_backend=detector)
-    classes = dict(clf.classes)
+    clf, classes = make_classifier("deepface", detector=detector)
     files = sorted(f for f in os.listdir(images_dir) if f.lower().endswith((".png", ".jpg", ".jpeg")))
     if not files:
         raise UserError(f"--images {images_dir}: no PNG / JPEG images")

@@ -248,9 +248,11 @@ def _record(x: Labelled, caption: str, set_id: int, is_winner: bool, index) -> d
 # ----------------------------------------------------------------------------- classifier / generation
 
 
-def make_classifier(kind: str, model_dir: str | None = None) -> tuple[AttributeClassifier, dict]:
+def make_classifier(kind: str, model_dir: str | None = None, *, detector: str = "yunet"
+                    ) -> tuple[AttributeClassifier, dict]:
     """``(classifier, classes)``: ``toy`` = the toy world of ``model_dir`` (its ``toy_world.json``)
-    read back exactly; ``deepface`` = :class:`fairjax.fairness.classifiers.DeepFaceClassifier`."""
+    read back exactly; ``deepface`` = :class:`fairjax.fairness.classifiers.DeepFaceClassifier` with the
+    face ``detector`` (its default, ``yunet``, is PopAlign's evaluation's)."""
     from fairjax.fairness.classifiers import DeepFaceClassifier, ExactClassifier
 
     if kind == "toy":
@@ -259,7 +261,7 @@ def make_classifier(kind: str, model_dir: str | None = None) -> tuple[AttributeC
         world = load_toy_world(model_dir)
         return ExactClassifier(world.decode, world.classes), world.classes
     if kind == "deepface":
-        clf = DeepFaceClassifier()
+        clf = DeepFaceClassifier(detector_backend=detector)
         return clf, dict(clf.classes)
     raise UserError(f"classifier {kind!r} is not one of toy, deepface")
 
