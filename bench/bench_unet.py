@@ -19,6 +19,10 @@ transformer stacks under ``nn.scan`` (params stacked).
 ``--compare-scan`` (no torch): the Flax train step unrolled vs ``scan_layers``, same weights,
 in one process: trace + lower + XLA compile time of each (``jax.jit(step).lower(...).compile()``,
 then the forward's), then the step times interleaved; prints ``ratio = scan / unrolled``.
+``--objective popalign`` makes that step the PopAlign step the trainer runs on full SDXL: the
+batch is winners and losers (alternating), a frozen reference UNet (its own copy of the weights)
+runs forward beside the policy's forward + backward, ``fairjax.losses.popalign`` (beta 5000),
+global-norm clip 1.0, AdamW. Its default config trains with ``--remat nothing_saveable``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import diffusers  # noqa: E402
 
 from _torch_util import DictReader  # noqa: E402
+from fairjax import losses  # noqa: E402
 from fairjax.convert import unet as unet_convert  # noqa: E402
 from fairjax.convert.core import convert_checkpoint  # noqa: E402
 from fairjax.io.host import tune_allocator  # noqa: E402
@@ -89,6 +94,8 @@ def main():
     ap.add_argument("--scan-layers", action="store_true", help="nn.scan over each transformer stack")
     ap.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
     ap.add_argument("--compare-scan", action="store_true", help="Flax unrolled vs scan_layers: compile and step")
+    ap.add_argument("--objective", choices=("mse", "popalign"), default="mse",
+                    help="--compare-scan's step: mse (plain regression) or popalign (policy + frozen reference)")
     ap.add_argument("--one-process", action="store_true",
                     help="run Flax and torch in this one process (default: one worker process each)")
     ap.add_argument("--worker", choices=("flax", "torch"), help=argparse.SUPPRESS)
@@ -277,16 +284,27 @@ def compare_scan(args):
     del tm
     x, t, ctx, added, target = (jax.tree_util.tree_map(jnp.asarray, a) for a in _inputs(args.batch, args.size,
                                                                                           args.seq))
+    popalign = args.objective == "popalign"
     opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)
+    if popalign:
+        opt = optax.chain(optax.clip_by_global_norm(1.0), opt)
+    is_winner = jnp.arange(args.batch) % 2 == 0
     variants = {}
     for name, scan in (("unrolled", False), ("scan_layers", True)):
         unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention, remat=args.remat,
                                                 scan_layers=scan)
         params = jax.tree_util.tree_map(jnp.asarray, unet_mod.stack_params(unrolled) if scan else unrolled)
+        ref = jax.tree_util.tree_map(jnp.copy, params)  # the frozen reference (popalign)
 
-        def step(p, st, unet=unet):
+        def mse(p, unet=unet):
+            return jnp.mean((unet.apply({"params": p}, x, t, ctx, added) - target) ** 2, axis=(1, 2, 3))
+
+        def step(p, st, ref, mse=mse):
             def loss_fn(p):
-                return jnp.mean((unet.apply({"params": p}, x, t, ctx, added) - target) ** 2)
+                if not popalign:
+                    return jnp.mean(mse(p))
+                g = jax.lax.stop_gradient(mse(ref)) - mse(p)
+                return losses.popalign(g, is_winner, 5000.0)[0]
 
             loss, g = jax.value_and_grad(loss_fn)(p)
             upd, st = opt.update(g, st, p)
@@ -294,7 +312,7 @@ def compare_scan(args):
 
         state = opt.init(params)
         t0, c0 = time.perf_counter(), time.process_time()
-        lowered = jax.jit(step, donate_argnums=(1,)).lower(params, state)
+        lowered = jax.jit(step, donate_argnums=(1,)).lower(params, state, ref)
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2, c2 = time.perf_counter(), time.process_time()
@@ -302,23 +320,23 @@ def compare_scan(args):
         t3 = time.perf_counter()
         fwd.compile()
         t4 = time.perf_counter()
-        params, state, _ = jax.block_until_ready(compiled(params, state))  # warm-up
+        params, state, _ = jax.block_until_ready(compiled(params, state, ref))  # warm-up
         variants[name] = dict(lower=t1 - t0, compile=t2 - t1, cpu=c2 - c0, fwd_lower=t3 - t2, fwd_compile=t4 - t3,
-                              fn=compiled, state=[params, state], times=[])
+                              fn=compiled, state=[params, state], ref=ref, times=[])
         print(f"{name:11s}: train step trace+lower {t1 - t0:6.1f}s  XLA compile {t2 - t1:6.1f}s  total "
               f"{t2 - t0:6.1f}s (process CPU {c2 - c0:6.1f}s) | forward trace+lower {t3 - t2:5.1f}s  "
               f"compile {t4 - t3:5.1f}s", flush=True)
     for _ in range(args.steps):  # interleave
         for v in variants.values():
             t0 = time.perf_counter()
-            v["state"][0], v["state"][1], loss = v["fn"](*v["state"])
+            v["state"][0], v["state"][1], loss = v["fn"](*v["state"], v["ref"])
             jax.block_until_ready(loss)
             v["times"].append(time.perf_counter() - t0)
     u, sc = variants["unrolled"], variants["scan_layers"]
     med = {k: statistics.median(v["times"]) for k, v in variants.items()}
     total = lambda v: v["lower"] + v["compile"]  # noqa: E731
     print(f"UNet {n_params / 1e6:.1f}M params, batch {args.batch}, {args.size}x{args.size} latents, context "
-          f"{args.seq}x256, float32, remat={args.remat}, jax {jax.__version__} ({jax.devices()[0].platform}); "
+          f"{args.seq}x256, float32, objective={args.objective}, remat={args.remat}, jax {jax.__version__} ({jax.devices()[0].platform}); "
           f"step medians of {args.steps} interleaved runs")
     print(f"train step compile (trace+lower+XLA): unrolled {total(u):.1f}s  scan {total(sc):.1f}s  ratio "
           f"{total(sc) / total(u):.2f} (XLA compile alone {sc['compile'] / u['compile']:.2f}; process CPU time "

@@ -3,10 +3,12 @@
 
     OUT=/tmp/out python bench/gpu_sdxl.py                 # on a GPU machine (writes $OUT/results.json)
     python bench/gpu_sdxl.py --small --out /tmp/dry       # a CPU dry run of every stage (small UNet)
+    python bench/gpu_sdxl.py --tiny --out /tmp/dry --stages fwd,step_full   # a smoke run (the test's)
 
 One prepared device check that fits a 10-minute call. Stages run in order of value, each only when
 enough of ``--budget`` seconds is left; ``$OUT/results.json`` is rewritten after every stage and the
-table is printed last, so a killed run still leaves what it measured.
+table is printed last, so a killed run still leaves what it measured. The exit status is 1 when a
+stage failed (its error is in the JSON and the log), so a dry run that breaks does not pass for one.
 
   env        versions, devices
   build      a diffusers UNet at the real SDXL config, every weight random, built on the device and
@@ -72,7 +74,7 @@ def stage(name, need_s):
     def wrap(fn):
         def run(*a, **k):
             need = need_s / 20 if ARGS.small else need_s
-            if ARGS.stages and name not in ARGS.stages:
+            if ARGS.stages and name not in ARGS.stages and name not in ("env", "build"):  # those two always run
                 return None
             if left() < need:
                 RESULTS[name] = {"skipped": f"{left():.0f} s left, needs {need:.0f}"}
@@ -127,7 +129,11 @@ def unet_config() -> dict:
     from _torch_util import SDXL_UNET_CONFIG
 
     cfg = {k: v for k, v in SDXL_UNET_CONFIG.items() if not k.startswith("_")}
-    if ARGS.small:  # 50M SDXL-shaped (bench/bench_unet.py's config)
+    if ARGS.tiny:  # SDXL's blocks at a few channels: the code paths, in seconds (tests/test_gpu_bench.py)
+        cfg.update(block_out_channels=[32, 64, 64], transformer_layers_per_block=[1, 1, 2],
+                   attention_head_dim=[1, 2, 2], cross_attention_dim=64, addition_time_embed_dim=8,
+                   projection_class_embeddings_input_dim=64 + 6 * 8, sample_size=8)
+    elif ARGS.small:  # 50M SDXL-shaped (bench/bench_unet.py's config)
         cfg.update(block_out_channels=[64, 128, 256], transformer_layers_per_block=[1, 2, 4],
                    attention_head_dim=[2, 4, 8], cross_attention_dim=256, addition_time_embed_dim=32,
                    projection_class_embeddings_input_dim=256 + 6 * 32, sample_size=32)
@@ -141,7 +147,7 @@ def low_dtype(lib):
 
 
 def latent_size() -> int:
-    return 16 if ARGS.small else 128
+    return 8 if ARGS.tiny else 16 if ARGS.small else 128
 
 
 def mfu(flops: float | None, seconds: float) -> float | None:
@@ -169,7 +175,7 @@ def env():
     return {"python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()], "nvidia_smi": smi,
-            "peak_tflops": ARGS.peak_tflops, "small": ARGS.small}
+            "peak_tflops": ARGS.peak_tflops, "small": ARGS.small, "tiny": ARGS.tiny}
 
 
 @stage("build", 40)
@@ -418,13 +424,17 @@ def _task(rank: int, pairs: int, size: int):
     from fairjax.data.pairs import ArrayPrefs
     from fairjax.diffusion.text_embeds import TextTable
     from fairjax.diffusion.tiny import SDXL_SCHEDULER
-    from fairjax.io.model_dir import write_json
+    from fairjax.io.model_dir import PARAMS_FILE, save_params, write_json
     from fairjax.tasks import diffusion_pref as dp
 
     md = os.path.join(ARGS.out, "_model_dir")
     os.makedirs(os.path.join(md, "unet"), exist_ok=True)
     os.makedirs(os.path.join(md, "scheduler"), exist_ok=True)
     write_json(os.path.join(md, "unet", "config.json"), dict(S["cfg"], _class_name="UNet2DConditionModel"))
+    # The task checks that the folder is a model dir (config + params file) before it reads anything. The
+    # params live in memory (S["params32"]) and init() is never called, so the file holds no tensors: writing
+    # full SDXL's 10 GB would cost the device call half a minute. A read of it would fail on missing keys.
+    save_params(os.path.join(md, "unet", PARAMS_FILE), {})
     write_json(os.path.join(md, "scheduler", "scheduler_config.json"), SDXL_SCHEDULER)
     c = dp.make_config("popalign", "lora" if rank else None)
     c.model.dir = md
@@ -665,6 +675,8 @@ def main(argv=None):
     global ARGS
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--small", action="store_true", help="a 50M SDXL-shaped UNet and small inputs (CPU dry run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny SDXL-shaped UNet (a smoke run of the code; implies "
+                                                       "--small)")
     p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_sdxl", help="results folder (default $OUT)")
     p.add_argument("--budget", type=float, default=float(os.environ.get("BUDGET_S", "540")),
                    help="seconds for all stages (default 540: a 10-minute call less start-up)")
@@ -674,14 +686,17 @@ def main(argv=None):
     p.add_argument("--remat", default="nothing_saveable", help="fairjax remat policy of the train steps")
     p.add_argument("--scan-layers", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="scanned transformer stacks when the port has them (default true)")
-    p.add_argument("--stages", default="", help="comma-separated subset of the stages to run")
+    p.add_argument("--stages", default="", help="comma-separated subset of the stages to run (env and build always run)")
     ARGS = p.parse_args(argv)
     ARGS.stages = {s for s in ARGS.stages.split(",") if s}
+    ARGS.small = ARGS.small or ARGS.tiny
     if ARGS.small:
         ARGS.peak_tflops = ARGS.peak_tflops if "PEAK_TFLOPS" in os.environ else 0.0
     os.makedirs(ARGS.out, exist_ok=True)
     env()
     if build() is None:
+        print(f"FAILED: the build stage ({RESULTS.get('build', {}).get('error', 'skipped')}); nothing else ran",
+              flush=True)
         return 1
     flops()
     torch_side()
@@ -694,6 +709,10 @@ def main(argv=None):
     save()
     print("\n" + table(), flush=True)
     print(f"total {time.time() - T0:.0f} s; results in {os.path.join(ARGS.out, 'results.json')}", flush=True)
+    failed = [name for name, r in RESULTS.items() if isinstance(r, dict) and "error" in r]
+    if failed:
+        print(f"FAILED stages: {', '.join(failed)} (their errors are in results.json)", flush=True)
+        return 1
     return 0
 
 

@@ -1,0 +1,50 @@
+"""bench/gpu_sdxl.py, the device check a session runs on a lent GPU, run here on CPU at a tiny size.
+
+The device minutes are few and a run is prepared in advance, so a stage that breaks must be caught here,
+not on the device: the fairjax forward is checked against diffusers' (same random weights), the train steps
+and the compilation-cache stage must run through fairjax.trainer, and a failed stage must turn the exit
+status to 1.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench", "gpu_sdxl.py")
+
+
+def _run(out, *args):
+    env = dict(os.environ, BUDGET_S="900")
+    p = subprocess.run([sys.executable, BENCH, "--tiny", "--out", str(out), *args], capture_output=True, text=True,
+                       env=env, timeout=900)
+    with open(os.path.join(out, "results.json")) as f:
+        return p, json.load(f)
+
+
+def test_dry_run_of_the_device_check(tmp_path):
+    p, res = _run(tmp_path, "--stages", "flops,torch,fwd,step_full,cache")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for name in ("env", "build", "flops", "torch", "fwd", "step_full", "cache"):
+        assert "error" not in res[name], (name, res[name])
+    assert "compile" not in res and "sample" not in res and "step_lora" not in res  # --stages honoured
+    fwd = res["fwd"]
+    assert fwd["scan_layers"] is True
+    # float32 on CPU: fairjax's forward against diffusers' on the same weights (computed by the torch stage)
+    assert fwd["rel_err_bf16_vs_torch_fp32"] < 1e-4
+    assert fwd["diffusers_eager_ms"] > 0 and fwd["ratio_fairjax_over_eager"] > 0
+    step = res["step_full"]
+    assert step["rank"] == 0 and step["remat"] == "nothing_saveable" and step["fairjax_step_ms"] > 0
+    assert step["trainable_params"] == res["build"]["n_params"]  # the whole UNet trains
+    assert step["torch_step_ms"] > 0 and step["ratio_fairjax_over_torch"] > 0  # the PyTorch anchor ran beside it
+    assert res["torch"]["step_lora"]["torch_step_ms"] > 0  # the PEFT LoRA step of the torch side
+    assert res["cache"]["cache_files"] >= 1  # the LoRA step's program was written to the persistent cache
+    assert "PopAlign step, full UNet" in p.stdout and "step compile: cold / from cache" in p.stdout  # the table
+
+
+def test_a_failed_stage_fails_the_run(tmp_path):
+    p, res = _run(tmp_path, "--stages", "fwd", "--attention", "no_such_attention")
+    assert p.returncode == 1
+    assert "no_such_attention" in res["fwd"]["error"]
+    assert "FAILED stages: fwd" in p.stdout
