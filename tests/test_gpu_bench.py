@@ -24,11 +24,11 @@ def _run(out, *args):
 
 
 def test_dry_run_of_the_device_check(tmp_path):
-    p, res = _run(tmp_path, "--stages", "flops,torch,fwd,step_full,cache")
+    p, res = _run(tmp_path, "--stages", "flops,torch,fwd,step_full,cache,sample")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    for name in ("env", "build", "flops", "torch", "fwd", "step_full", "cache"):
+    for name in ("env", "build", "flops", "torch", "fwd", "step_full", "cache", "sample"):
         assert "error" not in res[name], (name, res[name])
-    assert "compile" not in res and "sample" not in res and "step_lora" not in res  # --stages honoured
+    assert "compile" not in res and "step_lora" not in res  # --stages honoured (torch.compile takes minutes on CPU)
     fwd = res["fwd"]
     assert fwd["scan_layers"] is True
     # float32 on CPU: fairjax's forward against diffusers' on the same weights (computed by the torch stage)
@@ -40,6 +40,8 @@ def test_dry_run_of_the_device_check(tmp_path):
     assert step["torch_step_ms"] > 0 and step["ratio_fairjax_over_torch"] > 0  # the PyTorch anchor ran beside it
     assert res["torch"]["step_lora"]["torch_step_ms"] > 0  # the PEFT LoRA step of the torch side
     assert res["cache"]["cache_files"] >= 1  # the LoRA step's program was written to the persistent cache
+    # the sampler: a converted pipeline against StableDiffusionXLPipeline
+    assert res["sample"]["fairjax_images_per_s"] > 0 and res["sample"]["diffusers_images_per_s"] > 0
     assert "PopAlign step, full UNet" in p.stdout and "step compile: cold / from cache" in p.stdout  # the table
 
 
