@@ -342,7 +342,7 @@ def torch_side():
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    S["inp"] = inputs(2, latent_size(), seed=2)
+    S.setdefault("inp", inputs(2, latent_size(), seed=2))
     S["ref32"] = torch_forward(S["tm"], S["inp"], torch.float32).float().cpu().numpy()
     torch.backends.cuda.matmul.allow_tf32 = True
     half = low_dtype(torch)
@@ -399,7 +399,7 @@ def fwd():
     half = low_dtype(jnp)
     params16 = jax.tree.map(lambda a: a.astype(half), _stack(S["params32"]))
     unet = UNet2DConditionModel.from_config(S["cfg"], dtype=half, param_dtype=half, **_model_kwargs())
-    inp = S["inp"]
+    inp = S.setdefault("inp", inputs(2, latent_size(), seed=2))  # the torch stage's, when it ran
     args = (jnp.asarray(inp["x"], half), jnp.asarray(inp["t"]), jnp.asarray(inp["ctx"], half),
             {"text_embeds": jnp.asarray(inp["text_embeds"], half), "time_ids": jnp.asarray(inp["time_ids"], half)})
     t = time.time()
@@ -553,11 +553,12 @@ def torch_compile():
     half = low_dtype(torch)
     tm16 = S["tm"].to(half)
     fn = torch.compile(tm16, mode="max-autotune-no-cudagraphs", fullgraph=False)
+    inp = S.setdefault("inp", inputs(2, latent_size(), seed=2))
     t = time.time()
-    torch_forward(fn, S["inp"], half)
+    torch_forward(fn, inp, half)
     sync()
     comp = time.time() - t
-    med, mn = timeit(lambda: (torch_forward(fn, S["inp"], half), sync()), warm=2, n=10)
+    med, mn = timeit(lambda: (torch_forward(fn, inp, half), sync()), warm=2, n=10)
     r = {"torch_compile_ms": round(med * 1e3, 2), "torch_compile_min_ms": round(mn * 1e3, 2),
          "torch_compile_first_call_s": round(comp, 1), "mfu_pct": mfu(S.get("fwd_flops"), med)}
     if "fwd" in RESULTS and "fairjax_ms" in RESULTS["fwd"]:

@@ -46,7 +46,13 @@ def test_dry_run_of_the_device_check(tmp_path):
 
 
 def test_a_failed_stage_fails_the_run(tmp_path):
-    p, res = _run(tmp_path, "--stages", "fwd", "--attention", "no_such_attention")
-    assert p.returncode == 1
-    assert "no_such_attention" in res["fwd"]["error"]
-    assert "FAILED stages: fwd" in p.stdout
+    """Through bench/gpu_sdxl.sh, the one-call wrapper used on the device: the status and the log survive it."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, BUDGET_S="900")
+    p = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_sdxl.sh"), "run", "--tiny", "--stages", "fwd",
+                        "--attention", "no_such_attention"], capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    with open(tmp_path / "results.json") as f:
+        res = json.load(f)
+    assert "no_such_attention" in res["fwd"]["error"]  # fwd runs alone (no torch stage before it)
+    assert "FAILED stages: fwd" in (tmp_path / "log.txt").read_text()
+    assert (tmp_path / "gpu.txt").exists()
