@@ -38,8 +38,10 @@ import gc
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -427,7 +429,7 @@ def _task(rank: int, pairs: int, size: int):
     from fairjax.io.model_dir import PARAMS_FILE, save_params, write_json
     from fairjax.tasks import diffusion_pref as dp
 
-    md = os.path.join(ARGS.out, "_model_dir")
+    md = os.path.join(ARGS.scratch, "_model_dir")
     os.makedirs(os.path.join(md, "unet"), exist_ok=True)
     os.makedirs(os.path.join(md, "scheduler"), exist_ok=True)
     write_json(os.path.join(md, "unet", "config.json"), dict(S["cfg"], _class_name="UNet2DConditionModel"))
@@ -444,7 +446,7 @@ def _task(rank: int, pairs: int, size: int):
     if "scan_layers" in c.model:
         c.model.scan_layers = "true" if ARGS.scan_layers else "false"
     c.batch_size = 2 * pairs
-    c.text_embeds.path = os.path.join(ARGS.out, "_unused.safetensors")
+    c.text_embeds.path = os.path.join(ARGS.scratch, "_unused.safetensors")
     px = float(size * 8)
     c.time_ids = (px, px, 0.0, 0.0, px, px)
     cfg, n = S["cfg"], 2 * pairs
@@ -454,7 +456,7 @@ def _task(rank: int, pairs: int, size: int):
                      [i < pairs for i in range(n)], [0] * n)
     table = TextTable(["", "a doctor"], rng.standard_normal((2, 77, cfg["cross_attention_dim"])).astype(np.float32),
                       rng.standard_normal((2, pooled)).astype(np.float32))
-    return dp.DiffusionPrefTask(c, os.path.join(ARGS.out, "_task"), source=src, table=table), c
+    return dp.DiffusionPrefTask(c, os.path.join(ARGS.scratch, "_task"), source=src, table=table), c
 
 
 def _step_fn(rank: int, pairs: int, size: int):
@@ -531,7 +533,7 @@ def cache():
 
     from fairjax import parallel
 
-    folder = tempfile.mkdtemp(prefix="fairjax-bench-xla-")
+    folder = tempfile.mkdtemp(prefix="xla-cache-", dir=ARGS.scratch)
     parallel.enable_compilation_cache(folder)
     out = {}
     for label in ("cold", "from_cache"):
@@ -577,7 +579,7 @@ def sample():
     from test_pipeline import SDXL_SCHEDULER, _clip_config, write_bpe_files
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    folder = os.path.join(ARGS.out, "_sdxl")
+    folder = os.path.join(ARGS.scratch, "_sdxl")
     dev, dt = S["dev"], (torch.float16 if S["dev"] == "cuda" else torch.float32)
     vocab, merges = write_bpe_files(os.path.join(folder, "_bpe"))
     tok = CLIPTokenizer(vocab, merges, model_max_length=77)
@@ -624,7 +626,7 @@ def sample():
     spec = importlib.util.spec_from_file_location("convert_diffusers", os.path.join(ROOT, "tools", "convert_diffusers.py"))
     conv = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conv)
-    md = os.path.join(ARGS.out, "_sdxl_fairjax")
+    md = os.path.join(ARGS.scratch, "_sdxl_fairjax")
     t = time.time()
     conv.convert(folder, md, log=lambda *_: None)
     convert_s = time.time() - t
@@ -688,26 +690,34 @@ def main(argv=None):
     p.add_argument("--scan-layers", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="scanned transformer stacks when the port has them (default true)")
     p.add_argument("--stages", default="", help="comma-separated subset of the stages to run (env and build always run)")
+    p.add_argument("--scratch", default=None,
+                   help="where to make the temporary folder for the model dirs the stages write (full size: tens of "
+                        "GB; removed at the end; default the system's temp dir). Only results go to --out, which "
+                        "the device call copies back")
     ARGS = p.parse_args(argv)
     ARGS.stages = {s for s in ARGS.stages.split(",") if s}
     ARGS.small = ARGS.small or ARGS.tiny
     if ARGS.small:
         ARGS.peak_tflops = ARGS.peak_tflops if "PEAK_TFLOPS" in os.environ else 0.0
     os.makedirs(ARGS.out, exist_ok=True)
-    env()
-    if build() is None:
-        print(f"FAILED: the build stage ({RESULTS.get('build', {}).get('error', 'skipped')}); nothing else ran",
-              flush=True)
-        return 1
-    flops()
-    torch_side()
-    fwd()
-    step_full()
-    step_lora()
-    cache()
-    torch_compile()
-    sample()
-    save()
+    ARGS.scratch = tempfile.mkdtemp(prefix="gpu_sdxl_scratch_", dir=ARGS.scratch)  # a new folder: safe to remove
+    try:
+        env()
+        if build() is None:
+            print(f"FAILED: the build stage ({RESULTS.get('build', {}).get('error', 'skipped')}); nothing else ran",
+                  flush=True)
+            return 1
+        flops()
+        torch_side()
+        fwd()
+        step_full()
+        step_lora()
+        cache()
+        torch_compile()
+        sample()
+        save()
+    finally:
+        shutil.rmtree(ARGS.scratch, ignore_errors=True)
     print("\n" + table(), flush=True)
     print(f"total {time.time() - T0:.0f} s; results in {os.path.join(ARGS.out, 'results.json')}", flush=True)
     failed = [name for name, r in RESULTS.items() if isinstance(r, dict) and "error" in r]

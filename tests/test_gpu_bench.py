@@ -42,6 +42,8 @@ def test_dry_run_of_the_device_check(tmp_path):
     assert res["cache"]["cache_files"] >= 1  # the LoRA step's program was written to the persistent cache
     # the sampler: a converted pipeline against StableDiffusionXLPipeline
     assert res["sample"]["fairjax_images_per_s"] > 0 and res["sample"]["diffusers_images_per_s"] > 0
+    # only the results come back from a device call: the model dirs the stages wrote were in a scratch folder
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]
     assert "PopAlign step, full UNet" in p.stdout and "step compile: cold / from cache" in p.stdout  # the table
 
 
@@ -55,4 +57,4 @@ def test_a_failed_stage_fails_the_run(tmp_path):
         res = json.load(f)
     assert "no_such_attention" in res["fwd"]["error"]  # fwd runs alone (no torch stage before it)
     assert "FAILED stages: fwd" in (tmp_path / "log.txt").read_text()
-    assert (tmp_path / "gpu.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == ["gpu.txt", "log.txt", "results.json"]
