@@ -294,7 +294,7 @@ def compare_scan(args):
         unet = UNet2DConditionModel.from_config(CONFIG, attention_implementation=args.attention, remat=args.remat,
                                                 scan_layers=scan)
         params = jax.tree_util.tree_map(jnp.asarray, unet_mod.stack_params(unrolled) if scan else unrolled)
-        ref = jax.tree_util.tree_map(jnp.copy, params)  # the frozen reference (popalign)
+        ref = jax.tree_util.tree_map(jnp.copy, params) if popalign else None  # the frozen reference
 
         def mse(p, unet=unet):
             return jnp.mean((unet.apply({"params": p}, x, t, ctx, added) - target) ** 2, axis=(1, 2, 3))

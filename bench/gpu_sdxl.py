@@ -260,6 +260,13 @@ def inputs(batch, size, seed=0):
                 time_ids=np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (batch, 1)))
 
 
+def fwd_inputs() -> dict:
+    """The batch-2 forward inputs the torch, fwd and compile stages share (made by whichever runs first)."""
+    if "inp" not in S:
+        S["inp"] = inputs(2, latent_size(), seed=2)
+    return S["inp"]
+
+
 def torch_forward(tm, inp, dtype):
     import torch
 
@@ -344,13 +351,13 @@ def torch_side():
     import torch
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    S.setdefault("inp", inputs(2, latent_size(), seed=2))
-    S["ref32"] = torch_forward(S["tm"], S["inp"], torch.float32).float().cpu().numpy()
+    inp = fwd_inputs()
+    S["ref32"] = torch_forward(S["tm"], inp, torch.float32).float().cpu().numpy()
     torch.backends.cuda.matmul.allow_tf32 = True
     half = low_dtype(torch)
     tm16 = S["tm"].to(half)
-    out16 = torch_forward(tm16, S["inp"], half).float().cpu().numpy()
-    med, mn = timeit(lambda: (torch_forward(tm16, S["inp"], half), sync()), warm=3, n=10)
+    out16 = torch_forward(tm16, inp, half).float().cpu().numpy()
+    med, mn = timeit(lambda: (torch_forward(tm16, inp, half), sync()), warm=3, n=10)
     r = {"fwd_ms": round(med * 1e3, 2), "fwd_min_ms": round(mn * 1e3, 2), "fwd_mfu_pct": mfu(S.get("fwd_flops"), med),
          "rel_err_bf16_vs_fp32": rel(out16, S["ref32"])}
     for rank, key in ((0, "step_full"), (32, "step_lora")):
@@ -401,7 +408,7 @@ def fwd():
     half = low_dtype(jnp)
     params16 = jax.tree.map(lambda a: a.astype(half), _stack(S["params32"]))
     unet = UNet2DConditionModel.from_config(S["cfg"], dtype=half, param_dtype=half, **_model_kwargs())
-    inp = S.setdefault("inp", inputs(2, latent_size(), seed=2))  # the torch stage's, when it ran
+    inp = fwd_inputs()
     args = (jnp.asarray(inp["x"], half), jnp.asarray(inp["t"]), jnp.asarray(inp["ctx"], half),
             {"text_embeds": jnp.asarray(inp["text_embeds"], half), "time_ids": jnp.asarray(inp["time_ids"], half)})
     t = time.time()
@@ -459,7 +466,10 @@ def _task(rank: int, pairs: int, size: int):
     return dp.DiffusionPrefTask(c, os.path.join(ARGS.scratch, "_task"), source=src, table=table), c
 
 
-def _step_fn(rank: int, pairs: int, size: int):
+def _step_fn(rank: int, pairs: int, size: int, params=None):
+    """``(step, state, frozen, batch, trainable)`` of the trainer's jitted step on one device. ``params``: the
+    stacked UNet params (default the build's); abstract ones (``jax.ShapeDtypeStruct``) give an abstract state,
+    for tracing without weights (bench/trace_step.py)."""
     import jax
     import jax.numpy as jnp
 
@@ -468,17 +478,21 @@ def _step_fn(rank: int, pairs: int, size: int):
     task, c = _task(rank, pairs, size)
     mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
     tx, schedule = trainer.make_optimizer(c.optimizer, c.total_steps)
-    params = _stack(S["params32"])
-    if rank:
-        trainable = lora.init(params, str(c.lora.targets), rank, float(c.lora.alpha), jax.random.key(1))
-    else:
-        trainable = jax.tree.map(jnp.copy, params)  # the policy; the frozen reference is the original
-    frozen = params
-    state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
-             "rng": jax.random.key_data(jax.random.key(0))}
+    params = _stack(S["params32"]) if params is None else params
+
+    def make_state(params):
+        if rank:
+            trainable = lora.init(params, str(c.lora.targets), rank, float(c.lora.alpha), jax.random.key(1))
+        else:
+            trainable = jax.tree.map(jnp.copy, params)  # the policy; the frozen reference is the original
+        return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable),
+                "rng": jax.random.key_data(jax.random.key(0))}
+
+    abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+    state = jax.eval_shape(make_state, params) if abstract else make_state(params)
     batch = jax.tree.map(jnp.asarray, task.batch(0, 0, 1))
     step = jax.jit(trainer.make_train_step(task, tx, schedule, 1, mesh), donate_argnums=(0,))
-    return step, state, frozen, batch, trainable
+    return step, state, params, batch, state["trainable"]
 
 
 def fairjax_step(rank: int, key: str) -> dict:
@@ -527,8 +541,6 @@ def step_lora():
 @stage("cache", 120)
 def cache():
     """Cold compile of the LoRA step into an empty persistent cache, then the same program from the cache."""
-    import tempfile
-
     import jax
 
     from fairjax import parallel
@@ -555,7 +567,7 @@ def torch_compile():
     half = low_dtype(torch)
     tm16 = S["tm"].to(half)
     fn = torch.compile(tm16, mode="max-autotune-no-cudagraphs", fullgraph=False)
-    inp = S.setdefault("inp", inputs(2, latent_size(), seed=2))
+    inp = fwd_inputs()
     t = time.time()
     torch_forward(fn, inp, half)
     sync()

@@ -32,13 +32,17 @@ def main():
     ap.add_argument("--lora", action="store_true", help="the LoRA r32 step instead of the full UNet's")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
-    g.ARGS = argparse.Namespace(small=args.small or args.tiny, tiny=args.tiny, out=tempfile.mkdtemp(),
-                                budget=1e9, peak_tflops=0.0, attention="auto", remat="nothing_saveable",
-                                scan_layers=True, stages=set())
+    with tempfile.TemporaryDirectory(prefix="trace_step_") as scratch:  # the task's model folder (no weights)
+        g.ARGS = argparse.Namespace(small=args.small or args.tiny, tiny=args.tiny, out=scratch, scratch=scratch,
+                                    budget=1e9, peak_tflops=0.0, attention="auto", remat="nothing_saveable",
+                                    scan_layers=True, stages=set())
+        trace(args)
+
+
+def trace(args):
     import jax
     import jax.numpy as jnp
 
-    from fairjax import lora, parallel, trainer
     from fairjax.io.tree import unflatten
     from fairjax.models import unet as unet_mod
 
@@ -47,16 +51,7 @@ def main():
     params = jax.eval_shape(unet_mod.stack_params, unflatten(
         {k: jax.ShapeDtypeStruct(tuple(v), jnp.float32) for k, v in unet_mod.config_shapes(cfg).items()}))
     rank = 32 if args.lora else 0
-    task, c = g._task(rank, 1, g.latent_size())
-    mesh = parallel.make_mesh({"data": 1}, jax.devices()[:1])
-    tx, schedule = trainer.make_optimizer(c.optimizer, c.total_steps)
-    trainable = (jax.eval_shape(lambda p: lora.init(p, str(c.lora.targets), rank, float(c.lora.alpha),
-                                                    jax.random.key(1)), params) if rank else params)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": trainable,
-             "opt_state": jax.eval_shape(tx.init, trainable),
-             "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-    batch = jax.tree.map(jnp.asarray, task.batch(0, 0, 1))
-    step = jax.jit(trainer.make_train_step(task, tx, schedule, 1, mesh), donate_argnums=(0,))
+    step, state, params, batch, _ = g._step_fn(rank, 1, g.latent_size(), params=params)
     n = sum(x.size for x in jax.tree.leaves(params))
     for _ in range(args.repeat):
         jax.clear_caches()

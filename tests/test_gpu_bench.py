@@ -58,3 +58,12 @@ def test_a_failed_stage_fails_the_run(tmp_path):
     assert "no_such_attention" in res["fwd"]["error"]  # fwd runs alone (no torch stage before it)
     assert "FAILED stages: fwd" in (tmp_path / "log.txt").read_text()
     assert sorted(os.listdir(tmp_path)) == ["gpu.txt", "log.txt", "results.json"]
+
+
+def test_trace_step_traces_without_weights():
+    """bench/trace_step.py: the device check's train step traced and lowered on abstract params."""
+    for extra in ([], ["--lora"]):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "trace_step.py"), "--tiny", "--repeat", "1",
+                            *extra], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert ("LoRA r32" if extra else "full") + " PopAlign step" in p.stdout and " lower " in p.stdout
