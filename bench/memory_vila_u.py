@@ -2,6 +2,7 @@
 
   python bench/memory_vila_u.py                  # analytic 7B table + compiled smaller config
   python bench/memory_vila_u.py --compile-7b     # also compile (not run) the 7B step at fsdp 8
+  python bench/memory_vila_u.py --compile-7b --scan-layers   # the same with scanned layers
   python bench/memory_vila_u.py --compile-7b --layers 4 --peak --skip-small   # 7B width, 4 LLaMA layers,
                                                  # and what is live at XLA's peak (from its buffer dump)
 
@@ -25,13 +26,15 @@
    0.7 GB at 4 layers and 2.1 GB at 8 layers of the smaller config on XLA:CPU).
 4. Which GPU memory sizes fit the 7B run (analytic total <= 90% of the card).
 
-Measured (2-core CPU box, see BENCHMARKS.md for the numbers): the 7B step at fsdp 8 compiles to
-~7.7x the analytic bytes on XLA:CPU. ``--peak`` (XLA's live-range dump) shows why: the peak is in
+Measured (2-core CPU box, see BENCHMARKS.md for the numbers): unrolled, the 7B step at fsdp 8 compiles
+to ~8x the analytic bytes on XLA:CPU. ``--peak`` (XLA's live-range dump) shows why: the peak is in
 the depth head's backward, where XLA:CPU's scheduler has already run the rematerialised forward of
 most LLaMA layers (it depends only on the saved layer inputs) and holds all of it; XLA:CPU computes
 the bf16 matmuls in float32, so those intermediates and a float32 copy of every frozen weight shard
-are stored too. Remat itself works (without it the step needs ~4.6x more per layer). Measure on a
-GPU before trusting the fit table.
+are stored too. Remat itself works (without it the step needs ~4.6x more per layer). With
+``--scan-layers`` (what ``model.scan_layers="auto"`` picks on accelerators) the loop recomputes one
+layer at a time: the same step compiles to ~2x the analytic bytes, most of the rest being the float32
+copies. Measure on a GPU before trusting the fit table.
 """
 
 import argparse
@@ -54,6 +57,8 @@ def main():
     p.add_argument("--layers", type=int, default=32, help="LLaMA layers of the compiled 7B-width step")
     p.add_argument("--peak", action="store_true", help="print what is live at the compiled 7B step's peak")
     p.add_argument("--skip-small", action="store_true", help="skip the smaller config's compiles")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="compile with the LLaMA layers and depth-transformer blocks scanned (model.scan_layers)")
     a = p.parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
@@ -64,7 +69,6 @@ def main():
         dump = tempfile.mkdtemp(prefix="memory_vila_u_")
         os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step"
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    import jax
 
     full = vila_u_7b()
     sizes = param_counts(full)
@@ -101,14 +105,16 @@ def main():
     print("(JAX preallocates 75% of a GPU by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 on the smaller cards)")
 
     if not a.skip_small:
-        small = vila_u_small()
+        small = vila_u_small(scan_layers=a.scan_layers)
         for chunk in (0, a.head_chunk):
-            compiled_table(f"smaller VILA-U (LLaMA 512 x 4 layers, depth head 256 x 2, 16384 codes), head_chunk "
+            compiled_table(f"smaller VILA-U (LLaMA 512 x 4 layers, depth head 256 x 2, 16384 codes)"
+                           f"{', scanned layers' if a.scan_layers else ''}, head_chunk "
                            f"{chunk}, LoRA dropout {a.dropout}", small, a.pairs_per_device, a.prompt_len, (1, 4, 8),
                            chunk, a.dropout)
     if a.compile_7b:
-        vu = full if a.layers == 32 else vila_u_7b(a.layers)
-        compiled_table(f"VILA-U 7B{'' if a.layers == 32 else f' width, {a.layers} LLaMA layers'}, head_chunk "
+        vu = vila_u_7b(a.layers, scan_layers=a.scan_layers)
+        compiled_table(f"VILA-U 7B{'' if a.layers == 32 else f' width, {a.layers} LLaMA layers'}"
+                       f"{', scanned layers' if a.scan_layers else ''}, head_chunk "
                        f"{a.head_chunk}, LoRA dropout {a.dropout}", vu, a.pairs_per_device, a.prompt_len, (8,),
                        a.head_chunk, a.dropout)
         if dump:
@@ -117,7 +123,7 @@ def main():
 
 # ----------------------------------------------------------------------------- models
 
-def vila_u_7b(layers=32):
+def vila_u_7b(layers=32, scan_layers=False):
     from fairjax.models import vila_u
 
     llm = dict(vocab_size=32004, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
@@ -126,10 +132,11 @@ def vila_u_7b(layers=32):
                             "embed_dim": 2560, "vocab_size": 16384, "head": {"block": {"n_head": 40}, "n_layer": 6}},
           "rqvaesiglip": {"n_embed": 16384, "latent_shape": [16, 16, 1024], "code_shape": [16, 16, 4],
                           "shared_codebook": True}}
-    return vila_u.build(llm, vt, {"mm_projector_type": "mlp2x_gelu"}, dtype=_bf16(), param_dtype=_bf16(), remat=True)
+    return vila_u.build(llm, vt, {"mm_projector_type": "mlp2x_gelu"}, dtype=_bf16(), param_dtype=_bf16(), remat=True,
+                        scan_layers=scan_layers)
 
 
-def vila_u_small():
+def vila_u_small(scan_layers=False):
     from fairjax.models import vila_u
 
     llm = dict(vocab_size=32004, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
@@ -138,7 +145,8 @@ def vila_u_small():
                             "embed_dim": 256, "vocab_size": 16384, "head": {"block": {"n_head": 4}, "n_layer": 2}},
           "rqvaesiglip": {"n_embed": 16384, "latent_shape": [16, 16, 256], "code_shape": [16, 16, 4],
                           "shared_codebook": True}}
-    return vila_u.build(llm, vt, {"mm_projector_type": "mlp2x_gelu"}, dtype=_bf16(), param_dtype=_bf16(), remat=True)
+    return vila_u.build(llm, vt, {"mm_projector_type": "mlp2x_gelu"}, dtype=_bf16(), param_dtype=_bf16(), remat=True,
+                        scan_layers=scan_layers)
 
 
 def _bf16():
@@ -294,8 +302,9 @@ def compile_step(vu, fsdp, pairs, prompt_len, chunk, dropout=0.1):
     lora = abstract_lora(vu)
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "trainable": lora,
                 "opt_state": jax.eval_shape(tx.init, lora), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
-    state_sh = trainer._state_shardings(abstract, tx, mesh, [])
-    frozen_sh = parallel.param_shardings(frozen, mesh)
+    min_size = int(cfg.fsdp_min_size)  # what the trainer shards with: small leaves stay replicated
+    state_sh = trainer._state_shardings(abstract, tx, mesh, [], min_size)
+    frozen_sh = parallel.param_shardings(frozen, mesh, min_size=min_size)
     b = 8 * pairs
     n, d = vu.image_tokens, vu.depth
     batch = {"index": jax.ShapeDtypeStruct((b,), jnp.int32),
@@ -348,8 +357,9 @@ def print_peak(dump: str, top: int = 14) -> None:
 
     def group(name):
         op, derived = origin(name)
-        layer, block = re.search(r"layers_(\d+)", op), re.search(r"blocks_\d+|RQTransformer|rqtransformer", op)
-        part = "LLaMA layers" if layer else ("depth head" if block else "other")
+        layer, block = re.search(r"layers_(\d+)", op), re.search(r"blocks[_.]|RQTransformer|rqtransformer", op)
+        scanned = re.search(r"layers\.body|LlamaForCausalLM\)/model/while", op)  # scan_layers: one loop body
+        part = "LLaMA layers" if layer or scanned else ("depth head" if block else "other")
         if op.startswith(("frozen", "state")):
             return part, "weights" + (", float32 copy" if derived else "")
         phase = ("backward: remat recompute" if "rematted_computation" in op else
