@@ -9,7 +9,8 @@ yet takes the new config).
 
 Before anything is built or compiled: every config value is checked against its
 range (:data:`fairjax.trainer.TRAIN_RANGES` and the task's ``RANGES``; one line
-naming each bad key, its value and its range, and no ``config.json`` written),
+naming each bad key, its value and its range, and no ``config.json`` written), the
+mesh must fit the devices and the batch divide over it (:func:`fairjax.trainer.check_mesh`),
 ``DIR`` must be a writable folder that neither equals, contains nor sits inside
 ``model.dir``, ``data.path``, ``lora.init`` or the config file, and ``DIR/.lock``
 (pid and host of the run holding it) refuses a second run on the same ``DIR``.
@@ -76,6 +77,7 @@ def run(argv=None) -> dict:
     cfg = config_lib.load_config_file(args.config)
     config_lib.apply_overrides(cfg, overrides)
     trainer.validate_config(cfg, tasks.ranges(cfg))
+    trainer.check_mesh(cfg)
     check_workdir(args.workdir, cfg, args.config)
     main_process = jax.process_index() == 0
     with fs.locked(args.workdir, inside=True, what="--workdir") if main_process else contextlib.nullcontext():

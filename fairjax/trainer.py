@@ -176,6 +176,15 @@ def validate_config(config, *task_ranges) -> None:
     config_lib.validate(config, TRAIN_RANGES, *task_ranges)
 
 
+def check_mesh(config) -> None:
+    """The mesh fits the devices and the global batch divides over it (x ``grad_accum_steps``) and over the
+    processes: :class:`_Setup`'s checks, run by ``fairjax.train`` before the task is built or the workdir
+    written (one-line :class:`ShardingError`)."""
+    mesh = parallel.make_mesh(dict(_get(config, "mesh")))
+    parallel.check_batch_size(int(config.batch_size), mesh, int(_get(config, "grad_accum_steps")))
+    parallel.host_batch_slice(int(config.batch_size))
+
+
 def _get(cfg, key: str, section: tuple[str, ...] = ()):
     """``cfg[key]``; when ``cfg`` lacks it (or holds None), :func:`default_train_config`'s value at
     ``section/key``: the only fallback, so it can never differ from the documented default."""

@@ -86,6 +86,13 @@ CASES = {
     "batch_size_0": (lambda m, t: mog(t / "wd", "--config.batch_size=0"), ["config.batch_size=0"]),
     "grad_accum_0": (lambda m, t: mog(t / "wd", "--config.grad_accum_steps=0"), ["config.grad_accum_steps=0"]),
     "mesh_axis_0": (lambda m, t: mog(t / "wd", "--config.mesh.data=0"), ["config.mesh.data=0", "-1 or"]),
+    # the mesh and the batch against the devices (8 here): refused before the task is built or config.json written
+    "mesh_larger_than_devices": (lambda m, t: mog(t / "wd", "--config.mesh.data=16"), ["needs 16 devices"]),
+    "batch_does_not_divide_over_mesh": (lambda m, t: mog(t / "wd", "--config.batch_size=12"),
+                                        ["global batch 12 does not divide", "a multiple of 8"]),
+    "batch_does_not_divide_over_grad_accum": (lambda m, t: mog(t / "wd", "--config.batch_size=8",
+                                                               "--config.grad_accum_steps=3"),
+                                              ["x 3 gradient-accumulation micro-batches = 24"]),
     "three_bad_values_in_one_line": (lambda m, t: mog(t / "wd", "--config.seed=-1", "--config.total_steps=0",
                                                       "--config.log_every_steps=0"),
                                      ["config.seed=-1", "config.total_steps=0", "config.log_every_steps=0"]),
