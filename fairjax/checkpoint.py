@@ -12,8 +12,10 @@ A step directory that exists but cannot be read (truncated file, deleted shard) 
 skipped with a one-line warning and the next older one is tried; with several processes they
 agree on the step first (process 0's list of steps, broadcast; a step counts as readable only
 if every process read its shards of it), so all of them restore the same step.  If none can be
-read the one-line error says which steps were tried and why.  Temporary directories of an
-interrupted save are ignored (and removed on start-up).
+read the one-line error says which steps were tried and why.  A step whose metadata reads but
+whose keys or shapes are not the state's (another run's model in the workdir) is no broken step:
+the one-line error names the first differing keys and their shapes, and no older step is tried.
+Temporary directories of an interrupted save are ignored (and removed on start-up).
 
 Preemption: :class:`PreemptionGuard` installs a SIGTERM (and SIGINT) handler that only
 sets a flag; the training loop calls :meth:`PreemptionGuard.should_stop` at each step
@@ -105,6 +107,10 @@ class Checkpointer:
             return None
         failures = []
         for s in reversed(steps):
+            local = self._misfit(s, abstract_state)
+            misfit = [m for m in _gather_reasons(local) if m]  # (every process raises, or none does)
+            if misfit:  # another run's model: its older steps do not fit either, and none of them is broken
+                raise CheckpointError(local or misfit[0])
             restored, reason = self._read(s, abstract_state)
             reasons = _gather_reasons(reason)
             bad = {i: r for i, r in enumerate(reasons) if r}
@@ -136,6 +142,35 @@ class Checkpointer:
                 raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             return None, f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+    def _misfit(self, step: int, abstract_state: Any) -> str:
+        """Why checkpoint ``step`` cannot hold ``abstract_state`` although its metadata reads (another run's
+        model: other keys or shapes, naming the first few), or "" (it fits, or its metadata is unreadable
+        too: then it is a broken step)."""
+        ocp = _ocp()
+        from etils import epath
+
+        try:
+            meta = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
+            stored = ocp.tree.to_flat_dict(getattr(meta, "tree", meta), sep=".")
+            wanted = ocp.tree.to_flat_dict(abstract_state, sep=".")
+            stored = {k: tuple(v.shape) for k, v in stored.items()}
+            wanted = {k: tuple(v.shape) for k, v in wanted.items()}
+        except Exception:  # noqa: BLE001 - unreadable metadata: the caller's "unreadable" path says why
+            return ""
+
+        def order(keys):  # the model's own keys first: the optimizer state's follow from them
+            return sorted(keys, key=lambda k: (not k.startswith("trainable."), k))
+
+        diffs = [f"{k} has shape {stored[k]} there but {wanted[k]} in this config"
+                 for k in order(set(stored) & set(wanted)) if stored[k] != wanted[k]]
+        diffs += [f"it has no {k}" for k in order(set(wanted) - set(stored))]
+        diffs += [f"it holds {k}, which this config does not have" for k in order(set(stored) - set(wanted))]
+        if not diffs:
+            return ""
+        more = f" (and {len(diffs) - 3} more differences)" if len(diffs) > 3 else ""
+        return (f"checkpoint {self.directory}/{step} was saved by a run of another model: {'; '.join(diffs[:3])}{more}; "
+                "resume it with the config it was saved with, or start from a new --workdir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

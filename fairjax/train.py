@@ -5,7 +5,8 @@ sharded loop in :mod:`fairjax.trainer`. The resolved config is saved as
 ``DIR/config.json``; re-running in the same ``DIR`` resumes from its last
 checkpoint and must resolve to the same config (``--allow-config-change``
 resumes anyway and records the new one beside it; a ``DIR`` with no checkpoint
-yet takes the new config).
+yet takes the new config). Checkpoints another model saved (other keys or shapes) are refused in
+one line naming the first differing keys, and the config files in ``DIR`` are left as they were.
 
 Before anything is built or compiled: every config value is checked against its
 range (:data:`fairjax.trainer.TRAIN_RANGES` and the task's ``RANGES``; one line
@@ -34,7 +35,7 @@ import json
 import os
 import sys
 
-from fairjax.errors import UserError
+from fairjax.errors import NonFiniteLossError, UserError
 from fairjax.io import fs, host
 
 
@@ -87,6 +88,7 @@ def run(argv=None) -> dict:
 
             cfg.model.dir = resolve_args(spec, args)
         task = tasks.build(cfg, workdir=args.workdir)
+        before = _config_files(args.workdir) if main_process else None
         if main_process:
             saved = cfg
             if spec and cfg.model.dir != spec:
@@ -96,7 +98,50 @@ def run(argv=None) -> dict:
                                                resumable=has_checkpoint(args.workdir))
             if changed:
                 print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)
-        return trainer.train(cfg, task, args.workdir)
+        try:
+            return trainer.train(cfg, task, args.workdir)
+        except UserError as e:  # refused in the set-up (the checkpoints do not fit): the config files as they were
+            if before is not None and not isinstance(e, NonFiniteLossError) and _steps(args.workdir) == before[0]:
+                _put_back(args.workdir, before[1])
+            raise
+
+
+#: the files :func:`fairjax.config.check_or_save` writes into the workdir
+CONFIG_FILES = ("config.json", "config.resumed.json")
+
+
+def _steps(workdir: str) -> list[str]:
+    try:
+        return sorted(name for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+    except OSError:
+        return []
+
+
+def _config_files(workdir: str) -> tuple[list[str], dict]:
+    """The workdir's checkpoint steps and config files (bytes, or None where absent) before this run."""
+    saved = {}
+    for name in CONFIG_FILES:
+        try:
+            with open(os.path.join(workdir, name), "rb") as f:
+                saved[name] = f.read()
+        except FileNotFoundError:
+            saved[name] = None
+    return _steps(workdir), saved
+
+
+def _put_back(workdir: str, saved: dict) -> None:
+    """Leave the config files as they were before a run that was refused before it saved a step (the
+    workdir's checkpoints are another model's): a later run is judged against the old ones."""
+    for name, data in saved.items():
+        path = os.path.join(workdir, name)
+        if data is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        tmp = fs.temp_path(path)
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
 
 
 #: config keys that name what a run reads (the workdir may not overlap them)

@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from _bad_inputs import ROOT, held_by_other_process, inject_mkdir_error, linked_copy, readonly_dir, refused
+from _bad_inputs import (ROOT, held_by_other_process, inject_mkdir_error, linked_copy, readonly_dir, refused,
+                         tree_digest)
 from fairjax import train
 
 MOG = os.path.join(ROOT, "configs", "popalign_mog.py")
@@ -154,6 +155,32 @@ def test_workdir_read_only_injected(tmp_path, capsys, monkeypatch):
     inject_mkdir_error(monkeypatch, str(tmp_path), errno.EROFS)
     refused(train.main, mog(tmp_path / "runs" / "wd"), capsys, ["cannot write --workdir", "read-only file system"],
             roots=[tmp_path])
+
+
+@pytest.mark.parametrize("config_json", ["kept", "deleted"])
+def test_workdir_holding_another_models_checkpoints(tmp_path, capsys, config_json):
+    """A workdir whose checkpoints another model saved (4 mixture components asked, 3 stored; its config.json
+    deleted, or the change allowed): one line naming the key and both shapes, not "unreadable, delete the broken
+    step directories"; the checkpoints and config files stay as they were (no config.json of this run)."""
+    wd = tmp_path / "wd"
+    assert train.main(mog(wd, "--config.total_steps=2", "--config.checkpoint.every_steps=1",
+                          "--config.progress_bar=false")) == 0
+    if config_json == "deleted":
+        os.remove(wd / "config.json")
+    four = ["--config.mog.ref_logits=(1.0, 0.0, -1.0, 0.5)", "--config.mog.means=(-7.0, 0.0, 7.0, 3.0)",
+            "--config.mog.sigmas=(1.0, 1.0, 1.0, 1.0)", "--config.total_steps=3"]
+    needles = [f"checkpoint {wd}/checkpoints/2 was saved by a run of another model",
+               "trainable.means has shape (3,) there but (4,) in this config", "new --workdir"]
+    if config_json == "deleted":
+        assert "delete" not in refused(train.main, mog(wd, *four), capsys, needles, roots=[tmp_path])
+        return
+    capsys.readouterr()  # the change allowed: the "note: resuming ... with a changed config" line comes first
+    before = tree_digest(tmp_path)
+    assert train.main(mog(wd, *four, "--allow-config-change")) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "\r" not in ln]
+    assert len(err) == 2 and err[0].startswith("note: resuming") and err[1].startswith("error: "), err
+    assert all(n in err[1] for n in needles) and "delete" not in err[1]
+    assert tree_digest(tmp_path) == before  # no config.resumed.json of the refused run
 
 
 def test_a_run_that_saved_no_checkpoint_takes_the_new_config(tmp_path):
