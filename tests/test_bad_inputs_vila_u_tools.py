@@ -1,5 +1,5 @@
-"""Bad input to ``tools/convert_vila_u.py`` and ``tools/export_vila_u.py``: exit 2, one ``error:`` line
-naming the problem, no traceback, every input and OUT unchanged (issue 23). The source folder has the
+"""Bad input to ``tools/convert_vila_u.py``, ``tools/export_vila_u.py`` and ``python -m fairjax.locate_bias``:
+exit 2, one ``error:`` line naming the problem, no traceback, every input and OUT unchanged (issue 23). The source folder has the
 tiny model's real configs and its LLM exported to transformers layout, and no vision weights: every
 convert case here fails before the vision tower would be read."""
 
@@ -111,6 +111,46 @@ EXPORT = {
                                                                               real=("llm/config.json",))),
                                                t / "out"], ["config.json", "expected a JSON object"]),
 }
+
+
+def loc(v, out, *extra, model=None):
+    return ["--model", model or v["model"], "--out", str(out), "--n", "2", *extra]
+
+
+def _nested_locate(v, t, what):
+    outer = t / "outer"
+    outer.mkdir()
+    if what == "lora":
+        lora = outer / "lora.safetensors"
+        lora.write_bytes(open(v["lora"], "rb").read())
+        return loc(v, outer, "--lora", lora, "--overwrite")
+    return loc(v, outer, "--overwrite", model=linked_copy(v["model"], str(outer / "model")))
+
+
+# every case fails before the model is loaded (before, an OUT that is a file was a traceback after the whole
+# analysis, and an OUT equal to --model got locate.json, the plots and index.html written into the model dir)
+LOCATE = {
+    "out_equals_model": (lambda v, t: loc(v, v["model"], "--overwrite"), ["--out", "equals --model"]),
+    "out_inside_model": (lambda v, t: loc(v, os.path.join(v["model"], "llm", "loc")), ["is inside --model"]),
+    "out_contains_model": (lambda v, t: _nested_locate(v, t, "model"), ["contains --model"]),
+    "out_contains_lora": (lambda v, t: _nested_locate(v, t, "lora"), ["contains --lora"]),
+    "out_inside_images": (lambda v, t: ((t / "imgs").mkdir(), loc(v, t / "imgs" / "loc", "--images", t / "imgs",
+                                                                   "--prompts", "a doctor"))[1],
+                          ["is inside --images"]),
+    "out_exists": (lambda v, t: ((t / "out").mkdir(), loc(v, t / "out"))[1], ["already exists", "--overwrite"]),
+    "out_is_a_file": (lambda v, t: ((t / "out").write_text("x"), loc(v, t / "out", "--overwrite"))[1],
+                      ["is a file, not a folder"]),
+    "seed_negative": (lambda v, t: loc(v, t / "out", "--seed", "-1"), ["--seed must be in [0, 2**32)"]),
+    "fix_steps_negative": (lambda v, t: loc(v, t / "out", "--fix-steps", "-1"), ["--fix-steps -1 must be >= 0"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LOCATE))
+def test_locate_bias_bad_input(tiny_vila_u, tmp_path, capsys, case):
+    from fairjax.analysis import locate
+
+    make, needles = LOCATE[case]
+    refused(locate.main, make(tiny_vila_u, tmp_path), capsys, needles, roots=[tmp_path, tiny_vila_u["root"]])
 
 
 @pytest.mark.parametrize("case", sorted(CONVERT))

@@ -28,7 +28,10 @@ DeepFace classifier):
     transformer) only, and the generation discrepancy each leaves (:func:`fix_experiment`).
 
 ``DIR/locate.json`` holds every number (``summary`` the headline keys), ``DIR/probe.png``,
-``DIR/probe_positions.png`` and ``DIR/shares.png`` the plots, ``DIR/index.html`` the page.
+``DIR/probe_positions.png`` and ``DIR/shares.png`` the plots, ``DIR/index.html`` the page. DIR is written
+to a temporary folder and renamed at the end; the command refuses, before it loads the model, a DIR that
+exists (unless ``--overwrite``), is a file, or equals, contains or is inside ``--model``, ``--lora`` or
+``--images``.
 """
 
 from __future__ import annotations
@@ -305,8 +308,9 @@ def _real_setup(images_dir: str, prompts: Sequence[str], detector: str = "yunet"
 
 def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prompt: int = 64, seed: int = 0,
                 images_dir: str | None = None, prompts: Sequence[str] = (), fix_steps: int = 0,
-                detector: str = "yunet", log=print) -> dict:
-    """Run (a)-(d) of the module docstring on ``model_dir`` (+ ``lora``), write ``out``; returns locate.json's dict."""
+                detector: str = "yunet", overwrite: bool = True, log=print) -> dict:
+    """Run (a)-(d) of the module docstring on ``model_dir`` (+ ``lora``), write ``out`` (atomically; an existing
+    ``out`` is replaced when ``overwrite``, else refused); returns locate.json's dict."""
     import jax
 
     from fairjax.fairness.metrics import discrepancy_of
@@ -427,11 +431,13 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
         summary["fix_generation_discrepancy"] = {k: fix[k]["generation_discrepancy"] for k in ("llm", "head")}
     result = {"model": model_dir, "lora": lora, "summary": summary, "tokenizer": tok_res, "understanding": und,
               "generation": gen_res, "probe": probe, "fix": fix, **summary}
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "locate.json"), "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    _plots(result, out)
-    _html(result, out)
+    from fairjax.io.model_dir import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with open(os.path.join(tmp, "locate.json"), "w") as f:
+            json.dump(result, f, indent=2, default=float)
+        _plots(result, tmp)
+        _html(result, tmp)
     return result
 
 
@@ -576,16 +582,29 @@ def main(argv=None) -> int:
     p.add_argument("--detector", default="yunet",
                    help="DeepFace face detector for --images and the generated images (default yunet, as PopAlign's "
                         "evaluation; 'skip' = the whole image is the face); weights under $DEEPFACE_HOME")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
+    from fairjax.io import fs
+
     try:
         if args.n < 2:
             raise UserError(f"--n {args.n}: need at least 2 images per prompt")
-        r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
-                        images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
-                        detector=args.detector)
+        if not 0 <= args.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
+        if args.fix_steps < 0:
+            raise UserError(f"--fix-steps {args.fix_steps} must be >= 0 (0 = no fix experiment)")
+        fs.check_output(args.out, what="--out", overwrite=args.overwrite,
+                        inputs={"--model": args.model, "--lora": args.lora, "--images": args.images})
+        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+            r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
+                            images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
+                            detector=args.detector, overwrite=args.overwrite)
         print(json.dumps(r["summary"], indent=1, default=float))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:
+        line = fs.error_line(e)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         return 2
     return 0
 
