@@ -123,6 +123,19 @@ def _pipeline_index(src, t, text):
     return [pipe, t / "out"]
 
 
+def _pipeline_copied_part(src, t, part, cls, files):
+    """A pipeline of SRC's UNet and a weight-free ``part`` (``cls``) folder holding ``files`` ({name: text})."""
+    pipe = t / "pipe"
+    pipe.mkdir()
+    linked_copy(src, str(pipe / "unet"))
+    (pipe / part).mkdir()
+    for name, text in files.items():
+        (pipe / part / name).write_text(text)
+    (pipe / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"],
+                                                       part: ["transformers" if "Token" in cls else "diffusers", cls]}))
+    return [pipe, t / "out"]
+
+
 # id -> (argv from (SRC, tmp_path), words the line must hold)
 CASES = {
     "out_equals_src": (lambda s, t: [s, s, "--overwrite"], ["OUT", "equals SRC"]),
@@ -152,6 +165,13 @@ CASES = {
     "weights_header_not_an_object": (lambda s, t: _bad_weights(s, t, _not_an_object), ["not an object"]),
     "weights_duplicate_key": (lambda s, t: _bad_weights(s, t, _duplicate_key), ["duplicate key"]),
     "index_names_file_outside": (_outside_index, ["outside", "only name files in its own folder"]),
+    # weight-free folders are copied verbatim: a corrupt JSON file there was copied into a model that failed later
+    "scheduler_config_invalid_json": (lambda s, t: _pipeline_copied_part(s, t, "scheduler", "EulerDiscreteScheduler",
+                                                                         {"scheduler_config.json": "{"}),
+                                      ["scheduler/scheduler_config.json", "not valid JSON", "copy scheduler/"]),
+    "tokenizer_vocab_invalid_json": (lambda s, t: _pipeline_copied_part(s, t, "tokenizer", "CLIPTokenizer",
+                                                                        {"vocab.json": "garbage", "merges.txt": ""}),
+                                     ["tokenizer/vocab.json", "not valid JSON"]),
     "index_invalid_json": (lambda s, t: _sharded(s, t, "{nope"), ["corrupt shard index"]),
     "index_weight_map_not_a_map": (lambda s, t: _sharded(s, t, {"weight_map": ["a"]}), ["corrupt shard index"]),
 }

@@ -82,6 +82,8 @@ CASES = {
     "params_truncated": (lambda m, t: [_damaged(m, t, "vae/params.safetensors", "\x10"), t / "out"],
                          ["truncated safetensors file"]),
     "params_integer_dtype": (_int_params, ["not floating point", "(I32)"]),
+    "scheduler_config_invalid_json": (lambda m, t: [_damaged(m, t, "scheduler/scheduler_config.json", "{"), t / "out"],
+                                      ["scheduler/scheduler_config.json", "not valid JSON"]),
 }
 
 

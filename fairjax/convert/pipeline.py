@@ -82,7 +82,8 @@ def copied_parts(folder: str) -> dict[str, str | None]:
 
 
 def check_copied(folder: str, name: str, cls: str | None) -> None:
-    """A copied part's folder exists and holds the files its class needs (one-line error otherwise)."""
+    """A copied part's folder exists, holds the files its class needs and its JSON files parse (one-line
+    error otherwise: a corrupt scheduler_config.json or vocab.json is not copied into a model that fails later)."""
     sub = os.path.join(folder, name)
     what = f"{name} ({cls})" if cls else name
     if not os.path.isdir(sub):
@@ -94,11 +95,16 @@ def check_copied(folder: str, name: str, cls: str | None) -> None:
     if groups is None:
         if not present:
             raise CheckpointError(f"{sub}: {what} folder is empty; copy it from the original pipeline")
-        return
-    if not any(all(f in present for f in g) for g in groups):
+    elif not any(all(f in present for f in g) for g in groups):
         need = " or ".join(" + ".join(g) for g in groups)
         raise CheckpointError(f"{sub}: {what} folder lacks {need} (found: {', '.join(sorted(present)[:8]) or 'nothing'}); "
                               f"copy it from the original pipeline")
+    for f in sorted(present):
+        if f.endswith(".json"):
+            try:
+                read_json(os.path.join(sub, f))
+            except CheckpointError as e:
+                raise CheckpointError(f"{e}; copy {name}/ from the original pipeline") from None
 
 
 def copy_part(src: str, dst: str, name: str) -> None:
