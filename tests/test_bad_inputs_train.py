@@ -100,6 +100,13 @@ CASES = {
     # a task's keys (its RANGES)
     "beta_negative": (lambda m, t: mog(t / "wd", "--config.beta=-1.0"), ["config.beta=-1.0", "> 0"]),
     "mog_alpha_above_1": (lambda m, t: mog(t / "wd", "--config.alpha=1.5"), ["config.alpha=1.5", "[0, 1]"]),
+    # the mixture itself (before: an IndexError traceback, or a NaN loss that left config.json behind)
+    "mog_means_fewer_than_components": (lambda m, t: mog(t / "wd", "--config.mog.means=(1.0, 2.0)"),
+                                        ["config.mog.ref_logits, means and sigmas", "3 ref_logits, 2 means"]),
+    "mog_sigma_negative": (lambda m, t: mog(t / "wd", "--config.mog.sigmas=(1.0, -1.0, 1.0)"),
+                           ["config.mog.sigmas=(1.0, -1.0, 1.0)", "> 0"]),
+    "mog_winner_component_out_of_range": (lambda m, t: mog(t / "wd", "--config.mog.winner_components=(0, 5)"),
+                                          ["config.mog.winner_components=(0, 5)", "[0, 3)"]),
     "caption_dropout_above_1": (lambda m, t: sdxl(m, t / "wd", "--config.data.caption_dropout=1.5"),
                                 ["config.data.caption_dropout=1.5", "[0, 1]"]),
     "caption_dropout_negative": (lambda m, t: sdxl(m, t / "wd", "--config.data.caption_dropout=-0.1"),

@@ -27,7 +27,7 @@ import numpy as np
 
 from fairjax import config as config_lib
 from fairjax import losses
-from fairjax.errors import UserError
+from fairjax.errors import ConfigError, UserError
 
 
 def mixture_log_prob(params: dict, x: jax.Array) -> jax.Array:
@@ -46,12 +46,39 @@ def reference_params(c: ml_collections.ConfigDict) -> dict:
     }
 
 
+def check_mixture(c: ml_collections.ConfigDict) -> None:
+    """One entry per component in ``ref_logits``, ``means`` and ``sigmas`` (finite numbers, sigmas > 0), and
+    ``winner_components`` distinct indices of them: a one-line :class:`ConfigError` naming the key otherwise."""
+    def numbers(key):
+        try:
+            v = np.asarray(c[key], np.float64)
+        except (TypeError, ValueError):
+            v = None
+        if v is None or v.ndim != 1 or len(v) == 0 or not np.isfinite(v).all():
+            raise ConfigError(f"config.mog.{key}={c[key]!r} must be a non-empty list of finite numbers, one per "
+                              "mixture component")
+        return v
+
+    sizes = {key: len(numbers(key)) for key in ("ref_logits", "means", "sigmas")}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError("config.mog.ref_logits, means and sigmas need one entry per mixture component, got "
+                          + ", ".join(f"{n} {k}" for k, n in sizes.items()) + "; give the three the same length")
+    if (numbers("sigmas") <= 0).any():
+        raise ConfigError(f"config.mog.sigmas={c.sigmas!r} is out of range: every sigma must be > 0")
+    k = sizes["means"]
+    comps = c.winner_components
+    if not all(isinstance(j, (int, np.integer)) and not isinstance(j, bool) and 0 <= j < k for j in comps) or \
+            len(set(comps)) != len(comps):
+        raise ConfigError(f"config.mog.winner_components={comps!r} must be distinct component indices in [0, {k})")
+
+
 def make_dataset(c: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """Winners balanced over ``winner_components``; losers from the reference restricted to them.
 
     Returns ``x``, ``is_winner`` and the generating ``component`` of each sample
     (the "demographic group" a classifier would report), winners first.
     """
+    check_mixture(c)
     comps = np.asarray(c.winner_components)
     if c.n_samples < 4 or len(comps) < 2:
         raise UserError(f"mog: need n_samples >= 4 and >= 2 winner_components, got {c.n_samples}, {tuple(comps)}")
