@@ -118,6 +118,13 @@ CASES = {
     "anchor_weight_negative": (lambda m, t: sdxl(m, t / "wd", "--config.anchor_weight=-1.0"),
                                ["config.anchor_weight=-1.0"]),
     "t_min_negative": (lambda m, t: sdxl(m, t / "wd", "--config.t_min=-1"), ["config.t_min=-1"]),
+    # config.text_embeds.path: never written over unless it is a cache, and no advice to delete an input
+    "text_embeds_path_is_a_folder": (lambda m, t: sdxl(m, t / "wd", "--config.tiny=", f"--config.text_embeds.path={t}"),
+                                     ["config.text_embeds.path=", "is a folder"]),
+    "text_embeds_path_is_the_unet_params": (
+        lambda m, t: sdxl(m, t / "wd", "--config.tiny=",
+                          f"--config.text_embeds.path={os.path.join(m['model'], 'unet', 'params.safetensors')}"),
+        ["is not a fairjax text-embedding cache", "left as it is"]),
     "model_dtype_unknown": (lambda m, t: sdxl(m, t / "wd", "--config.model.dtype=int8"), ["config.model.dtype='int8'"]),
     "vila_u_warmup_ratio": (lambda m, t: ["--config", VILA_U, "--workdir", str(t / "wd"),
                                           "--config.warmup_ratio=1.5"], ["config.warmup_ratio=1.5", "[0, 1)"]),

@@ -226,11 +226,12 @@ def read_cache(path: str) -> tuple[TextTable, str]:
             md = dict(r.metadata)
             if md.get("format") != FORMAT:
                 raise DataError(f"{path} is not a fairjax text-embedding cache (format "
-                                     f"{md.get('format')!r}); delete it or choose another path")
+                                     f"{md.get('format')!r}) and is left as it is; choose another path for the cache")
             ehs = np.array(r["encoder_hidden_states"])
             te = np.array(r["text_embeds"]) if "text_embeds" in r else None
     except CheckpointError as e:
-        raise DataError(f"unreadable text-embedding cache ({e}); delete it") from None
+        raise DataError(f"unreadable text-embedding cache ({e}); it is left as it is: delete it if it is an old cache, "
+                        "else choose another path for the cache") from None
     try:
         captions = json.loads(md["captions"])
     except (KeyError, json.JSONDecodeError):

@@ -281,6 +281,8 @@ class DiffusionPrefTask:
             from fairjax.diffusion import text_embeds
 
             cache = str(c.text_embeds.path) or (os.path.join(workdir, "text_embeds.safetensors") if workdir else None)
+            _check(not (cache and os.path.isdir(cache)),
+                   f"config.text_embeds.path={cache!r} is a folder; pass the path of the text-embedding cache file")
             table = text_embeds.cached_table(self.model_dir, all_captions(self.source, prompts=self.anchor_weight > 0), cache,
                                              batch_size=int(c.text_embeds.batch_size))
         self.table = table
