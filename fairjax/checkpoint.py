@@ -169,8 +169,8 @@ class Checkpointer:
         if not diffs:
             return ""
         more = f" (and {len(diffs) - 3} more differences)" if len(diffs) > 3 else ""
-        return (f"checkpoint {self.directory}/{step} was saved by a run of another model: {'; '.join(diffs[:3])}{more}; "
-                "resume it with the config it was saved with, or start from a new --workdir")
+        return (f"checkpoint {self.directory}/{step} was saved by a run of another model: {'; '.join(diffs[:3])}"
+                f"{more}; resume it with the config it was saved with, or start from a new --workdir")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -1,7 +1,7 @@
 """Bad input to ``tools/convert_vila_u.py``, ``tools/export_vila_u.py`` and ``python -m fairjax.locate_bias``:
-exit 2, one ``error:`` line naming the problem, no traceback, every input and OUT unchanged (issue 23). The source folder has the
-tiny model's real configs and its LLM exported to transformers layout, and no vision weights: every
-convert case here fails before the vision tower would be read."""
+exit 2, one ``error:`` line naming the problem, no traceback, every input and OUT unchanged (issue 23). The
+source folder has the tiny model's real configs and its LLM exported to transformers layout, and no vision
+weights: every convert case here fails before the vision tower would be read."""
 
 from __future__ import annotations
 
