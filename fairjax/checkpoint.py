@@ -70,6 +70,7 @@ class Checkpointer:
             enable_async_checkpointing=bool(async_save),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unreadable: set[int] = set()  # steps restore() fell back from: save() replaces them
 
     # -- queries
     def all_steps(self) -> list[int]:
@@ -84,10 +85,17 @@ class Checkpointer:
 
     # -- save / restore
     def save(self, step: int, state: Any, force: bool = True) -> bool:
-        """Save ``state`` as checkpoint ``step`` (all processes must call this together)."""
+        """Save ``state`` as checkpoint ``step`` (all processes must call this together). A step that
+        :meth:`restore` found unreadable is replaced; any other existing step is kept and nothing is saved."""
         ocp = _ocp()
         if step in self.all_steps():
-            return False
+            if step not in self._unreadable:
+                return False
+            # the broken copy this run fell back from (every process agreed it was unreadable); the run has
+            # redone its steps, so the new state takes its place instead of leaving it to be tried on resume
+            self.manager.delete(int(step))
+            log.warning("checkpoint %s/%d was unreadable; replaced by this run's step %d", self.directory, step, step)
+        self._unreadable.discard(int(step))
         return bool(self.manager.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force))
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any] | None:
@@ -118,6 +126,7 @@ class Checkpointer:
                 return s, restored
             where = "; ".join(f"process {i}: {r}" for i, r in bad.items()) if len(reasons) > 1 else bad[0]
             failures.append(f"{s} ({where})")
+            self._unreadable.add(int(s))
             older = [t for t in steps if t < s]
             then = f"restoring {self.directory}/{older[-1]} instead" if older else "no older checkpoint"
             log.warning("checkpoint %s/%d unreadable (%s); %s", self.directory, s, where, then)

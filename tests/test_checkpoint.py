@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,26 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
     assert step == 2
     np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"] + 2)
     assert any("3 unreadable" in r.getMessage() for r in caplog.records)
+    c.close()
+
+
+def test_a_step_saved_again_replaces_the_unreadable_one_it_fell_back_from(tmp_path):
+    """Restored from step 2 past an unreadable step 3, a run that reaches step 3 again saves it (before, the
+    broken copy stayed, and the next resume fell back past it again)."""
+    c, tree = _saved(tmp_path)
+    c.close()
+    _corrupt(tmp_path / "3")
+    c = Checkpointer(str(tmp_path))
+    step, got = c.restore(_target(tree))
+    assert step == 2
+    assert c.save(3, jax.tree.map(lambda a: a + 30 if a.dtype != np.int32 else a, got))
+    assert not c.save(2, got)  # a readable step is never written over
+    c.wait()
+    c.close()
+    c = Checkpointer(str(tmp_path))
+    step, got = c.restore(_target(tree))
+    assert step == 3 and c.all_steps() == [1, 2, 3]
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"] + 32)
     c.close()
 
 
@@ -226,14 +247,15 @@ def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp
     """Checkpoints 1 and 2 of a 2-process run (params FSDP-split over the processes); the shards
     process 1 wrote for step 2 are truncated, so only process 1 fails to read step 2. The re-run
     warns once, both processes restore step 1 (not each its own newest), and training ends where a
-    1-process run ends."""
+    1-process run ends. Reaching step 2 again, both processes replace the unreadable step 2 with a good one:
+    a third run that finds only steps 1 and 2 resumes from 2 without a warning."""
     work, wide = tmp_path / "run", ("--hidden", "4096")  # shards of 32 KiB: on disk in each process's own files
     cmd, env = _launch(tmp_path, "a", "--workdir", str(work), "--steps", "2", "--every", "1", *wide)
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300, cwd=ROOT)
     shards = work / "checkpoints" / "2" / "state" / "ocdbt.process_1"
     assert shards.is_dir(), sorted(os.listdir(work / "checkpoints" / "2" / "state"))
     _corrupt(shards)
-    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", "4", "--every", "0", *wide)
+    cmd, env = _launch(tmp_path, "b", "--workdir", str(work), "--steps", "4", "--every", "1", *wide)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     p1 = (tmp_path / "logs_b" / "proc_1.log").read_text()
@@ -247,6 +269,15 @@ def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp
     assert not _our_frames(p1), p1[-3000:]
     assert _summary(out.stdout)["step"] == 4
     got, ref = dict(np.load(work / "final_params.npz")), _single_process_reference(tmp_path, 4, *wide)
+    for k in ref:
+        assert rel(got[k], ref[k]) <= 1e-5, k
+    for s in ("3", "4"):
+        shutil.rmtree(work / "checkpoints" / s)
+    cmd, env = _launch(tmp_path, "c", "--workdir", str(work), "--steps", "4", "--every", "0", *wide)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "unreadable" not in out.stdout + out.stderr and "checkpoints/2\n" in out.stdout, out.stdout[-3000:]
+    got = dict(np.load(work / "final_params.npz"))
     for k in ref:
         assert rel(got[k], ref[k]) <= 1e-5, k
 
