@@ -230,8 +230,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -
                     raise ConfigError(f"config key '{key}' was renamed to '{RENAMED[key]}': use "
                                       f"--config.{RENAMED[key]}={text}")
                 where = ".".join(parts[:i]) or "the config"
-                known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
-                raise ConfigError(f"unknown config key '{key}' (keys of {where}: {', '.join(known)})")
+                if not isinstance(node, (ml_collections.ConfigDict, dict)):  # a value, not a section
+                    raise ConfigError(f"unknown config key '{key}': {where} is a value ({node!r}), not a section; "
+                                      f"set it with --config.{where}=VALUE")
+                raise ConfigError(f"unknown config key '{key}' (keys of {where}: {', '.join(sorted(node.keys()))})")
             if i < len(parts) - 1:
                 node = node[part]
         last = parts[-1]

@@ -52,6 +52,9 @@ def test_unknown_key_and_bad_type(cfg_file):
         cl.apply_overrides(c, {"opt.b3": "1"})
     with pytest.raises(cl.ConfigError, match=r"unknown config key 'nope'"):
         cl.apply_overrides(c, {"nope": "1"})
+    with pytest.raises(cl.ConfigError, match=r"unknown config key 'opt.b1.x': opt.b1 is a value \(.*\), not a section; "
+                       r"set it with --config.opt.b1=VALUE"):
+        cl.apply_overrides(c, {"opt.b1.x": "1"})
     with pytest.raises(cl.ConfigError, match=r"--config.steps: expected int"):
         cl.apply_overrides(c, {"steps": "'ten'"})
 
