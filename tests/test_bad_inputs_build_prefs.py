@@ -56,6 +56,11 @@ BUILD = {
     "sample_steps_0": (lambda m, t: bp(t / "out", "--config.sample.steps=0"), ["config.sample.steps=0"]),
     "sampler_unknown": (lambda m, t: bp(t / "out", "--config.sample.sampler=heun"), ["config.sample.sampler"]),
     "model_dir_missing": (lambda m, t: bp(t / "out", f"--config.model.dir={t / 'none'}"), ["none"]),
+    "neutral_prompt_empty": (lambda m, t: bp(t / "out", "--config.prefs.neutral_prompts=['a doctor', ' ']"),
+                             ["prefs.neutral_prompts[1] is empty"]),
+    "identity_template_without_prompt": (
+        lambda m, t: bp(t / "out", "--config.prefs.identity_template='a photo of a {race} {gender} person'"),
+        ["prefs.identity_template=", "lacks {prompt}"]),
     "keywords_not_the_classifier_classes": (lambda m, t: bp(t / "out", "--config.prefs.keywords.genders=['robot']"),
                                             ["differ from the classifier's classes"]),
 }

@@ -101,12 +101,19 @@ class Labelled:
 def prompt_plan(neutral: Sequence[str], keywords, template: str, n_neutral: int, n_identity: int):
     """``[(set_id, prompt, identity | None, count)]``: each neutral prompt, then its identity prompts
     (race-major, gender-minor, as :func:`fairjax.data.prompts.identity_prompts`)."""
-    from fairjax.data.prompts import augment
+    from fairjax.data.prompts import _fields, augment
 
     if n_neutral < 1 or n_identity < 1:
         raise UserError(f"prefs.n_neutral ({n_neutral}) and prefs.n_identity ({n_identity}) must be >= 1")
     if not neutral:
         raise UserError("prefs.neutral_prompts is empty; give at least one identity-neutral prompt")
+    blank = [i for i, p in enumerate(neutral) if not str(p).strip()]
+    if blank:
+        raise UserError(f"prefs.neutral_prompts[{blank[0]}] is empty; every neutral prompt must name a subject")
+    missing = [f for f in ("race", "gender", "prompt") if f not in _fields(template)]
+    if missing:
+        raise UserError(f"prefs.identity_template={template!r} lacks {', '.join('{' + f + '}' for f in missing)}; "
+                        "it needs {race}, {gender} and {prompt}")
     plan = []
     for s, p in enumerate(neutral):
         plan.append((s, p, None, int(n_neutral)))
