@@ -125,6 +125,9 @@ CASES = {
         lambda m, t: sdxl(m, t / "wd", "--config.tiny=",
                           f"--config.text_embeds.path={os.path.join(m['model'], 'unet', 'params.safetensors')}"),
         ["is not a fairjax text-embedding cache", "left as it is"]),
+    # the :tiny preset with both model.dir and data.path given builds nothing in the workdir before a refusal
+    "sdxl_tiny_data_split_unknown": (lambda m, t: sdxl(m, t / "wd", "--config.data.split=test"),
+                                     ["has no split 'test'"]),
     "model_dtype_unknown": (lambda m, t: sdxl(m, t / "wd", "--config.model.dtype=int8"), ["config.model.dtype='int8'"]),
     "vila_u_warmup_ratio": (lambda m, t: ["--config", VILA_U, "--workdir", str(t / "wd"),
                                           "--config.warmup_ratio=1.5"], ["config.warmup_ratio=1.5", "[0, 1)"]),

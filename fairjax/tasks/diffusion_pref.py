@@ -222,7 +222,7 @@ class DiffusionPrefTask:
         self.scan_layers = scan_layers_setting(c.model.get("scan_layers", "auto"), key="config.model.scan_layers")
         c.model.scan_layers = "true" if self.scan_layers else "false"  # a resume on another backend is refused
         self.model_dir, data_path = str(c.model.dir), str(c.data.path)
-        if c.get("tiny"):
+        if c.get("tiny") and not (self.model_dir and data_path):  # both given: nothing of the tiny world is needed
             from fairjax.diffusion import tiny as tiny_sdxl
 
             _check(workdir is not None, "config.tiny builds its model in the workdir; pass --workdir")
