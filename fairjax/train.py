@@ -5,7 +5,9 @@ sharded loop in :mod:`fairjax.trainer`. The resolved config is saved as
 ``DIR/config.json``; re-running in the same ``DIR`` resumes from its last
 checkpoint and must resolve to the same config (``--allow-config-change``
 resumes anyway and records the new one beside it; a ``DIR`` with no checkpoint
-yet takes the new config). Checkpoints another model saved (other keys or shapes) are refused in
+yet takes the new config). The dataset's files are fingerprinted at the start
+(``DIR/data_fingerprint.json``): a resume on a dataset rebuilt in place since is refused
+(``--allow-config-change`` goes on with it). Checkpoints another model saved (other keys or shapes) are refused in
 one line naming the first differing keys, and the config files in ``DIR`` are left as they were.
 
 Before anything is built or compiled: every config value is checked against its
@@ -52,7 +54,7 @@ def parse_args(argv):
     p.add_argument("--config", required=True, help="config file, optionally with a preset: configs/popalign_mog.py:sft")
     p.add_argument("--workdir", required=True, help="where checkpoints, metrics and outputs go; re-use it to resume")
     p.add_argument("--allow-config-change", action="store_true",
-                   help="resume a workdir whose saved config differs from this one")
+                   help="resume a workdir whose saved config (or dataset) differs from this one")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see launch/)")
     add_model_args(p)
@@ -94,10 +96,16 @@ def run(argv=None) -> dict:
             if spec and cfg.model.dir != spec:
                 saved = cfg.copy_and_resolve_references()
                 saved.model.dir = spec
-            changed = config_lib.check_or_save(saved, args.workdir, args.allow_config_change,
-                                               resumable=has_checkpoint(args.workdir))
+            resumable = has_checkpoint(args.workdir)
+            fingerprint = task.data_fingerprint() if hasattr(task, "data_fingerprint") else None
+            data_changed = check_data(args.workdir, fingerprint, resumable, args.allow_config_change)
+            changed = config_lib.check_or_save(saved, args.workdir, args.allow_config_change, resumable=resumable)
             if changed:
                 print(f"note: resuming {args.workdir} with a changed config: {', '.join(changed)}", file=sys.stderr)
+            if data_changed:
+                print(f"note: resuming {args.workdir} on a dataset that changed since the run started", file=sys.stderr)
+            if fingerprint:
+                _write_fingerprint(args.workdir, fingerprint, str(cfg.data.path))
         try:
             return trainer.train(cfg, task, args.workdir)
         except UserError as e:  # refused in the set-up (the checkpoints do not fit): the config files as they were
@@ -106,8 +114,42 @@ def run(argv=None) -> dict:
             raise
 
 
-#: the files :func:`fairjax.config.check_or_save` writes into the workdir
-CONFIG_FILES = ("config.json", "config.resumed.json")
+#: the dataset's fingerprint at the run's start (:func:`check_data`)
+DATA_FILE = "data_fingerprint.json"
+
+#: the files :func:`fairjax.config.check_or_save` and :func:`check_data` write into the workdir
+CONFIG_FILES = ("config.json", "config.resumed.json", DATA_FILE)
+
+
+def check_data(workdir: str, fingerprint: str | None, resumable: bool, allow_change: bool) -> bool:
+    """Refuse to resume a run whose dataset files changed since it started (a preference set rebuilt in
+    place): the saved fingerprint (``DIR/data_fingerprint.json``) against ``fingerprint``. Returns whether
+    it changed (only with ``allow_change``); writes nothing."""
+    path = os.path.join(workdir, DATA_FILE)
+    if not (fingerprint and resumable and os.path.exists(path)):
+        return False
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        old = saved["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is unreadable; remove it to resume without the dataset check, or use a new "
+                        "--workdir") from None
+    if old == fingerprint:
+        return False
+    if not allow_change:
+        raise UserError(f"the dataset of the run in {workdir} changed since it started ({saved.get('data_path')} "
+                        f"holds other files than its fingerprint in {DATA_FILE}); resume with the data it started "
+                        "with, use a new --workdir, or pass --allow-config-change to go on with the new data")
+    return True
+
+
+def _write_fingerprint(workdir: str, fingerprint: str, data_path: str) -> None:
+    path = os.path.join(workdir, DATA_FILE)
+    tmp = fs.temp_path(path)
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fingerprint, "data_path": data_path}, f, indent=1)
+    os.replace(tmp, path)
 
 
 def _steps(workdir: str) -> list[str]:

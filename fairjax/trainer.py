@@ -33,6 +33,9 @@ The contract with a task (built by ``fairjax.train`` from the config)::
             # a loss that needs statistics of the whole global batch (PopAlign's centring term k)
             # declares uses_batch_stats = True and returns per-row values here (leading dim = the
             # rows of `batch`, no gradient needed); see "gradient accumulation" below.
+        def data_fingerprint(self) -> str | None
+            # a digest of the dataset files the task reads (None: no files, e.g. data made from the
+            # config); ``fairjax.train`` refuses to resume a run whose dataset changed under it.
 
 Step semantics (one jitted function, state donated):
 

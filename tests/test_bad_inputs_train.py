@@ -200,6 +200,35 @@ def test_workdir_holding_another_models_checkpoints(tmp_path, capsys, config_jso
     assert tree_digest(tmp_path) == before  # no config.resumed.json of the refused run
 
 
+def test_resume_on_a_dataset_rebuilt_in_place(micro_sdxl, tmp_path, capsys):
+    """The preference set at config.data.path rewritten with other records between two runs in one workdir:
+    the resume is refused in one line (nothing written), and goes on with --allow-config-change, which
+    records the new dataset's fingerprint."""
+    import shutil
+
+    from fairjax.diffusion import tiny
+
+    data, wd = tmp_path / "data", tmp_path / "wd"
+    shutil.copytree(micro_sdxl["data"], data)
+    common = ["--config.progress_bar=false", "--config.checkpoint.every_steps=1"]
+    run = sdxl(dict(micro_sdxl, data=str(data)), wd, *common, "--config.total_steps=2")
+    assert train.main(run) == 0
+    first = json.load(open(wd / "data_fingerprint.json"))
+    assert first["data_path"] == str(data)
+    assert train.main(run) == 0  # the same data: resumes (nothing left to do)
+    _, other = tiny.ensure(str(tmp_path / "other"), "micro", seed=1)
+    shutil.rmtree(data)
+    shutil.copytree(other, data)
+    more = sdxl(dict(micro_sdxl, data=str(data)), wd, *common, "--config.total_steps=3")
+    refused(train.main, more, capsys, [f"the dataset of the run in {wd} changed since it started",
+                                       "--allow-config-change"], roots=[tmp_path])
+    assert train.main(more + ["--allow-config-change"]) == 0
+    err = capsys.readouterr().err
+    assert "note: resuming" in err and "dataset that changed" in err
+    assert json.load(open(wd / "data_fingerprint.json"))["fingerprint"] != first["fingerprint"]
+    assert train.has_checkpoint(str(wd)) and (wd / "checkpoints" / "3").is_dir()
+
+
 def test_a_run_that_saved_no_checkpoint_takes_the_new_config(tmp_path):
     """A config.json left by a run that never reached a checkpoint does not block the corrected re-run."""
     import ml_collections

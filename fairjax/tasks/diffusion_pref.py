@@ -59,6 +59,7 @@ from fairjax import losses
 from fairjax.data.pairs import PairSource, all_captions, caption_dropout, latent_shape, open_source, step_units
 from fairjax.diffusion.rewards import by_slot, per_sample_mse, shared_noise
 from fairjax.errors import ConfigError, UserError
+from fairjax.io import fs
 from fairjax.models import attention as attention_lib
 from fairjax.models.layers import REMAT_POLICIES, SCAN_LAYERS, remat_policy, scan_layers_setting
 
@@ -357,6 +358,12 @@ class DiffusionPrefTask:
         from fairjax import lora
 
         return lora.init(params, str(self.config.lora.targets), self.rank, self.lora_alpha, rng), frozen
+
+    def data_fingerprint(self) -> str | None:
+        """Digest of the preference dataset's files (:func:`fairjax.io.fs.folder_fingerprint`); None for an
+        in-memory source."""
+        d = getattr(self.source, "dir", None)
+        return fs.folder_fingerprint(d) if d else None
 
     def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
         c = self.config

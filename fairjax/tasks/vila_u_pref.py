@@ -43,6 +43,7 @@ from fairjax import config as config_lib
 from fairjax import lora as lora_lib
 from fairjax import losses
 from fairjax.errors import UserError
+from fairjax.io import fs
 from fairjax.models import attention as attention_lib
 from fairjax.models import siglip
 from fairjax.models import vila_u as vila_u_mod
@@ -199,6 +200,7 @@ class VilaUPrefTask:
 
         c = self.config
         data = vdata.VilaUData(str(c.data.path), str(c.data.split))
+        self.data_dir = data.dir
         if data.kind not in DATA_KIND[self.loss_name]:
             raise UserError(f"{data.out_dir} holds {data.kind!r} records; loss {self.loss_name!r} needs "
                             f"{' or '.join(repr(k) for k in DATA_KIND[self.loss_name])} records")
@@ -229,6 +231,10 @@ class VilaUPrefTask:
             if longest > self.prompt_len:
                 raise UserError(f"{data.out_dir}: a prompt has {longest} tokens, more than data.max_prompt_len="
                                 f"{self.prompt_len}; raise it (0 = the longest prompt)")
+
+    def data_fingerprint(self) -> str:
+        """Digest of the dataset's files (:func:`fairjax.io.fs.folder_fingerprint`)."""
+        return fs.folder_fingerprint(self.data_dir)
 
     def batch(self, step: int, process_index: int, process_count: int) -> dict[str, np.ndarray]:
         units = self.batches.global_indices(step)
