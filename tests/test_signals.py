@@ -114,3 +114,69 @@ def test_train_cli_exits_130_after_saving_on_sigint(tmp_path, capsys):
         mog.MogTask.batch = real
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path}/checkpoints/4" in out and (tmp_path / "mixture.json").is_file()
+
+
+@pytest.mark.parametrize("again", [["--overwrite"], []])
+def test_a_stopped_overwrite_pass_goes_on(again, tmp_path, monkeypatch):
+    """``python -m fairjax.toy.run --overwrite`` stopped while PopAlign trains (stages faked): the command
+    again, with or without --overwrite, goes on with the pass -- the preference set it rebuilt is reused,
+    PopAlign resumes from its checkpoint -- instead of starting over (a scheduler that re-runs the same
+    command would never finish), and no output of the run before the pass (its SFT) is taken as done."""
+    from pathlib import Path
+
+    from fairjax import evaluate as ev
+    from fairjax.data import build_prefs as bp
+    from fairjax.toy import run as toy_run
+
+    wd, gen, calls = tmp_path / "toy", [1], []
+
+    def build(base, out, overwrite=False, log=print):
+        assert overwrite or not os.path.exists(out)
+        calls.append("build_prefs")
+        os.makedirs(out, exist_ok=True)
+        (wd / "prefs" / "made").write_text(str(gen[0]))
+
+    def train_one(cfg, d):
+        calls.append(f"train {cfg.loss}")
+        ckpt = Path(d) / "ckpt"
+        if gen[0] == 2 and cfg.loss == "popalign" and not ckpt.exists():  # SIGTERM: saved, not finished
+            os.makedirs(d, exist_ok=True)
+            ckpt.write_text(str(gen[0]))
+            raise Interrupted(f"stopped by SIGTERM at step 1: checkpoint saved in {d}; run the same command "
+                              "again to resume", "SIGTERM")
+        if ckpt.exists():
+            calls.append(f"resumed {cfg.loss} from gen {ckpt.read_text()}")
+        out = Path(toy_run.tuned_model(cfg, d)[1] or os.path.join(d, "model", "made"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(str(gen[0]))
+        return {"loss": 0.0}
+
+    def evaluate(base, models, out, **kw):
+        made = {m: Path(lora or os.path.join(d, "made")).read_text() for m, (d, lora) in models.items() if m != "base"}
+        made["prefs"] = (wd / "prefs" / "made").read_text()
+        return {"html": "", "models": list(models), "results": {m: {"discrepancy": made} for m in models}}
+
+    monkeypatch.setattr(bp, "build_prefs", build)
+    monkeypatch.setattr(bp, "read_summary", lambda path: {})
+    monkeypatch.setattr(ev, "evaluate", evaluate)
+    monkeypatch.setattr(ev, "summary_lines", lambda report: [])
+    monkeypatch.setattr(toy_run, "train_one", train_one)
+    monkeypatch.setattr(toy_run, "calibrated_beta", lambda *a: {"exact": 1.0, "exact_per_attribute": {}, "scale": 1.0,
+                                                                "beta": 1.0})
+    monkeypatch.setattr(toy_run, "_latent_shape", lambda prefs: (3, 8, 8))
+    monkeypatch.setattr(toy_run, "_check_prompts", lambda prefs, anchor: None)
+    run = lambda *flags: toy_run.run(str(wd), "smoke", overwrite="--overwrite" in flags)
+
+    run()  # the run before the pass: every output is generation 1
+    gen[0], calls[:] = 2, []
+    with pytest.raises(Interrupted):
+        run("--overwrite")
+    assert calls == ["build_prefs", "train popalign"] and not (wd / "result.json").exists()
+    calls[:] = []
+    result = run(*again)
+    assert calls == ["train popalign", "resumed popalign from gen 2", "train sft"], calls  # prefs reused
+    assert result["metrics"]["sft"]["discrepancy"] == {"popalign": "2", "sft": "2", "prefs": "2"}
+    assert not (wd / ".overwrite.json").exists()
+    calls[:] = []
+    run()  # the pass finished: nothing is redone
+    assert calls == []

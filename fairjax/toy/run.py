@@ -12,7 +12,9 @@
 4. ``python -m fairjax.evaluate``: the base and every tuned model side by side
    -> ``WORKDIR/report/report/index.html``; the before/after discrepancy is printed.
 
-Every stage is skipped when its output already exists (re-run to resume; ``--overwrite`` to redo).
+Every stage is skipped when its output already exists (re-run to resume; ``--overwrite`` to redo:
+the pass is kept in ``WORKDIR/.overwrite.json`` until the job finishes, so that a re-run after a stop
+goes on with it, see :class:`OverwritePass`).
 SIGTERM / SIGINT stop the whole job once the current stage has saved: training at the next step
 (checkpoint saved, the stage's output not written, so it is not taken as done), image generation
 between batches (the stage writes nothing), or after a stage finished; one line says where, the
@@ -102,6 +104,45 @@ def _done(path: str) -> bool:
     return os.path.exists(path)
 
 
+class OverwritePass:
+    """``--overwrite``: redo every stage once. From the first stage it redoes (a training stage: from its
+    start, its checkpoints are the pass's) until the job finishes, the pass is kept in
+    ``WORKDIR/.overwrite.json``, and ``WORKDIR/result.json`` of the run before is removed. So when a signal
+    stops the pass, the same command (with or without ``--overwrite``) goes on with it: the stages it redid
+    are reused, its training resumes from its checkpoint, and no output of the run before the pass is taken
+    as done. Without ``--overwrite`` and no pass under way, nothing is redone."""
+
+    FILE = ".overwrite.json"
+
+    def __init__(self, workdir: str, overwrite: bool):
+        self.path = os.path.join(workdir, self.FILE)
+        self.result = os.path.join(workdir, "result.json")
+        self.stages: list[str] | None = [] if overwrite else None  # None: no pass under way
+        if os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.stages = list(json.load(f)["redone"])
+
+    def redo(self, stage: str) -> bool:
+        """Whether ``stage``'s existing output (if any) predates the pass and must be redone."""
+        return self.stages is not None and stage not in self.stages
+
+    def done(self, stage: str) -> None:
+        """``stage`` was redone (or, training, begun) in this pass."""
+        if not self.redo(stage):
+            return
+        if not os.path.isfile(self.path) and os.path.exists(self.result):  # the pass's first change
+            os.remove(self.result)
+        self.stages.append(stage)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"redone": self.stages}, f)
+        os.replace(tmp, self.path)
+
+    def finish(self) -> None:
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def _sample_units(cfg, n_prompts: int, n_neutral: int, n_identity: int, n_models: int = 1) -> float:
     """UNet forward passes of one image that generating a neutral + identity prompt grid takes."""
     n_ident = len(cfg.prefs.keywords.genders) * len(cfg.prefs.keywords.races)
@@ -175,10 +216,12 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         if left:
             log(f"{name}: {format_seconds(seconds)}; {left}")
 
+    ow = OverwritePass(workdir, overwrite)
     t0 = time.perf_counter()
-    reused = not overwrite and _done(prefs_dir)
+    reused = not ow.redo("build_prefs") and _done(prefs_dir)
     if not reused:
-        build_prefs(base, prefs_dir, overwrite=overwrite, log=log)
+        build_prefs(base, prefs_dir, overwrite=ow.redo("build_prefs"), log=log)
+        ow.done("build_prefs")
     else:
         log(f"build_prefs: reusing {prefs_dir}")
         _check_prompts(prefs_dir, float(base.get("anchor_weight", 0.0)))
@@ -199,12 +242,14 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
         cfg.data.path = prefs_dir
         t0 = time.perf_counter()
         out_model = tuned_model(cfg, wd)
-        reused = not overwrite and _done(out_model[1] or out_model[0])
+        reused = not ow.redo(name) and _done(out_model[1] or out_model[0])
         if not reused:
-            if overwrite and os.path.isdir(wd):
-                import shutil
+            if ow.redo(name):
+                if os.path.isdir(wd):
+                    import shutil
 
-                shutil.rmtree(wd)
+                    shutil.rmtree(wd)
+                ow.done(name)  # its checkpoints from now on are the pass's: a re-run resumes them
             anchor = f", identity anchor {cfg.anchor_weight:g}" if cfg.get("anchor_weight", 0.0) else ""
             log(f"train: {name} (loss {cfg.loss}, beta {cfg.beta:g}{anchor}, {cfg.total_steps} steps of "
                 f"{cfg.batch_size}) -> {wd}")
@@ -228,6 +273,7 @@ def run(workdir: str, preset: str | None = None, sft: bool = True, calibrated: b
                           for m in report["models"]}}
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
+    ow.finish()
     log("")
     for line in summary_lines(report):
         log(line)

@@ -29,7 +29,8 @@ stage's only; an unknown key is a one-line error before anything is written.
 ``WORKDIR/result.json``: ``metrics.<model>.discrepancy.{gender,race}``, ``metrics.<model>.recall``,
 ``shares.<model>.<occupation>`` (the neutral prompt's gender / race shares), ``target`` (whether BPO
 at least halved both discrepancies and kept >= 95% of the base's recall), times. Every stage is skipped
-when its output exists (``--overwrite`` redoes them); SIGTERM / SIGINT stop the job after the current
+when its output exists (``--overwrite`` redoes them; a stopped ``--overwrite`` pass goes on when the job is
+run again, :class:`fairjax.toy.run.OverwritePass`); SIGTERM / SIGINT stop the job after the current
 stage saved, exit status 128 + the signal number.
 """
 
@@ -117,8 +118,9 @@ def make_config(preset: str | None = None, stage: str = "bpo", seed: int = 0) ->
 
 # ----------------------------------------------------------------------------- pairs
 
-def build_pairs(cfg, out: str, log=log) -> dict:
-    """The pair and image datasets of the module docstring under ``out`` (atomically); returns a summary."""
+def build_pairs(cfg, out: str, log=log, overwrite: bool = False) -> dict:
+    """The pair and image datasets of the module docstring under ``out`` (atomically; an existing ``out`` only
+    with ``overwrite``); returns a summary."""
     from fairjax.evaluate import vila_u_sampler
     from fairjax.io.model_dir import atomic_output_dir
     from fairjax.toy.world import identity_grid, load_toy_world
@@ -178,7 +180,7 @@ def build_pairs(cfg, out: str, log=log) -> dict:
         raise UserError("the base generated no usable pairs; raise prefs.n_neutral / prefs.n_identity")
     summary = {"identity_images": asked, "identity_images_kept": kept, "pairs": len(pairs), "images": len(images),
                "loser_groups": {w.occupations[oi]: _counts([g for g, _ in v]) for oi, v in losers.items()}}
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         md = {"source": "fairjax.toy.vila_u", "model": str(cfg.model.dir)}
         vdata.write_dataset(os.path.join(tmp, "pairs"), "pairs", pairs, codebook_size=n_embed, metadata=md)
         vdata.write_dataset(os.path.join(tmp, "images"), "images", images, codebook_size=n_embed, metadata=md)
@@ -258,6 +260,7 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
     import shutil
 
     from fairjax.evaluate import evaluate, summary_lines
+    from fairjax.toy.run import OverwritePass
     from fairjax.toy.vila_u_model import default_model_dir
     from fairjax.toy.world import load_toy_world
 
@@ -276,10 +279,10 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
 
     data = os.path.join(workdir, "data")
     t0 = time.perf_counter()
-    if overwrite and os.path.isdir(data):
-        shutil.rmtree(data)
-    if not os.path.isdir(data):
-        build_pairs(cfgs["bpo"], data, log=log)
+    ow = OverwritePass(workdir, overwrite)  # a stopped --overwrite pass goes on (its file says how far it got)
+    if ow.redo("pairs") or not os.path.isdir(data):
+        build_pairs(cfgs["bpo"], data, log=log, overwrite=ow.redo("pairs"))  # replaces data only when complete
+        ow.done("pairs")
     else:
         log(f"pairs: reusing {data}")
     with open(os.path.join(data, "summary.json")) as f:
@@ -296,8 +299,10 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
         cfg, wd = cfgs[stage], os.path.join(workdir, stage)
         out = os.path.join(wd, "lora.safetensors")
         t0 = time.perf_counter()
-        if overwrite and os.path.isdir(wd):
-            shutil.rmtree(wd)
+        if ow.redo(stage):
+            if os.path.isdir(wd):
+                shutil.rmtree(wd)
+            ow.done(stage)  # its checkpoints from now on are the pass's: a re-run resumes them
         if not os.path.isfile(out):
             log(f"train: {stage} (beta {cfg.beta:g}, lr {cfg.optimizer.lr:g}, {cfg.total_steps} steps of "
                 f"{cfg.batch_size}) -> {wd}")
@@ -340,6 +345,7 @@ def run(workdir: str, preset: str | None = None, seed: int = 0, locate: bool = T
     result["times"] = {k: round(v, 1) for k, v in times.items()}
     with open(os.path.join(workdir, "result.json"), "w") as f:
         json.dump(result, f, indent=2)
+    ow.finish()
     log("")
     for line in summary_lines(report):
         log(line)
