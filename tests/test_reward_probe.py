@@ -84,6 +84,24 @@ def test_shifted_output_bias_gives_minus_two_d_squared(setup):
     assert np.ptp(plus["common"]["mean"]) > 0
 
 
+def test_cli_stops_on_sigterm_with_one_line_and_writes_nothing(setup, tmp_path, capsys):
+    """SIGTERM (the job's guard caught it): the probe stops before its next batch, prints one line, returns
+    143 and leaves neither OUT, its temp folder nor its lock (it had no guard: a traceback, or a kill)."""
+    import signal
+
+    from fairjax.checkpoint import PreemptionGuard
+
+    data, dirs, _ = setup
+    with PreemptionGuard():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert reward_probe.main(["--data", data, "--tuned", dirs["plus"], "--out", str(tmp_path / "probe"),
+                                  "--draws", "1", "--buckets", "2"]) == 143
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("fairjax: attention auto")]
+    assert err == ["stopped by SIGTERM while probing (bucket 1 of 2, draw 1 of 1): nothing written; run the same "
+                   "command again to start over"], err
+    assert os.listdir(tmp_path) == []
+
+
 def test_cli_writes_json_csv_and_plots(setup, tmp_path, capsys):
     data, dirs, _ = setup
     out = tmp_path / "probe"

@@ -128,6 +128,22 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_locate_bias_stops_on_sigint_with_one_line_and_writes_nothing(tmp_path, capsys):
+    """Ctrl-C during ``python -m fairjax.locate_bias`` (the job's guard caught it): it stops at its next
+    generation batch with one line and 130, and writes nothing (it had no guard: a traceback)."""
+    import signal
+
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.locate_bias import main as locate_main
+
+    with PreemptionGuard():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert locate_main(["--model", vila_u_model.ASSET_DIR, "--out", str(tmp_path / "o"), "--n", "2"]) == 130
+    err = [ln for ln in capsys.readouterr().err.splitlines() if not ln.startswith("fairjax: attention auto")]
+    assert len(err) == 1 and err[0].startswith("stopped by SIGINT while generating images (0 of "), err
+    assert os.listdir(tmp_path) == []
+
+
 def test_side_by_side_locate_page_shows_each_model_and_the_change(tmp_path):
     from fairjax.analysis.locate import compare_html
     from fairjax.errors import UserError

@@ -31,7 +31,8 @@ DeepFace classifier):
 ``DIR/probe_positions.png`` and ``DIR/shares.png`` the plots, ``DIR/index.html`` the page. DIR is written
 to a temporary folder and renamed at the end; the command refuses, before it loads the model, a DIR that
 exists (unless ``--overwrite``), is a file, or equals, contains or is inside ``--model``, ``--lora`` or
-``--images``.
+``--images``. SIGTERM / SIGINT stop the command between generation batches (or before DIR is written)
+with one line and exit status 128 + the signal number, writing nothing; a re-run starts over.
 """
 
 from __future__ import annotations
@@ -313,6 +314,7 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
     ``out`` is replaced when ``overwrite``, else refused); returns locate.json's dict."""
     import jax
 
+    from fairjax.checkpoint import raise_if_stopped
     from fairjax.fairness.metrics import discrepancy_of
     from fairjax.models import rqvae, siglip
     from fairjax.vila_u import data as vdata
@@ -431,6 +433,7 @@ def locate_bias(model_dir: str, out: str, *, lora: str | None = None, n_per_prom
         summary["fix_generation_discrepancy"] = {k: fix[k]["generation_discrepancy"] for k in ("llm", "head")}
     result = {"model": model_dir, "lora": lora, "summary": summary, "tokenizer": tok_res, "understanding": und,
               "generation": gen_res, "probe": probe, "fix": fix, **summary}
+    raise_if_stopped(f"before {out} was written: nothing written; run the same command again to start over")
     from fairjax.io.model_dir import atomic_output_dir
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -584,22 +587,28 @@ def main(argv=None) -> int:
                         "evaluation; 'skip' = the whole image is the face); weights under $DEEPFACE_HOME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
     from fairjax.io import fs
 
     try:
-        if args.n < 2:
-            raise UserError(f"--n {args.n}: need at least 2 images per prompt")
-        if not 0 <= args.seed < 2**32:
-            raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
-        if args.fix_steps < 0:
-            raise UserError(f"--fix-steps {args.fix_steps} must be >= 0 (0 = no fix experiment)")
-        fs.check_output(args.out, what="--out", overwrite=args.overwrite,
-                        inputs={"--model": args.model, "--lora": args.lora, "--images": args.images})
-        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
-            r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
-                            images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
-                            detector=args.detector, overwrite=args.overwrite)
+        with PreemptionGuard():  # SIGTERM / SIGINT: stop between generation batches, one line, 128 + the signal
+            if args.n < 2:
+                raise UserError(f"--n {args.n}: need at least 2 images per prompt")
+            if not 0 <= args.seed < 2**32:
+                raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
+            if args.fix_steps < 0:
+                raise UserError(f"--fix-steps {args.fix_steps} must be >= 0 (0 = no fix experiment)")
+            fs.check_output(args.out, what="--out", overwrite=args.overwrite,
+                            inputs={"--model": args.model, "--lora": args.lora, "--images": args.images})
+            with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+                r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
+                                images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
+                                detector=args.detector, overwrite=args.overwrite)
         print(json.dumps(r["summary"], indent=1, default=float))
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except (UserError, OSError) as e:
         line = fs.error_line(e)
         if line is None:

@@ -19,7 +19,8 @@ them more often; a large negative common part is a model that got worse on every
 Writes ``probe.json`` (everything), ``probe.csv`` (one row per prompt or pooled, attribute, class and bucket) and
 ``reward_<attr>.png`` (reward against timestep, one line per class) under ``--out``, and prints
 the table. Each draw's timestep is stratified (``t`` uniform within every bucket in turn), so every
-bucket gets the same number of draws.
+bucket gets the same number of draws. SIGTERM / SIGINT stop it between batches with one line and exit status
+128 + the signal number, writing nothing; a re-run starts over.
 """
 
 from __future__ import annotations
@@ -122,11 +123,15 @@ def probe(data_dir: str, base: str, tuned: str | None = None, lora: str | None =
 
         return mse(p_base) - mse(p_tuned)
 
+    from fairjax.checkpoint import raise_if_stopped
+
     key = jax.random.key(seed)
     g = np.zeros((n, buckets), np.float64)  # per record and bucket: mean over draws
     for b in range(buckets):
         for d in range(draws):
             for s in range(0, n, batch_size):
+                raise_if_stopped(f"while probing (bucket {b + 1} of {buckets}, draw {d + 1} of {draws}): nothing "
+                                 "written; run the same command again to start over")
                 sl = slice(s, min(n, s + batch_size))
                 k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, b), d), s)
                 out = rewards(jnp.asarray(latents[sl]), jnp.asarray(cond["encoder_hidden_states"][sl]),
@@ -250,14 +255,21 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     add_model_args(p)
     args = p.parse_args(argv)
-    try:
-        check_args(args)
-        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
-            args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
-            from fairjax import parallel
+    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.errors import Interrupted
 
-            parallel.enable_compilation_cache()
-            _run(args)
+    try:
+        with PreemptionGuard():  # SIGTERM / SIGINT: stop between batches, one line, exit 128 + the signal number
+            check_args(args)
+            with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+                args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
+                from fairjax import parallel
+
+                parallel.enable_compilation_cache()
+                _run(args)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
     except (UserError, OSError) as e:
         line = fs.error_line(e)
         if line is None:
