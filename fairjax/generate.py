@@ -182,8 +182,8 @@ def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
 def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it between
     batches (OUT is not written; nothing partial is kept)."""
-    from fairjax.checkpoint import PreemptionGuard
     from fairjax.errors import Interrupted
+    from fairjax.preemption import PreemptionGuard
 
     with PreemptionGuard():
         try:

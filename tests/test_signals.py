@@ -180,3 +180,52 @@ def test_a_stopped_overwrite_pass_goes_on(again, tmp_path, monkeypatch):
     calls[:] = []
     run()  # the pass finished: nothing is redone
     assert calls == []
+
+
+_FIRST_JAX_IMPORT = """
+import importlib.abc, os, signal, sys
+
+class AtJax(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "jax":  # the first import of jax: is the job's guard (not Python's default) handling SIGINT?
+            print("guarded" if signal.getsignal(signal.SIGINT) is not signal.default_int_handler else "default")
+            sys.stdout.flush()
+            os._exit(0)
+
+sys.meta_path.insert(0, AtJax())
+import runpy
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)  # python -m MODULE ARGS
+finally:
+    print("jax never imported")
+"""
+
+
+@pytest.mark.parametrize("module, args", [
+    ("fairjax.train", ["--config", "configs/popalign_mog.py", "--workdir", "{tmp}/w"]),
+    ("fairjax.toy.run", ["--workdir", "{tmp}/w", "--preset", "smoke"]),
+    ("fairjax.toy.vila_u", ["--workdir", "{tmp}/w", "--preset", "quick"]),
+    ("fairjax.data.build_prefs", ["--config", "configs/toy_world.py:smoke", "--out", "{tmp}/o"]),
+    ("fairjax.evaluate", ["--model", "fairjax/assets/toy", "--out", "{tmp}/o", "--config", "configs/toy_world.py:smoke"]),
+    ("fairjax.generate", ["--model", "fairjax/assets/toy_vila_u", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o"]),
+    ("fairjax.locate_bias", ["--model", "fairjax/assets/toy_vila_u", "--out", "{tmp}/o"]),
+    ("fairjax.analysis.reward_probe", ["--data", "{tmp}/prefs", "--lora", "{tmp}/p.txt", "--base", "fairjax/assets/toy",
+                                       "--out", "{tmp}/o"]),
+])
+def test_the_guard_is_in_place_before_jax_is_imported(module, args, tmp_path):
+    """Ctrl-C while an entry point imports jax (its first second or so): with Python's default handler the
+    KeyboardInterrupt went off inside jax's garbage-collection callback, where Python only prints it
+    ("Exception ignored in: <function _xla_gc_callback ...>"), and the job ran to the end with exit 0. Every
+    entry point now holds its guard (a flag, fairjax.preemption) before anything imports jax; fairjax.train and
+    fairjax.toy.run also while they re-execute with the malloc tunables (fairjax.io.host), whose new process
+    imports jax first."""
+    import subprocess
+    import sys
+
+    (tmp_path / "p.txt").write_text("a doctor\n")
+    argv = [a.format(tmp=tmp_path) for a in args]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", _FIRST_JAX_IMPORT, module, *argv], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(env, PYTHONPATH=ROOT), timeout=120)
+    assert r.stdout.strip().splitlines()[-1:] == ["guarded"], (r.stdout[-2000:], r.stderr[-2000:])

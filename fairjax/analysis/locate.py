@@ -587,9 +587,9 @@ def main(argv=None) -> int:
                         "evaluation; 'skip' = the whole image is the face); weights under $DEEPFACE_HOME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
-    from fairjax.checkpoint import PreemptionGuard
     from fairjax.errors import Interrupted
     from fairjax.io import fs
+    from fairjax.preemption import PreemptionGuard
 
     try:
         with PreemptionGuard():  # SIGTERM / SIGINT: stop between generation batches, one line, 128 + the signal

@@ -255,8 +255,8 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     add_model_args(p)
     args = p.parse_args(argv)
-    from fairjax.checkpoint import PreemptionGuard
     from fairjax.errors import Interrupted
+    from fairjax.preemption import PreemptionGuard
 
     try:
         with PreemptionGuard():  # SIGTERM / SIGINT: stop between batches, one line, exit 128 + the signal number

@@ -69,8 +69,9 @@ def tune_allocator() -> None:
     in the re-executed process, turn JAX's asynchronous CPU dispatch off (:func:`synchronous_cpu_dispatch`).
 
     Call it before anything else happens in a command-line entry point: the re-executed process starts
-    from the beginning. Does nothing when :func:`tuned_environment` says so, or when the command line
-    cannot be recovered; if the exec itself fails the process goes on untuned.
+    from the beginning. Does nothing when :func:`tuned_environment` says so, when the command line
+    cannot be recovered, or when the entry point's signal guard (entered before, so that jax is imported
+    under it) already caught SIGTERM / SIGINT; if the exec itself fails the process goes on untuned.
     """
     if TUNABLES in os.environ.get("GLIBC_TUNABLES", ""):  # the re-executed process (or a user who set ours)
         synchronous_cpu_dispatch()
@@ -78,6 +79,10 @@ def tune_allocator() -> None:
     env = tuned_environment()
     argv = getattr(sys, "orig_argv", None)
     if env is None or not argv:
+        return
+    from fairjax.preemption import stop_requested
+
+    if stop_requested():  # the entry point's guard caught SIGTERM / SIGINT: the new process would not know
         return
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -45,8 +45,8 @@ import time
 import ml_collections
 import numpy as np
 
-from fairjax.checkpoint import raise_if_stopped
 from fairjax.errors import Interrupted, UserError
+from fairjax.preemption import raise_if_stopped
 
 PRESETS = ("default", "quick")
 STAGES = ("sft", "bpo", "dpo")
@@ -379,7 +379,7 @@ def target(metrics: dict, model: str = "bpo") -> dict:
 
 
 def main(argv=None) -> int:
-    from fairjax.checkpoint import PreemptionGuard
+    from fairjax.preemption import PreemptionGuard
 
     argv = sys.argv[1:] if argv is None else list(argv)
     with PreemptionGuard():
