@@ -23,7 +23,7 @@ boundary (with several processes the flag is OR-ed across processes so all of th
 at the same step), saves a checkpoint and returns ``preempted``; the entry points hold a
 guard for the whole job, stop it there with one line and exit 128 + the signal number
 (:class:`fairjax.errors.Interrupted`); other long loops (image generation) poll
-:func:`raise_if_stopped` between batches. They live in :mod:`fairjax.preemption` (no jax import, so an
+:func:`raise_if_stopped` between batches. They live in :mod:`fairjax.io.preemption` (no jax import, so an
 entry point enters its guard before jax is imported) and are re-exported here.
 """
 
@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from fairjax.errors import CheckpointError
-from fairjax.preemption import (  # noqa: F401
+from fairjax.io.preemption import (  # noqa: F401
     _ACTIVE,
     PreemptionGuard,
     raise_if_stopped,

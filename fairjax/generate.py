@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it between
     batches (OUT is not written; nothing partial is kept)."""
     from fairjax.errors import Interrupted
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     with PreemptionGuard():
         try:

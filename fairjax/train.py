@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     """Exit status: 0 trained, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the
     run (after a checkpoint; a re-run resumes there)."""
     from fairjax.errors import Interrupted
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     with PreemptionGuard():
         try:
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     with PreemptionGuard():  # a signal is a flag from here on, also while jax is imported; main's guard nests
         host.tune_allocator()  # glibc malloc tunables (re-executes once), synchronous CPU dispatch

@@ -217,7 +217,7 @@ def test_the_guard_is_in_place_before_jax_is_imported(module, args, tmp_path):
     """Ctrl-C while an entry point imports jax (its first second or so): with Python's default handler the
     KeyboardInterrupt went off inside jax's garbage-collection callback, where Python only prints it
     ("Exception ignored in: <function _xla_gc_callback ...>"), and the job ran to the end with exit 0. Every
-    entry point now holds its guard (a flag, fairjax.preemption) before anything imports jax; fairjax.train and
+    entry point now holds its guard (a flag, fairjax.io.preemption) before anything imports jax; fairjax.train and
     fairjax.toy.run also while they re-execute with the malloc tunables (fairjax.io.host), whose new process
     imports jax first."""
     import subprocess

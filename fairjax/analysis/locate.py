@@ -589,7 +589,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from fairjax.errors import Interrupted
     from fairjax.io import fs
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     try:
         with PreemptionGuard():  # SIGTERM / SIGINT: stop between generation batches, one line, 128 + the signal

@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     add_model_args(p)
     args = p.parse_args(argv)
     from fairjax.errors import Interrupted
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     try:
         with PreemptionGuard():  # SIGTERM / SIGINT: stop between batches, one line, exit 128 + the signal number

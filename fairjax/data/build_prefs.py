@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
     generation batches; nothing is written, a re-run starts over)."""
     from fairjax.errors import Interrupted
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     argv = sys.argv[1:] if argv is None else argv
     with PreemptionGuard():

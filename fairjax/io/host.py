@@ -80,7 +80,7 @@ def tune_allocator() -> None:
     argv = getattr(sys, "orig_argv", None)
     if env is None or not argv:
         return
-    from fairjax.preemption import stop_requested
+    from fairjax.io.preemption import stop_requested
 
     if stop_requested():  # the entry point's guard caught SIGTERM / SIGINT: the new process would not know
         return

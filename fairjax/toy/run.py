@@ -37,7 +37,7 @@ import numpy as np
 
 from fairjax.errors import Interrupted, UserError
 from fairjax.io import host
-from fairjax.preemption import raise_if_stopped
+from fairjax.io.preemption import raise_if_stopped
 
 
 def log(msg: str) -> None:
@@ -304,7 +304,7 @@ def _latent_shape(prefs_dir: str):
 
 def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the job."""
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     argv = sys.argv[1:] if argv is None else list(argv)
     with PreemptionGuard():
@@ -340,7 +340,7 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     with PreemptionGuard():  # a signal is a flag from here on, also while jax is imported; main's guard nests
         host.tune_allocator()  # glibc malloc tunables (re-executes once), synchronous CPU dispatch

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 
 from fairjax.errors import Interrupted, UserError
-from fairjax.preemption import raise_if_stopped
+from fairjax.io.preemption import raise_if_stopped
 
 PRESETS = ("default", "quick")
 STAGES = ("sft", "bpo", "dpo")
@@ -379,7 +379,7 @@ def target(metrics: dict, model: str = "bpo") -> dict:
 
 
 def main(argv=None) -> int:
-    from fairjax.preemption import PreemptionGuard
+    from fairjax.io.preemption import PreemptionGuard
 
     argv = sys.argv[1:] if argv is None else list(argv)
     with PreemptionGuard():
