@@ -375,11 +375,10 @@ def _main(argv: list[str]) -> int:
             fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
         report = evaluate(cfg, models, args.out, base_dir=args.base, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     for line in summary_lines(report):
         print(line)
     print(f"report: {report['html']}")

@@ -219,15 +219,11 @@ def main(argv=None) -> int:
     with PreemptionGuard():
         try:
             summary = run(argv)
-        except Interrupted as e:
-            print(str(e), file=sys.stderr)
-            return e.exit_code
-        except (UserError, OSError) as e:
-            line = fs.error_line(e)
-            if line is None:
+        except (Interrupted, UserError, OSError) as e:
+            code = fs.exit_status(e)
+            if code is None:
                 raise
-            print(line, file=sys.stderr)
-            return 2
+            return code
         print(json.dumps(summary, indent=2, default=str))
         if summary.get("preempted"):
             print(summary["message"], file=sys.stderr)

@@ -69,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.src, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
                                           siglip_config=sig, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

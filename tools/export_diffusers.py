@@ -228,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_model(args.model_dir, args.out, dtype=args.dtype, lora_path=args.lora, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

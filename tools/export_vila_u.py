@@ -209,11 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_llm(args.model_dir, args.out, lora_path=args.lora, dtype=args.dtype, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

@@ -606,15 +606,11 @@ def main(argv=None) -> int:
                                 images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
                                 detector=args.detector, overwrite=args.overwrite)
         print(json.dumps(r["summary"], indent=1, default=float))
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+    except (Interrupted, UserError, OSError) as e:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

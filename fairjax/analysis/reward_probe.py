@@ -267,15 +267,11 @@ def main(argv=None) -> int:
 
                 parallel.enable_compilation_cache()
                 _run(args)
-    except Interrupted as e:
-        print(str(e), file=sys.stderr)
-        return e.exit_code
-    except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+    except (Interrupted, UserError, OSError) as e:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     return 0
 
 

@@ -403,11 +403,10 @@ def _main(argv) -> int:
         parallel.enable_compilation_cache()
         summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     except (UserError, OSError) as e:
-        line = fs.error_line(e)
-        if line is None:
+        code = fs.exit_status(e)
+        if code is None:
             raise
-        print(line, file=sys.stderr)
-        return 2
+        return code
     print(json.dumps({k: summary[k] for k in ("generated", "records", "winners", "losers", "dropped")}))
     return 0
 

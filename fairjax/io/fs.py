@@ -35,7 +35,7 @@ import socket
 import sys
 import time
 
-from fairjax.errors import OutputError, UserError
+from fairjax.errors import Interrupted, OutputError, UserError
 
 LOCK_NAME = ".lock"  # inside a workdir
 
@@ -503,6 +503,20 @@ def error_line(e: BaseException) -> str | None:
     else:
         return None
     return "error: " + " ".join(text.split())  # one line, whatever the message held
+
+
+def exit_status(e: BaseException) -> int | None:
+    """What an entry point does with the failure that ends it: a stop signal (:class:`~fairjax.errors.Interrupted`)
+    prints its one line and gives 128 + the signal's number; a :class:`UserError` or an OS refusal prints
+    :func:`error_line` and gives 2; anything else is a bug: None, re-raise it."""
+    if isinstance(e, Interrupted):
+        line, code = str(e), e.exit_code
+    else:
+        line, code = error_line(e), 2
+        if line is None:
+            return None
+    print(line, file=sys.stderr)
+    return code
 
 
 #: the environment variable that moves fairjax's cache (models, traced shapes)
