@@ -6,10 +6,13 @@ XLA compiler options or buffer donations, in one process, interleaved, so the VM
         xla_cpu_multi_thread_eigen=false            # each argument one arm (k=v[,k=v...]), beside the default
     python bench/ab_unet_step.py --donate none state both   # what the step donates: nothing, the optimizer
                                                             # state (bench_unet), params and state (the trainer)
+    python bench/ab_unet_step.py --dense plain transposed    # Dense's backward: lax.dot_general's own, or
+                                                            # fairjax.models.layers.dense_dot_general's CPU one
 
 ``--options``: one ``jit(step).lower(...)`` compiled once per arm with ``compiler_options``, each call on
 the same (undonated) arguments. ``--donate``: each arm threads its own params and AdamW state through its
-own jitted step. Prints median and min per arm over ``--rounds`` interleaved calls. The host is set up as
+own jitted step. ``--dense``: each arm traces its own step with
+``fairjax.models.layers.TRANSPOSED_RESIDUAL_ON_CPU`` off (``plain``) or on (``transposed``). Prints median and min per arm over ``--rounds`` interleaved calls. The host is set up as
 ``fairjax.train`` sets it (glibc malloc tunables, synchronous CPU dispatch). No PyTorch side: the ratios to
 torch are ``bench/bench_unet.py``'s.
 """
@@ -39,7 +42,9 @@ def main():
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--options", nargs="+", metavar="K=V[,K=V]", help="XLA compiler options, one arm each")
     g.add_argument("--donate", nargs="+", choices=sorted(DONATE), help="donation arms")
+    g.add_argument("--dense", nargs="+", choices=["plain", "transposed"], help="Dense backward arms")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--seq", type=int, default=77)
@@ -57,16 +62,20 @@ def main():
 
     weights = convert_checkpoint(DictReader(bu._torch_unet().state_dict()), unet_convert.target_shapes(bu.CONFIG))
     x, t, ctx, added, target = (jax.tree.map(jnp.asarray, v) for v in bu._inputs(a.batch, a.size, a.seq))
-    unet = UNet2DConditionModel.from_config(bu.CONFIG)
+    unet = UNet2DConditionModel.from_config(bu.CONFIG, remat=a.remat)
     opt = optax.adamw(1e-4, b1=0.9, b2=0.999, weight_decay=1e-2)
 
-    def step(params, state):
-        def loss_fn(q):
-            return jnp.mean((unet.apply({"params": q}, x, t, ctx, added) - target) ** 2)
+    def make_step():  # a new function object per arm, so that no arm reuses another's trace
+        def step(params, state):
+            def loss_fn(q):
+                return jnp.mean((unet.apply({"params": q}, x, t, ctx, added) - target) ** 2)
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, state = opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, state = opt.update(grads, state, params)
+            return optax.apply_updates(params, updates), state, loss
+        return step
+
+    step = make_step()
 
     arms = {}  # name -> callable running one step
     if a.options:
@@ -78,6 +87,18 @@ def main():
             compiled = lowered.compile(compiler_options={k: _value(v) for k, v in opts.items()})
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             arms[name] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
+    elif a.dense:
+        from fairjax.models import layers
+
+        params = jax.tree.map(jnp.asarray, weights)
+        state = opt.init(params)
+        for name in a.dense:
+            layers.TRANSPOSED_RESIDUAL_ON_CPU = name == "transposed"
+            t0 = time.perf_counter()
+            compiled = jax.jit(make_step()).lower(params, state).compile()
+            print(f"dense {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+            arms[f"dense {name}"] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
+        layers.TRANSPOSED_RESIDUAL_ON_CPU = True
     else:
         for name in a.donate:
             fn = jax.jit(step, donate_argnums=DONATE[name])
@@ -101,7 +122,7 @@ def main():
             fn()
             times[n].append(time.perf_counter() - t0)
     print(f"\n50M SDXL-shaped UNet train step, batch {a.batch}, {a.size}x{a.size} latents, {a.rounds} interleaved "
-          f"rounds; jax {jax.__version__}")
+          f"rounds, remat={a.remat}; jax {jax.__version__}")
     base = statistics.median(next(iter(times.values())))
     for n, v in times.items():
         med = statistics.median(v)

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from fairjax.errors import CheckpointError
-from fairjax.models.layers import layer_norm
+from fairjax.models.layers import Dense, layer_norm
 from fairjax.models.transformer import ACTIVATIONS, Encoder
 
 Dtype = Any
@@ -196,7 +196,7 @@ class CLIPTextModel(nn.Module):
             name="text_model")(input_ids, attention_mask, position_ids)
         text_embeds = None
         if self.config.with_projection:
-            text_embeds = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+            text_embeds = Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
                                    param_dtype=self.param_dtype, name="text_projection")(pooled)
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled,
                               hidden_states=states if output_hidden_states else None, text_embeds=text_embeds)

@@ -14,6 +14,7 @@ form, nearest upsampling reproduces ``F.interpolate(mode="nearest")``.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Any, Callable
@@ -206,6 +207,61 @@ def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, na
     return GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+# ----------------------------------------------------------------------------- Dense
+
+#: ``False`` turns :func:`dense_dot_general`'s CPU backward off (every Dense then runs ``lax.dot_general``
+#: as ``flax.linen.Dense`` does); for A/B benchmarks (``bench/ab_unet_step.py --dense``) and tests
+TRANSPOSED_RESIDUAL_ON_CPU = True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_saving_transposed(x, w, precision):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _matmul_saving_transposed_fwd(x, w, precision):
+    y = _matmul_saving_transposed(x, w, precision)
+    return y, (x.reshape(-1, x.shape[-1]).T, w)
+
+
+def _matmul_saving_transposed_bwd(precision, res, g):
+    xt, w = res  # xt: (in, tokens), the forward's input already transposed
+    g2 = g.reshape(-1, g.shape[-1])
+    dw = jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), precision=precision)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    return dx.astype(xt.dtype), dw.astype(w.dtype)
+
+
+_matmul_saving_transposed.defvjp(_matmul_saving_transposed_fwd, _matmul_saving_transposed_bwd)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` for :class:`Dense` (``x @ kernel`` over the last axis of ``x``), with a
+    backward pass that suits XLA:CPU.
+
+    The weight gradient ``x^T g`` contracts over the token axis, the major axis of both operands.
+    XLA:CPU's GEMM wants the contracting axis of its left operand minor, so in the backward XLA
+    materialises ``x^T`` right before the dot, as a strided copy that both threads of a small CPU wait
+    on. On the CPU backend the forward here keeps ``x^T`` (written by the fusion that produced ``x``)
+    as the residual instead of ``x``, and the backward's dots need no transposed operand; the values
+    are the same products. Other backends (and anything but the plain ``x @ kernel`` contraction) get
+    ``lax.dot_general`` unchanged: GPU and TPU GEMMs read transposed operands for free.
+    """
+    plain = (((lhs.ndim - 1,), (0,)), ((), ()))
+    if (not TRANSPOSED_RESIDUAL_ON_CPU or jax.default_backend() != "cpu" or preferred_element_type is not None
+            or rhs.ndim != 2 or tuple(map(tuple, dimension_numbers[0])) != plain[0] or any(dimension_numbers[1])):
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return _matmul_saving_transposed(lhs, rhs, precision)
+
+
+class Dense(nn.Dense):
+    """``flax.linen.Dense`` (same params, init and numerics) whose product is :func:`dense_dot_general`.
+    Still an ``nn.Dense``, so :func:`fairjax.lora.lora_interceptor` and the sharding rules see it."""
+
+    dot_general: Callable | None = dense_dot_general
+
+
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     """``torch.nn.LayerNorm(C, eps, elementwise_affine=True)``."""
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -254,9 +310,9 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
+        x = Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
         x = get_activation(self.act_fn)(x)
-        return nn.Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        return Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="linear_2")(x)
 
 
@@ -298,7 +354,7 @@ class ResnetBlock2D(nn.Module):
         h = conv2d(out_ch, 3, self.dtype, self.param_dtype, "conv1")(h)
         if temb is not None:
             t = temb if self.skip_time_act else act(temb)
-            t = nn.Dense(out_ch, dtype=self.dtype, param_dtype=self.param_dtype, name="time_emb_proj")(t)
+            t = Dense(out_ch, dtype=self.dtype, param_dtype=self.param_dtype, name="time_emb_proj")(t)
             h = h + t[:, None, None, :]
         h = act(group_norm(self.groups_out or self.groups, self.eps, self.dtype, self.param_dtype, "norm2")(h))
         h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
@@ -415,7 +471,7 @@ class SpatialSelfAttention(nn.Module):
         if self.conv_projections:
             proj = lambda name: conv2d(c, 1, name=name, **kw)  # noqa: E731
         else:
-            proj = lambda name: nn.Dense(c, name=name, **kw)  # noqa: E731
+            proj = lambda name: Dense(c, name=name, **kw)  # noqa: E731
         norm, *qkv, out = self.names
         h = group_norm(self.groups, self.eps, name=norm, **kw)(x)
         q, k, v = (proj(n)(h).reshape(b, hgt * wid, 1, c) for n in qkv)
@@ -442,7 +498,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, context=None):
         inner = self.heads * self.dim_head
-        dense = lambda n, name, bias: nn.Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
+        dense = lambda n, name, bias: Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
                                                name=name)
         context = x if context is None else context
         q = dense(inner, "to_q", self.bias)(x)
@@ -461,7 +517,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        h = Dense(2 * self.dim_out, dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
         a, g = jnp.split(h, 2, axis=-1)
         return a * gelu(g)
 
@@ -477,7 +533,7 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         dim = x.shape[-1]
         h = GEGLU(dim * self.mult, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
-        return nn.Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
+        return Dense(dim, dtype=self.dtype, param_dtype=self.param_dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -542,7 +598,7 @@ class Transformer2DModel(nn.Module):
         residual = x
         h = group_norm(self.norm_num_groups, 1e-6, name="norm", **kw)(x)
         if self.use_linear_projection:
-            h = nn.Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
+            h = Dense(inner, name="proj_in", **kw)(h.reshape(b, hgt * wid, c))
         else:
             h = conv2d(inner, 1, name="proj_in", **kw)(h).reshape(b, hgt * wid, inner)
         block_kw = dict(only_cross_attention=self.only_cross_attention, upcast_attention=self.upcast_attention,
@@ -556,7 +612,7 @@ class Transformer2DModel(nn.Module):
             for i in range(self.num_layers):
                 h = block_cls(self.heads, self.dim_head, name=f"transformer_blocks_{i}", **block_kw)(h, context)
         if self.use_linear_projection:
-            h = nn.Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
+            h = Dense(c, name="proj_out", **kw)(h).reshape(b, hgt, wid, c)
         else:
             h = conv2d(c, 1, name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
         return h + residual

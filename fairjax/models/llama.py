@@ -43,7 +43,7 @@ import numpy as np
 from fairjax import parallel
 from fairjax.errors import CheckpointError
 from fairjax.models.attention import dot_product_attention
-from fairjax.models.layers import remat_wrap, scan_stack
+from fairjax.models.layers import Dense, remat_wrap, scan_stack
 
 Dtype = Any
 
@@ -263,8 +263,8 @@ class LlamaRMSNorm(nn.Module):
         return w.astype(self.dtype) * y.astype(x.dtype).astype(self.dtype)
 
 
-def _dense(features: int, bias: bool, dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+def _dense(features: int, bias: bool, dtype, param_dtype, name: str) -> Dense:
+    return Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
                     kernel_init=nn.initializers.normal(0.02), name=name)
 
 

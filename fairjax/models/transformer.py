@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from fairjax import parallel
 from fairjax.models.attention import dot_product_attention
-from fairjax.models.layers import layer_norm, remat_wrap
+from fairjax.models.layers import Dense, layer_norm, remat_wrap
 
 #: the ``tensor``-axis rules of :class:`SelfAttention` / :class:`MLP` blocks (CLIP, SigLIP;
 #: :func:`fairjax.parallel.tensor_rules`): q/k/v and fc1 column-parallel, out and fc2 row-parallel
@@ -82,7 +82,7 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask=None):
         b, t, e = x.shape
-        dense = lambda name: nn.Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
+        dense = lambda name: Dense(e, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         shape = (b, t, self.num_heads, e // self.num_heads)
         q, k, v = (dense(n)(x).reshape(shape) for n in self.names[:3])
         o = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.attention_impl)
@@ -93,8 +93,8 @@ def feed_forward(x, hidden: int, act: Callable, names: tuple[str, str] = ("fc1",
                  param_dtype: Dtype):
     """``fc_2(act(fc_1(x)))`` back to ``x``'s width; call it inside a compact method: the two
     ``nn.Dense`` (named ``names``) become submodules of the module being run."""
-    h = act(nn.Dense(hidden, dtype=dtype, param_dtype=param_dtype, name=names[0])(x))
-    return nn.Dense(x.shape[-1], dtype=dtype, param_dtype=param_dtype, name=names[1])(h)
+    h = act(Dense(hidden, dtype=dtype, param_dtype=param_dtype, name=names[0])(x))
+    return Dense(x.shape[-1], dtype=dtype, param_dtype=param_dtype, name=names[1])(h)
 
 
 class MLP(nn.Module):

@@ -46,7 +46,7 @@ from fairjax import parallel
 from fairjax.errors import CheckpointError
 from fairjax.models import llama
 from fairjax.models import transformer as transformer_mod
-from fairjax.models.layers import layer_norm, remat_wrap, scan_stack
+from fairjax.models.layers import Dense, layer_norm, remat_wrap, scan_stack
 from fairjax.models.transformer import ACTIVATIONS, SelfAttention, feed_forward
 
 Dtype = Any
@@ -214,10 +214,10 @@ class MultimodalProjector(nn.Module):
         if n == 0:
             return x.astype(self.dtype)
         if c.mm_projector_type == "linear":
-            return nn.Dense(c.hidden_size, name="layers", **kw)(x)
-        x = nn.Dense(c.hidden_size, name="layers_0", **kw)(x)
+            return Dense(c.hidden_size, name="layers", **kw)(x)
+        x = Dense(c.hidden_size, name="layers_0", **kw)(x)
         for i in range(1, n):
-            x = nn.Dense(c.hidden_size, name=f"layers_{2 * i}", **kw)(_gelu(x))
+            x = Dense(c.hidden_size, name=f"layers_{2 * i}", **kw)(_gelu(x))
         return x
 
 
@@ -285,8 +285,8 @@ class RQTransformer(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, s, d, _ = code_embeds.shape
-        ctx = nn.Dense(c.embed_dim, name="in_mlp_1", **kw)(jnp.cumsum(code_embeds, axis=-2))
-        body = nn.Dense(c.embed_dim, name="in_mlp_2", **kw)(embed_from_body)
+        ctx = Dense(c.embed_dim, name="in_mlp_1", **kw)(jnp.cumsum(code_embeds, axis=-2))
+        body = Dense(c.embed_dim, name="in_mlp_2", **kw)(embed_from_body)
         x = jnp.concatenate([body[:, :, None, :], ctx[:, :, :-1, :]], axis=-2).reshape(b * s, d, c.embed_dim)
         pos = self.param("pos_emb_d", nn.initializers.normal(0.02), (1, c.depth, c.embed_dim), self.param_dtype)
         x = x + pos[:, :d].astype(self.dtype)
@@ -308,7 +308,7 @@ class ClassifierMLP(nn.Module):
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = layer_norm(c.layer_norm_eps, name="layer_norm", **kw)(x)
-        return nn.Dense(c.vocab_size, name="linear", **kw)(x)
+        return Dense(c.vocab_size, name="linear", **kw)(x)
 
 
 # ----------------------------------------------------------------------------- the whole head
