@@ -66,3 +66,11 @@ def test_memory_benches_run(cmd):
                        text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert p.stdout.strip()
+
+
+def test_bench_dense_runs_and_both_backwards_agree():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_dense.py"), "--calls", "1", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    diffs = [float(line.rsplit(" ", 1)[1]) for line in p.stdout.splitlines() if "gradient difference" in line]
+    assert len(diffs) == 3 and max(diffs) < 1e-5, p.stdout

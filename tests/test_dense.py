@@ -101,3 +101,14 @@ def test_lora_interceptor_gradients_through_dense():
     a, b = lora["kernel"]["a"].astype(np.float64), lora["kernel"]["b"].astype(np.float64)
     np.testing.assert_allclose(np.asarray(grads["a"]), s * x2.T @ (g2 @ b.T), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grads["b"]), s * (x2 @ a).T @ g2, rtol=1e-5, atol=1e-5)
+
+
+def test_no_model_builds_flax_dense_directly():
+    """Every linear layer of fairjax's models is ``Dense`` (a plain ``nn.Dense`` would miss the CPU backward)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(layers.__file__).resolve().parents[1]
+    offenders = [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bnn\.Dense\(", line)]
+    assert not offenders, f"use fairjax.models.layers.Dense: {offenders}"

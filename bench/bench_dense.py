@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""The weight-gradient product of a Dense layer on XLA:CPU, and what keeping ``x^T`` buys.
+
+    python bench/bench_dense.py            # both parts
+    python bench/bench_dense.py --part dots|mlp
+
+``dots``: ``dW = x^T g`` at the 50M UNet's shapes (tokens, in, out), three ways, ms and GFLOP/s (median of
+``--calls`` jitted calls): ``lax.dot_general`` contracting axis 0 of both (what autodiff of ``x @ W`` emits),
+the same product with ``x^T`` already laid out ``(in, tokens)`` (what :func:`fairjax.models.layers.
+dense_dot_general`'s backward gets), and torch's ``x.T @ g`` beside them.
+
+``mlp``: the gradient of a 4-layer pre-norm MLP stack (layer norm, Dense up, GELU, Dense down, residual)
+with every Dense through ``lax.dot_general`` or through ``dense_dot_general``, interleaved, ms per call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+SHAPES = [(256, 256, 256), (4096, 128, 128), (4096, 128, 1024), (1024, 256, 1024), (1024, 512, 256),
+          (4096, 512, 128), (1024, 1024, 256)]
+MLP = [(4, 256, 256, 1024), (4, 1024, 128, 512), (4, 64, 256, 1024)]  # batch, tokens, width, hidden
+
+
+def _time(fn, calls):
+    fn()
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def dots(calls: int):
+    import jax
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    print(f"dW = x^T g, ms and GFLOP/s, median of {calls} calls; jax {jax.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'tokens,in,out':>16} {'lax (T, in)':>18} {'x^T (in, T)':>18} {'torch x.T @ g':>18}")
+    tn = jax.jit(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
+    nn_ = jax.jit(lambda xt, g: xt @ g)
+    for t, ci, co in SHAPES:
+        x = rng.standard_normal((t, ci), dtype=np.float32)
+        g = rng.standard_normal((t, co), dtype=np.float32)
+        xj, gj, xtj = jax.numpy.asarray(x), jax.numpy.asarray(g), jax.numpy.asarray(np.ascontiguousarray(x.T))
+        xt_, gt_ = torch.from_numpy(x), torch.from_numpy(g)
+        gflop = 2 * t * ci * co / 1e9
+        ms = [_time(lambda: tn(xj, gj).block_until_ready(), calls),
+              _time(lambda: nn_(xtj, gj).block_until_ready(), calls),
+              _time(lambda: xt_.T @ gt_, calls)]
+        print(f"{f'{t},{ci},{co}':>16} " + " ".join(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF" for m in ms), flush=True)
+
+
+def mlp(calls: int, rounds: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from fairjax.models.layers import dense_dot_general, gelu
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+    def ours(x, w):
+        return dense_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+
+    def model(params, h, dense):
+        for w1, w2 in params:
+            m = h.mean(-1, keepdims=True)
+            x = (h - m) * jax.lax.rsqrt(((h - m) ** 2).mean(-1, keepdims=True) + 1e-5)
+            h = h + dense(gelu(dense(x, w1)), w2)
+        return (h ** 2).mean()
+
+    rng = np.random.default_rng(0)
+    print(f"\ngradient of a 4-layer MLP stack, ms per call (median of {calls} calls, {rounds} interleaved rounds)")
+    for b, t, c, f in MLP:
+        params = [(jnp.asarray(rng.standard_normal((c, f), dtype=np.float32) * 0.05),
+                   jnp.asarray(rng.standard_normal((f, c), dtype=np.float32) * 0.05)) for _ in range(4)]
+        h = jnp.asarray(rng.standard_normal((b, t, c), dtype=np.float32))
+        arms = {name: jax.jit(jax.grad(lambda p, h, d=d: model(p, h, d))) for name, d in
+                [("lax.dot_general", plain), ("dense_dot_general", ours)]}
+        got = {n: fn(params, h) for n, fn in arms.items()}
+        diff = max(float(jnp.abs(a - b).max() / jnp.abs(a).max())
+                   for a, b in zip(*(jax.tree.leaves(v) for v in got.values())))
+        ms = {n: [] for n in arms}
+        for _ in range(rounds):
+            for n, fn in arms.items():
+                ms[n].append(_time(lambda fn=fn: jax.block_until_ready(fn(params, h)), calls))
+        base, new = (statistics.median(v) for v in ms.values())
+        print(f"  batch {b}, {t} tokens, {c} -> {f} -> {c}: lax {base:7.2f} ms, dense_dot_general {new:7.2f} ms "
+              f"({new / base:4.2f}x); max relative gradient difference {diff:.1e}", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["dots", "mlp", "both"], default="both")
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    if a.part in ("dots", "both"):
+        dots(a.calls)
+    if a.part in ("mlp", "both"):
+        mlp(max(1, a.calls // 3), a.rounds)
+
+
+if __name__ == "__main__":
+    main()
