@@ -12,7 +12,9 @@ XLA compiler options or buffer donations, in one process, interleaved, so the VM
 ``--options``: one ``jit(step).lower(...)`` compiled once per arm with ``compiler_options``, each call on
 the same (undonated) arguments. ``--donate``: each arm threads its own params and AdamW state through its
 own jitted step. ``--dense``: each arm traces its own step with
-``fairjax.models.layers.TRANSPOSED_RESIDUAL_ON_CPU`` off (``plain``) or on (``transposed``). Prints median and min per arm over ``--rounds`` interleaved calls. The host is set up as
+``fairjax.models.layers.TRANSPOSED_RESIDUAL_ON_CPU`` off (``plain``) or on (``transposed``). ``--forward``
+times the UNet's forward instead of the step (with ``--options`` or ``--dense``). Prints median and min per
+arm over ``--rounds`` interleaved calls. The host is set up as
 ``fairjax.train`` sets it (glibc malloc tunables, synchronous CPU dispatch). No PyTorch side: the ratios to
 torch are ``bench/bench_unet.py``'s.
 """
@@ -44,6 +46,7 @@ def main():
     g.add_argument("--donate", nargs="+", choices=sorted(DONATE), help="donation arms")
     g.add_argument("--dense", nargs="+", choices=["plain", "transposed"], help="Dense backward arms")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--forward", action="store_true", help="time the forward instead of the train step")
     p.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=32)
@@ -76,6 +79,15 @@ def main():
         return step
 
     step = make_step()
+
+    def forward(params, state):  # the step's signature, so that every arm below can time it instead
+        return params, state, unet.apply({"params": params}, x, t, ctx, added)
+
+    if a.forward:
+        if a.donate:
+            p.error("--forward times the forward, which donates nothing: use it with --options or --dense")
+        make_step = lambda: lambda params, state: forward(params, state)  # noqa: E731
+        step = make_step()
 
     arms = {}  # name -> callable running one step
     if a.options:
@@ -121,7 +133,8 @@ def main():
             t0 = time.perf_counter()
             fn()
             times[n].append(time.perf_counter() - t0)
-    print(f"\n50M SDXL-shaped UNet train step, batch {a.batch}, {a.size}x{a.size} latents, {a.rounds} interleaved "
+    what = "forward" if a.forward else "train step"
+    print(f"\n50M SDXL-shaped UNet {what}, batch {a.batch}, {a.size}x{a.size} latents, {a.rounds} interleaved "
           f"rounds, remat={a.remat}; jax {jax.__version__}")
     base = statistics.median(next(iter(times.values())))
     for n, v in times.items():
