@@ -6,13 +6,13 @@ XLA compiler options or buffer donations, in one process, interleaved, so the VM
         xla_cpu_multi_thread_eigen=false            # each argument one arm (k=v[,k=v...]), beside the default
     python bench/ab_unet_step.py --donate none state both   # what the step donates: nothing, the optimizer
                                                             # state (bench_unet), params and state (the trainer)
-    python bench/ab_unet_step.py --dense plain transposed    # Dense's backward: lax.dot_general's own, or
-                                                            # fairjax.models.layers.dense_dot_general's CPU one
+    python bench/ab_unet_step.py --dense plain flat          # Dense's product on its input as it is, or
+                                                            # flattened (fairjax.models.layers.dense_dot_general)
 
 ``--options``: one ``jit(step).lower(...)`` compiled once per arm with ``compiler_options``, each call on
 the same (undonated) arguments. ``--donate``: each arm threads its own params and AdamW state through its
 own jitted step. ``--dense``: each arm traces its own step with
-``fairjax.models.layers.TRANSPOSED_RESIDUAL_ON_CPU`` off (``plain``) or on (``transposed``). ``--forward``
+``fairjax.models.layers.FLATTEN_ON_CPU`` off (``plain``) or on (``flat``). ``--forward``
 times the UNet's forward instead of the step (with ``--options`` or ``--dense``). Prints median and min per
 arm over ``--rounds`` interleaved calls. The host is set up as
 ``fairjax.train`` sets it (glibc malloc tunables, synchronous CPU dispatch). No PyTorch side: the ratios to
@@ -44,7 +44,7 @@ def main():
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--options", nargs="+", metavar="K=V[,K=V]", help="XLA compiler options, one arm each")
     g.add_argument("--donate", nargs="+", choices=sorted(DONATE), help="donation arms")
-    g.add_argument("--dense", nargs="+", choices=["plain", "transposed"], help="Dense backward arms")
+    g.add_argument("--dense", nargs="+", choices=["plain", "flat"], help="Dense product arms")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--forward", action="store_true", help="time the forward instead of the train step")
     p.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
@@ -105,12 +105,12 @@ def main():
         params = jax.tree.map(jnp.asarray, weights)
         state = opt.init(params)
         for name in a.dense:
-            layers.TRANSPOSED_RESIDUAL_ON_CPU = name == "transposed"
+            layers.FLATTEN_ON_CPU = name == "flat"
             t0 = time.perf_counter()
             compiled = jax.jit(make_step()).lower(params, state).compile()
             print(f"dense {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             arms[f"dense {name}"] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
-        layers.TRANSPOSED_RESIDUAL_ON_CPU = True
+        layers.FLATTEN_ON_CPU = True
     else:
         for name in a.donate:
             fn = jax.jit(step, donate_argnums=DONATE[name])

@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""The weight-gradient product of a Dense layer on XLA:CPU, and what keeping ``x^T`` buys.
+"""The weight gradient of a Dense layer on XLA:CPU: as JAX differentiates ``x @ W`` for an input with
+leading (batch, token) axes, and with those axes flattened first (``fairjax.models.layers.dense_dot_general``).
 
     python bench/bench_dense.py            # both parts
     python bench/bench_dense.py --part dots|mlp
 
-``dots``: ``dW = x^T g`` at the 50M UNet's shapes (tokens, in, out), three ways, ms and GFLOP/s (median of
-``--calls`` jitted calls): ``lax.dot_general`` contracting axis 0 of both (what autodiff of ``x @ W`` emits),
-the same product with ``x^T`` already laid out ``(in, tokens)`` (what :func:`fairjax.models.layers.
-dense_dot_general`'s backward gets), and torch's ``x.T @ g`` beside them.
+``dots``: ``dW`` (the VJP of ``x @ W`` w.r.t. ``W`` at cotangent ``g``) at the 50M UNet's shapes (batch, tokens,
+in, out), jitted, median of ``--calls`` calls, ms and GFLOP/s, and the copies and transposes in the compiled
+program: ``x`` as ``(B, T, in)``, ``x`` flattened to ``(B*T, in)``, and torch's ``x.T @ g`` beside them.
 
 ``mlp``: the gradient of a 4-layer pre-norm MLP stack (layer norm, Dense up, GELU, Dense down, residual)
 with every Dense through ``lax.dot_general`` or through ``dense_dot_general``, interleaved, ms per call.
@@ -23,8 +23,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-SHAPES = [(256, 256, 256), (4096, 128, 128), (4096, 128, 1024), (1024, 256, 1024), (1024, 512, 256),
-          (4096, 512, 128), (1024, 1024, 256)]
+SHAPES = [(4, 64, 256, 256), (4, 1024, 128, 128), (4, 1024, 128, 1024), (4, 256, 256, 1024), (4, 256, 512, 256),
+          (4, 1024, 512, 128), (4, 256, 1024, 256)]  # batch, tokens, in, out
 MLP = [(4, 256, 256, 1024), (4, 1024, 128, 512), (4, 64, 256, 1024)]  # batch, tokens, width, hidden
 
 
@@ -39,27 +39,43 @@ def _time(fn, calls):
 
 
 def dots(calls: int):
+    import re
+
     import jax
     import numpy as np
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     rng = np.random.default_rng(0)
-    print(f"dW = x^T g, ms and GFLOP/s, median of {calls} calls; jax {jax.__version__}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads")
-    print(f"{'tokens,in,out':>16} {'lax (T, in)':>18} {'x^T (in, T)':>18} {'torch x.T @ g':>18}")
-    tn = jax.jit(lambda x, g: jax.lax.dot_general(x, g, (((0,), (0,)), ((), ()))))
-    nn_ = jax.jit(lambda xt, g: xt @ g)
-    for t, ci, co in SHAPES:
-        x = rng.standard_normal((t, ci), dtype=np.float32)
-        g = rng.standard_normal((t, co), dtype=np.float32)
-        xj, gj, xtj = jax.numpy.asarray(x), jax.numpy.asarray(g), jax.numpy.asarray(np.ascontiguousarray(x.T))
-        xt_, gt_ = torch.from_numpy(x), torch.from_numpy(g)
-        gflop = 2 * t * ci * co / 1e9
-        ms = [_time(lambda: tn(xj, gj).block_until_ready(), calls),
-              _time(lambda: nn_(xtj, gj).block_until_ready(), calls),
-              _time(lambda: xt_.T @ gt_, calls)]
-        print(f"{f'{t},{ci},{co}':>16} " + " ".join(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF" for m in ms), flush=True)
+    print(f"dW of x @ W, ms, GFLOP/s and [copies + transposes compiled], median of {calls} calls; "
+          f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    print(f"{'B,T,in,out':>18} {'x (B, T, in)':>26} {'x (B*T, in)':>26} {'torch x.T @ g':>18}")
+
+    def dw(flat):
+        def f(x, w, g):
+            def y(w):
+                xx = x.reshape(-1, x.shape[-1]) if flat else x
+                return jax.lax.dot_general(xx, w, (((xx.ndim - 1,), (0,)), ((), ())))
+            return jax.vjp(y, w)[1](g.reshape(-1, g.shape[-1]) if flat else g)[0]
+        return jax.jit(f)
+
+    for b, t, ci, co in SHAPES:
+        x = rng.standard_normal((b, t, ci), dtype=np.float32)
+        g = rng.standard_normal((b, t, co), dtype=np.float32)
+        w = np.zeros((ci, co), np.float32)
+        xj, gj, wj = (jax.numpy.asarray(v) for v in (x, g, w))
+        xt_, gt_ = torch.from_numpy(x.reshape(-1, ci)), torch.from_numpy(g.reshape(-1, co))
+        gflop = 2 * b * t * ci * co / 1e9
+        cells = []
+        for flat in (False, True):
+            fn = dw(flat)
+            hlo = fn.lower(xj, wj, gj).compile().as_text()
+            copies = len(re.findall(r"= \S+ (?:copy|transpose)\(|copy_bitcast_fusion\S* = ", hlo))
+            m = _time(lambda: fn(xj, wj, gj).block_until_ready(), calls)
+            cells.append(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF [{copies}]")
+        m = _time(lambda: xt_.T @ gt_, calls)
+        cells.append(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF")
+        print(f"{f'{b},{t},{ci},{co}':>18} " + " ".join(f"{c:>26}" for c in cells), flush=True)
 
 
 def mlp(calls: int, rounds: int):

@@ -390,7 +390,7 @@ def lora_interceptor(dropout: float = 0.0, row_keys=None):
             keep = hash_keep_mask(jax.random.key_data(row_keys), salt, dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - dropout), 0.0).astype(y.dtype)
         a, b = a.astype(y.dtype), b.astype(y.dtype)
-        dot = mod.dot_general or jax.lax.dot_general  # fairjax's Dense: a backward that suits XLA:CPU
+        dot = mod.dot_general or jax.lax.dot_general  # fairjax's Dense: the product's CPU form
         xa = dot(x, a, (((x.ndim - 1,), (0,)), ((), ())))
         xab = dot(xa, b, (((xa.ndim - 1,), (0,)), ((), ())))
         return y + (jnp.asarray(scale).astype(y.dtype) * xab).astype(y.dtype)

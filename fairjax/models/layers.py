@@ -14,7 +14,6 @@ form, nearest upsampling reproduces ``F.interpolate(mode="nearest")``.
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from typing import Any, Callable
@@ -209,50 +208,32 @@ def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, na
 
 # ----------------------------------------------------------------------------- Dense
 
-#: ``False`` turns :func:`dense_dot_general`'s CPU backward off (every Dense then runs ``lax.dot_general``
-#: as ``flax.linen.Dense`` does); for A/B benchmarks (``bench/ab_unet_step.py --dense``) and tests
-TRANSPOSED_RESIDUAL_ON_CPU = True
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_saving_transposed(x, w, precision):
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-
-
-def _matmul_saving_transposed_fwd(x, w, precision):
-    y = _matmul_saving_transposed(x, w, precision)
-    return y, (x.reshape(-1, x.shape[-1]).T, w)
-
-
-def _matmul_saving_transposed_bwd(precision, res, g):
-    xt, w = res  # xt: (in, tokens), the forward's input already transposed
-    g2 = g.reshape(-1, g.shape[-1])
-    dw = jax.lax.dot_general(xt, g2, (((1,), (0,)), ((), ())), precision=precision)
-    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-    return dx.astype(xt.dtype), dw.astype(w.dtype)
-
-
-_matmul_saving_transposed.defvjp(_matmul_saving_transposed_fwd, _matmul_saving_transposed_bwd)
+#: ``False`` turns :func:`dense_dot_general`'s CPU form off (every Dense then runs ``lax.dot_general`` on its
+#: input as it is, as ``flax.linen.Dense`` does); for A/B benchmarks (``bench/ab_unet_step.py --dense``) and tests
+FLATTEN_ON_CPU = True
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """``lax.dot_general`` for :class:`Dense` (``x @ kernel`` over the last axis of ``x``), with a
-    backward pass that suits XLA:CPU.
+    """``lax.dot_general`` for :class:`Dense` (``x @ kernel`` over the last axis of ``x``), in the form
+    XLA:CPU differentiates without copies.
 
-    The weight gradient ``x^T g`` contracts over the token axis, the major axis of both operands.
-    XLA:CPU's GEMM wants the contracting axis of its left operand minor, so in the backward XLA
-    materialises ``x^T`` right before the dot, as a strided copy that both threads of a small CPU wait
-    on. On the CPU backend the forward here keeps ``x^T`` (written by the fusion that produced ``x``)
-    as the residual instead of ``x``, and the backward's dots need no transposed operand; the values
-    are the same products. Other backends (and anything but the plain ``x @ kernel`` contraction) get
-    ``lax.dot_general`` unchanged: GPU and TPU GEMMs read transposed operands for free.
+    For an input with several leading axes (batch, tokens, ...), JAX's transpose rule writes the weight
+    gradient as a dot that contracts over all of them, with the cotangent's axes permuted; XLA:CPU then
+    copies the cotangent into an ``(out, tokens)`` layout before every weight-gradient GEMM (strided
+    copies that both threads of a small CPU wait on). On the CPU backend the leading axes are flattened
+    into one first (a free reshape): the weight gradient becomes one ``(tokens, in)^T (tokens, out)``
+    product that XLA runs on the operands as they lie. The products and their sums are the same. Other
+    backends (where a flattened axis could also cross a sharded one), and anything but the plain
+    ``x @ kernel`` contraction, get ``lax.dot_general`` unchanged.
     """
-    plain = (((lhs.ndim - 1,), (0,)), ((), ()))
-    if (not TRANSPOSED_RESIDUAL_ON_CPU or jax.default_backend() != "cpu" or preferred_element_type is not None
-            or rhs.ndim != 2 or tuple(map(tuple, dimension_numbers[0])) != plain[0] or any(dimension_numbers[1])):
+    plain = ((lhs.ndim - 1,), (0,))
+    if (not FLATTEN_ON_CPU or jax.default_backend() != "cpu" or lhs.ndim <= 2 or rhs.ndim != 2
+            or tuple(map(tuple, dimension_numbers[0])) != plain or any(map(len, dimension_numbers[1]))):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
-    return _matmul_saving_transposed(lhs, rhs, precision)
+    y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type)
+    return y.reshape(lhs.shape[:-1] + (rhs.shape[-1],))
 
 
 class Dense(nn.Dense):
