@@ -98,7 +98,10 @@ def test_tuned_process_runs_xla_cpu_on_its_main_thread_and_keeps_the_temp_buffer
     # Untuned, every call mmaps the 144 MiB temp buffer anew. Tuned, the main thread allocates it from
     # glibc's main arena and keeps it (no faults). With asynchronous dispatch a worker thread bound to a
     # second arena would mmap it whatever mmap_max says (glibc's sysmalloc fallback), in some processes.
-    assert _fault_probe({}) == ("False", 0)
+    # A fresh 144 MiB buffer costs 36,864 faults per call; a handful can come from elsewhere in the process
+    # (seen once in CI: 8 per call), so the bound is far below the buffer's and far above that noise.
+    is_async, faults = _fault_probe({})
+    assert is_async == "False" and faults < 1_000
     is_async, faults = _fault_probe({host.OFF_VARIABLE: "0"})
     assert is_async == "True" and faults >= 30_000
     # your JAX_CPU_ENABLE_ASYNC_DISPATCH wins over ours
