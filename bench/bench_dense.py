@@ -19,9 +19,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from _torch_util import timeit  # noqa: E402
 
 SHAPES = [(4, 64, 256, 256), (4, 1024, 128, 128), (4, 1024, 128, 1024), (4, 256, 256, 1024), (4, 256, 512, 256),
           (4, 1024, 512, 128), (4, 256, 1024, 256)]  # batch, tokens, in, out
@@ -29,13 +31,8 @@ MLP = [(4, 256, 256, 1024), (4, 1024, 128, 512), (4, 64, 256, 1024)]  # batch, t
 
 
 def _time(fn, calls):
-    fn()
-    ts = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    """Median milliseconds of ``calls`` calls after one warm-up call."""
+    return timeit(fn, calls) * 1e3
 
 
 def dots(calls: int):

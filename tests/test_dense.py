@@ -89,7 +89,7 @@ def test_lora_interceptor_gradients_through_dense():
     model = Dense(4, name="proj")
     params = model.init(jax.random.key(0), x)["params"]
     lora = {"kernel": {"a": rng.standard_normal((6, 2)).astype(np.float32),
-                            "b": rng.standard_normal((2, 4)).astype(np.float32)}}
+                      "b": rng.standard_normal((2, 4)).astype(np.float32)}}
     alpha = 4.0
 
     def loss(lo):

@@ -197,7 +197,7 @@ class CLIPTextModel(nn.Module):
         text_embeds = None
         if self.config.with_projection:
             text_embeds = Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
-                                   param_dtype=self.param_dtype, name="text_projection")(pooled)
+                                param_dtype=self.param_dtype, name="text_projection")(pooled)
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled,
                               hidden_states=states if output_hidden_states else None, text_embeds=text_embeds)
 

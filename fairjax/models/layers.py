@@ -294,7 +294,7 @@ class TimestepEmbedding(nn.Module):
         x = Dense(self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
         x = get_activation(self.act_fn)(x)
         return Dense(self.out_dim or self.time_embed_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                        name="linear_2")(x)
+                     name="linear_2")(x)
 
 
 # ----------------------------------------------------------------------------- resnet / resampling
@@ -480,7 +480,7 @@ class Attention(nn.Module):
     def __call__(self, x, context=None):
         inner = self.heads * self.dim_head
         dense = lambda n, name, bias: Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                                               name=name)
+                                            name=name)
         context = x if context is None else context
         q = dense(inner, "to_q", self.bias)(x)
         k = dense(inner, "to_k", self.bias)(context)

@@ -265,7 +265,7 @@ class LlamaRMSNorm(nn.Module):
 
 def _dense(features: int, bias: bool, dtype, param_dtype, name: str) -> Dense:
     return Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.initializers.normal(0.02), name=name)
+                 kernel_init=nn.initializers.normal(0.02), name=name)
 
 
 class LlamaAttention(nn.Module):
