@@ -202,7 +202,14 @@ def test_decode_codes_matches_post_quant_conv_and_vila_u_decoder(tokenizer, rel)
     assert rel(px, want_px) < 1e-5 and float(px.min()) >= 0 and float(px.max()) <= 255
     u8 = rqvae.to_uint8_hwc(px)
     assert u8.shape == (2, 16, 16, 3) and u8.dtype == np.uint8
-    np.testing.assert_array_equal(u8, want_px.transpose(0, 2, 3, 1).astype(np.uint8))
+    want_u8 = want_px.transpose(0, 2, 3, 1).astype(np.uint8)  # vila-u's save_image truncates
+    # A pixel within float32 noise of an integer may truncate to either side of it (CI once saw 107 for
+    # torch's 108.0000x); every other pixel must truncate to exactly torch's value.
+    v = want_px.transpose(0, 2, 3, 1)
+    near = ((v % 1.0 < 1e-2) | (v % 1.0 > 1 - 1e-2)) & (v > 0) & (v < 255)  # 0 and 255: both clamp
+    assert near.sum() < 0.1 * near.size
+    np.testing.assert_array_equal(u8[~near], want_u8[~near])
+    assert np.abs(u8.astype(int) - want_u8.astype(int)).max() <= 1
 
 
 def test_reconstruction_shapes_and_decoder_latent_shape(tokenizer):
