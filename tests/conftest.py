@@ -29,5 +29,16 @@ def rel():
     return rel_err
 
 
+@pytest.fixture
+def winograd_everywhere(monkeypatch):
+    """Every eligible 3x3 convolution runs as Winograd F(2x2, 3x3) whatever its size (by default the tiny
+    test models' convolutions are below the size where fairjax takes it): the parity tests that take this
+    fixture check that path against diffusers."""
+    from fairjax.models import layers
+
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_PIXELS", 0)
+    monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 0)
+
+
 # session-wide tiny models of the bad-input tests (tests/test_bad_inputs_*.py), built once per run
 from _bad_inputs import micro_diffusers_unet, micro_sdxl, tiny_vila_u  # noqa: E402,F401

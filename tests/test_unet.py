@@ -109,7 +109,7 @@ def check_parity(cfg, rel, hw, timesteps, seed=0, tol=1e-5, scan_layers=False, *
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
-def test_sdxl_shaped_parity(rel, scan_layers):
+def test_sdxl_shaped_parity(rel, scan_layers, winograd_everywhere):
     check_parity(tiny_sdxl_config(), rel, (16, 24), [np.array([0.0, 999.0]), np.array([251.0, 637.5])],
                  scan_layers=scan_layers)
 
@@ -119,15 +119,16 @@ def test_sd15_shaped_parity(rel):
     check_parity(tiny_sd15_config(), rel, (16, 24), [77, 999], attention_implementation="xla")
 
 
-def test_sd_odd_latent_size_parity(rel):
+def test_sd_odd_latent_size_parity(rel, winograd_everywhere):
     """Latents not a multiple of 2**num_upsamplers: diffusers forwards the skip sizes to the upsamplers.
-    Also upcast_attention, only_cross_attention and the 'einsum' attention path."""
+    Also upcast_attention, only_cross_attention, the 'einsum' attention path and Winograd convolutions on
+    odd sizes."""
     cfg = tiny_sd15_config(upcast_attention=True, only_cross_attention=[True, False, False, False])
     check_parity(cfg, rel, (13, 22), [np.array([3.0, 801.0])], seed=3, attention_implementation="einsum")
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scan_layers"])
-def test_gradients_match_torch_with_remat(rel, scan_layers):
+def test_gradients_match_torch_with_remat(rel, scan_layers, winograd_everywhere):
     """d sum(out * w) / d (sample, every param): Flax (jax.grad through nn.remat blocks; with scan_layers
     the 3-layer transformer stacks under nn.scan with the remat policy per layer, on the stacked params)
     vs PyTorch autograd on the same weights. Two blocks (DownBlock2D, CrossAttnDownBlock2D): the least

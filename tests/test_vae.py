@@ -44,7 +44,7 @@ def torch_vae(cfg, seed, tmp_path, name="vae"):
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_B], ids=["attn_quant", "no_attn_no_quant"])
-def test_encode_decode_parity_with_diffusers(tmp_path, rel, cfg):
+def test_encode_decode_parity_with_diffusers(tmp_path, rel, cfg, winograd_everywhere):
     tm, folder = torch_vae(cfg, seed=0, tmp_path=tmp_path)
     config, params = vae_convert.convert_vae(folder)
     model = vae.from_config(config)

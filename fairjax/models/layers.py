@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -248,12 +249,132 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
     return nn.LayerNorm(epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
+#: ``False`` turns :func:`conv_general_dilated`'s CPU form off (every :class:`Conv` then runs
+#: ``lax.conv_general_dilated``); for A/B benchmarks (``bench/ab_unet_step.py --conv``) and tests
+WINOGRAD_ON_CPU = True
+
+#: how :func:`conv_general_dilated`'s Winograd convolutions differentiate: ``"lax"`` (XLA's convolution
+#: transposes) or ``"winograd"`` (through the Winograd transforms); for A/B benchmarks
+WINOGRAD_BACKWARD = "lax"
+#: smaller convolutions (batch x height x width pixels, or input or output channels) take XLA's direct
+#: convolution: there the 16 small products of Winograd's batched dot and its transforms cost more than the
+#: FLOPs they save (``bench/bench_conv.py``: at batch 4, Winograd wins at 32x32 and loses at 8x8 and 16x16)
+WINOGRAD_MIN_PIXELS = 4096
+WINOGRAD_MIN_CHANNELS = 32
+#: a convolution whose transformed input or output (4 times the input's or output's bytes) would be larger
+#: takes XLA's direct convolution instead
+WINOGRAD_MAX_BYTES = 1 << 28
+
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # flax's NHWC / HWIO / NHWC as lax dimension numbers
+_NHWC_DIMS = jax.lax.ConvDimensionNumbers(*_NHWC)
+
+
+def _transform(t0, t1, t2, t3):
+    """``B^T`` of Winograd F(2, 3) applied to four input rows (or columns)."""
+    return t0 - t2, t1 + t2, t2 - t1, t1 - t3
+
+
+def winograd_conv3x3(x, kernel, precision=None):
+    """A 3x3, stride 1, padding 1 convolution of ``x`` (N, H, W, C) with ``kernel`` (3, 3, C, K) by Winograd's
+    F(2x2, 3x3) algorithm (Lavin and Gray, 2015): each 4x4 input tile and the kernel are transformed, the 16
+    transformed positions become 16 ``(tiles, C) x (C, K)`` matrix products in one batched dot, and the
+    products are transformed back into the tile's 2x2 outputs. That is 16 multiplies per 4 outputs where the
+    direct convolution takes 36: 2.25x fewer FLOPs. The transforms only add, subtract and halve. The result
+    equals the direct convolution's up to float rounding (about 1e-6 relative in float32; ``tests/test_conv.py``).
+    Odd ``H`` or ``W`` get one extra row or column of zeros, cropped from the output."""
+    n, h, w, c = x.shape
+    k = kernel.shape[-1]
+    th, tw = (h + 1) // 2, (w + 1) // 2  # tiles
+    xp = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))  # (n, 2 th + 2, 2 tw + 2, c)
+    rows = _transform(*(xp[:, a:a + 2 * th:2] for a in range(4)))  # each (n, th, 2 tw + 2, c)
+    v = jnp.stack([col for r in rows for col in _transform(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
+    g = kernel
+
+    def g_t(r0, r1, r2):  # G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+        return r0, (r0 + r1 + r2) * 0.5, (r0 - r1 + r2) * 0.5, r2
+
+    gr = [g_t(g[0, j], g[1, j], g[2, j]) for j in range(3)]
+    u = jnp.stack([e for a in range(4) for e in g_t(gr[0][a], gr[1][a], gr[2][a])])  # (16, c, k)
+    m = jax.lax.dot_general(v.reshape(16, n * th * tw, c), u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))),
+                            precision=precision).reshape(4, 4, n, th, tw, k)
+
+    def a_t(m0, m1, m2, m3):  # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+        return m0 + m1 + m2, m1 - m2 - m3
+
+    r = [a_t(m[0, b], m[1, b], m[2, b], m[3, b]) for b in range(4)]  # r[b][i]: output row i of the tile
+    y = jnp.stack([jnp.stack(a_t(r[0][i], r[1][i], r[2][i], r[3][i]), -2) for i in range(2)], 2)
+    y = y.reshape(n, 2 * th, 2 * tw, k)  # (n, th, 2, tw, 2, k) -> interleaved
+    return y[:, :h, :w] if (2 * th, 2 * tw) != (h, w) else y
+
+
+def _lax_conv3x3(x, kernel, precision=None):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC_DIMS,
+                                        precision=precision)
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _winograd_or_lax(x, kernel, precision, backward):
+    """:func:`winograd_conv3x3`; with ``backward="lax"`` its derivatives are the direct convolution's (a
+    custom JVP whose tangent is ``lax``'s convolution, which JAX transposes for the gradient), so the
+    gradient runs XLA's convolution transposes and keeps only ``x`` and ``kernel`` for the backward."""
+    return winograd_conv3x3(x, kernel, precision)
+
+
+@_winograd_or_lax.defjvp
+def _winograd_or_lax_jvp(precision, backward, primals, tangents):
+    if backward == "winograd":
+        return jax.jvp(lambda x, k: winograd_conv3x3(x, k, precision), primals, tangents)
+    (x, kernel), (dx, dk) = primals, tangents
+    return winograd_conv3x3(x, kernel, precision), _lax_conv3x3(dx, kernel, precision) + _lax_conv3x3(x, dk, precision)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
+                         preferred_element_type=None):
+    """``lax.conv_general_dilated`` for :class:`Conv`. On the CPU backend, for a float32 NHWC convolution
+    with stride 1 and no dilation or groups: a 3x3 kernel with padding 1 runs as :func:`winograd_conv3x3`,
+    where XLA:CPU's direct convolution is slower than PyTorch's oneDNN at the UNet's sizes, and a 1x1
+    kernel without padding as one ``(pixels, C_in) x (C_in, C_out)`` matrix product (``bench/bench_conv.py``).
+    Everything else, and every other backend (whose convolution libraries choose their own algorithms),
+    gets ``lax.conv_general_dilated``."""
+    dims = dimension_numbers
+    nhwc = hasattr(dims, "lhs_spec") and (tuple(dims.lhs_spec), tuple(dims.rhs_spec), tuple(dims.out_spec)) == _NHWC
+    ones = (None, (1, 1), [1, 1])
+    pads = tuple(map(tuple, padding)) if not isinstance(padding, str) else padding
+    if pads == "SAME" and rhs.ndim == 4 and rhs.shape[:2] in ((3, 3), (1, 1)):  # stride 1: SAME is (k - 1) // 2
+        pads = ((rhs.shape[0] // 2,) * 2,) * 2
+    if (WINOGRAD_ON_CPU and jax.default_backend() == "cpu" and nhwc and lhs.ndim == 4
+            and tuple(window_strides) == (1, 1) and lhs_dilation in ones and rhs_dilation in ones
+            and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None
+            and lhs.dtype == rhs.dtype == jnp.float32):
+        pixels = lhs.size // lhs.shape[-1]
+        transformed = 4 * pixels * max(lhs.shape[-1], rhs.shape[-1]) * 4  # bytes of the larger of V and M
+        if (rhs.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1)) and transformed <= WINOGRAD_MAX_BYTES
+                and pixels >= WINOGRAD_MIN_PIXELS and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS):
+            return _winograd_or_lax(lhs, rhs, precision, WINOGRAD_BACKWARD)
+        if rhs.shape[:2] == (1, 1) and pads in (((0, 0), (0, 0)), "VALID"):
+            y = jax.lax.dot(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]), precision=precision)
+            return y.reshape(lhs.shape[:-1] + (rhs.shape[-1],))
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dims,
+                                        feature_group_count=feature_group_count,
+                                        batch_group_count=batch_group_count, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+
+class Conv(nn.Conv):
+    """``flax.linen.Conv`` (same params, init and numerics up to float rounding) whose convolution is
+    :func:`conv_general_dilated`."""
+
+    conv_general_dilated: Callable | None = conv_general_dilated
+
+
 def conv2d(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, *, stride: int = 1,
            padding: int | None = None, use_bias: bool = True) -> nn.Conv:
     """``torch.nn.Conv2d(..., kernel, stride, padding)``; padding defaults to ``(kernel - 1) // 2``."""
     p = (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
-                   use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+    return Conv(features, (kernel, kernel), strides=(stride, stride), padding=((p, p), (p, p)),
+                use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 # ----------------------------------------------------------------------------- time embedding

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from fairjax.errors import CheckpointError
-from fairjax.models.layers import layer_norm
+from fairjax.models.layers import Conv, layer_norm
 from fairjax.models.transformer import ACTIVATIONS, Encoder
 
 Dtype = Any
@@ -94,8 +94,8 @@ class SiglipVisionEmbeddings(nn.Module):
             raise ValueError(f"siglip: images are {x.shape[1]}x{x.shape[2]} but the model takes "
                              f"{c.image_size}x{c.image_size}; resize them first")
         p = c.patch_size
-        h = nn.Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, name="patch_embedding")(x)
+        h = Conv(c.hidden_size, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="patch_embedding")(x)
         b, gh, gw, d = h.shape
         pos = nn.Embed(gh * gw, d, dtype=self.dtype, param_dtype=self.param_dtype,
                        name="position_embedding")(jnp.arange(gh * gw))

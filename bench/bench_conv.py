@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""The convolutions of the 50M SDXL-shaped UNet on XLA:CPU: XLA's direct convolution
+(``lax.conv_general_dilated``) against fairjax's (``fairjax.models.layers.conv_general_dilated``: Winograd
+F(2x2, 3x3) for 3x3 kernels, a matrix product for 1x1) and PyTorch's ``conv2d`` (oneDNN), forward and
+gradient, side by side in one process.
+
+    python bench/bench_conv.py                 # forward and gradient at every shape
+    python bench/bench_conv.py --calls 50 --rounds 3
+
+Each shape is (batch, height, width, in channels, out channels, kernel size, stride) with a count of how often one forward of
+``bench/bench_unet.py``'s UNet runs it; the table gives the median ms per call over ``--rounds`` interleaved
+rounds of ``--calls`` calls, the gradient as ``jax.grad`` / ``torch.autograd`` of ``sum(y * g)`` w.r.t. input and
+kernel, and the largest relative difference of each Flax form from torch's output. The gradient's ``fairjax``
+column is what fairjax runs (the Winograd forward, XLA's convolution transposes for the backward:
+``WINOGRAD_BACKWARD = "lax"``), ``wino-bwd`` differentiates through the Winograd transforms instead. The
+last line weights each shape by its count: the convolutions' share of one UNet forward and train step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+from _torch_util import rel, timeit  # noqa: E402
+
+# (B, H, W, C_in, C_out, kernel, stride): count per forward of bench_unet's CONFIG at batch 4, 32x32 latents
+# (read from the jaxpr of one forward)
+SHAPES = [((4, 8, 8, 256, 256, 3, 1), 10), ((4, 32, 32, 64, 64, 3, 1), 7), ((4, 16, 16, 128, 128, 3, 1), 6),
+          ((4, 8, 8, 512, 256, 3, 1), 2), ((4, 32, 32, 128, 64, 3, 1), 2), ((4, 32, 32, 4, 64, 3, 1), 1),
+          ((4, 16, 16, 64, 128, 3, 1), 1), ((4, 8, 8, 128, 256, 3, 1), 1), ((4, 8, 8, 384, 256, 3, 1), 1),
+          ((4, 16, 16, 256, 256, 3, 1), 1), ((4, 16, 16, 384, 128, 3, 1), 1), ((4, 16, 16, 256, 128, 3, 1), 1),
+          ((4, 16, 16, 192, 128, 3, 1), 1), ((4, 32, 32, 128, 128, 3, 1), 1), ((4, 32, 32, 192, 64, 3, 1), 1),
+          ((4, 32, 32, 64, 4, 3, 1), 1), ((4, 32, 32, 64, 64, 3, 2), 1), ((4, 16, 16, 128, 128, 3, 2), 1),
+          ((4, 8, 8, 512, 256, 1, 1), 2), ((4, 32, 32, 128, 64, 1, 1), 2), ((4, 16, 16, 64, 128, 1, 1), 1),
+          ((4, 8, 8, 128, 256, 1, 1), 1), ((4, 8, 8, 384, 256, 1, 1), 1), ((4, 16, 16, 384, 128, 1, 1), 1),
+          ((4, 16, 16, 256, 128, 1, 1), 1), ((4, 16, 16, 192, 128, 1, 1), 1), ((4, 32, 32, 192, 64, 1, 1), 1)]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from fairjax.io.host import tune_allocator
+
+    tune_allocator()
+    from fairjax.models import layers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    print(f"convolutions, ms per call (median of {a.calls} calls x {a.rounds} interleaved rounds); "
+          f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    print(f"{'B,H,W,Cin,Cout,k,s':>22} {'n':>3} | {'fwd lax':>8} {'fairjax':>8} {'torch':>8} | "
+          f"{'grad lax':>8} {'fairjax':>8} {'wino-bwd':>8} {'torch':>8} | rel. diff to torch (lax, fairjax)")
+    rng = np.random.default_rng(0)
+    total = np.zeros(7)
+    for (b, h, wd, ci, co, ks, st), n in SHAPES:
+        pad = (ks - 1) // 2
+
+        def direct(x, w, conv=jax.lax.conv_general_dilated):
+            return conv(x, w, (st, st), ((pad, pad), (pad, pad)),
+                        dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+
+        def ours(x, w):
+            return direct(x, w, layers.conv_general_dilated)
+
+        def grad_of(conv, backward="lax"):
+            def f(x, w, g):
+                layers.WINOGRAD_BACKWARD = backward  # read while tracing
+                try:
+                    return jax.grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
+                finally:
+                    layers.WINOGRAD_BACKWARD = "lax"
+            return jax.jit(f)
+
+        x = rng.standard_normal((b, h, wd, ci), dtype=np.float32)
+        k = (rng.standard_normal((ks, ks, ci, co)) / np.sqrt(ks * ks * ci)).astype(np.float32)
+        g = rng.standard_normal((b, h // st, wd // st, co), dtype=np.float32)
+        xj, kj, gj = (jnp.asarray(v) for v in (x, k, g))
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+        kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+        gt = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            want = torch.nn.functional.conv2d(xt, kt, stride=st, padding=pad).permute(0, 2, 3, 1).numpy()
+
+        def t_fwd():
+            with torch.no_grad():
+                torch.nn.functional.conv2d(xt, kt, stride=st, padding=pad)
+
+        def t_grad():
+            torch.autograd.grad((torch.nn.functional.conv2d(xt, kt, stride=st, padding=pad) * gt).sum(), (xt, kt))
+
+        fd, fw = jax.jit(direct), jax.jit(ours)
+        gd, gw, gww = grad_of(direct), grad_of(ours), grad_of(ours, "winograd")
+        arms = [lambda: fd(xj, kj).block_until_ready(), lambda: fw(xj, kj).block_until_ready(), t_fwd,
+                lambda: jax.block_until_ready(gd(xj, kj, gj)), lambda: jax.block_until_ready(gw(xj, kj, gj)),
+                lambda: jax.block_until_ready(gww(xj, kj, gj)), t_grad]
+        ms = [[] for _ in arms]
+        for _ in range(a.rounds):
+            for i, fn in enumerate(arms):
+                ms[i].append(timeit(fn, a.calls) * 1e3)
+        med = np.array([statistics.median(v) for v in ms])
+        total += n * med
+        diffs = (rel(fd(xj, kj), want), rel(fw(xj, kj), want))
+        print(f"{f'{b},{h},{wd},{ci},{co},{ks},{st}':>22} {n:>3} | {med[0]:8.3f} {med[1]:8.3f} {med[2]:8.3f} | "
+              f"{med[3]:8.3f} {med[4]:8.3f} {med[5]:8.3f} {med[6]:8.3f} | {diffs[0]:.1e}, {diffs[1]:.1e}", flush=True)
+    print(f"{'sum weighted by n':>22} {'':>3} | {total[0]:8.1f} {total[1]:8.1f} {total[2]:8.1f} | "
+          f"{total[3]:8.1f} {total[4]:8.1f} {total[5]:8.1f} {total[6]:8.1f} |")
+
+
+if __name__ == "__main__":
+    main()
