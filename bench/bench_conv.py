@@ -6,6 +6,7 @@ gradient, side by side in one process.
 
     python bench/bench_conv.py                 # forward and gradient at every shape
     python bench/bench_conv.py --calls 50 --rounds 3
+    python bench/bench_conv.py --sdxl          # forward only, at full-size SDXL shapes (1024x1024 images)
 
 Each shape is (batch, height, width, in channels, out channels, kernel size, stride) with a count of how often one forward of
 ``bench/bench_unet.py``'s UNet runs it; the table gives the median ms per call over ``--rounds`` interleaved
@@ -14,6 +15,9 @@ kernel, and the largest relative difference of each Flax form from torch's outpu
 column is what fairjax runs (the Winograd forward, XLA's convolution transposes for the backward:
 ``WINOGRAD_BACKWARD = "lax"``), ``wino-bwd`` differentiates through the Winograd transforms instead. The
 last line weights each shape by its count: the convolutions' share of one UNet forward and train step.
+
+``--sdxl``: the forward alone at the full-size SDXL UNet's 3x3 convolutions (128x128 latents, batch 2 as with
+classifier-free guidance) and one VAE decoder convolution, 5 calls each.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sdxl", action="store_true", help="forward only, full-size SDXL shapes")
+    p.add_argument("--shapes", type=int, default=None, help="only the first N shapes (a quick check)")
     a = p.parse_args()
 
     import jax
@@ -58,6 +64,8 @@ def main():
     from fairjax.models import layers
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if a.sdxl:
+        return sdxl(a.calls if a.calls != 30 else 5)
 
     print(f"convolutions, ms per call (median of {a.calls} calls x {a.rounds} interleaved rounds); "
           f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
@@ -65,7 +73,7 @@ def main():
           f"{'grad lax':>8} {'fairjax':>8} {'wino-bwd':>8} {'torch':>8} | rel. diff to torch (lax, fairjax)")
     rng = np.random.default_rng(0)
     total = np.zeros(7)
-    for (b, h, wd, ci, co, ks, st), n in SHAPES:
+    for (b, h, wd, ci, co, ks, st), n in SHAPES[:a.shapes]:
         pad = (ks - 1) // 2
 
         def direct(x, w, conv=jax.lax.conv_general_dilated):
@@ -117,6 +125,44 @@ def main():
               f"{med[3]:8.3f} {med[4]:8.3f} {med[5]:8.3f} {med[6]:8.3f} | {diffs[0]:.1e}, {diffs[1]:.1e}", flush=True)
     print(f"{'sum weighted by n':>22} {'':>3} | {total[0]:8.1f} {total[1]:8.1f} {total[2]:8.1f} | "
           f"{total[3]:8.1f} {total[4]:8.1f} {total[5]:8.1f} {total[6]:8.1f} |")
+
+
+# (B, H, W, C_in, C_out): the full-size SDXL UNet's 3x3 convolutions at each resolution (128x128 latents, batch 2),
+# and a VAE decoder convolution at 256x256
+SDXL_SHAPES = [(2, 128, 128, 320, 320), (2, 64, 64, 640, 640), (2, 32, 32, 1280, 1280), (1, 256, 256, 128, 128)]
+
+
+def sdxl(calls: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from fairjax.models import layers
+
+    print(f"3x3 convolutions at full SDXL sizes, forward, ms per call (median of {calls} calls); "
+          f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    print(f"{'B,H,W,Cin,Cout':>20} | {'lax':>8} {'fairjax':>8} {'torch':>8} | rel. diff to torch (lax, fairjax)")
+    rng = np.random.default_rng(0)
+    for b, h, wd, ci, co in SDXL_SHAPES:
+        x = rng.standard_normal((b, h, wd, ci), dtype=np.float32)
+        k = (rng.standard_normal((3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
+        xj, kj = jnp.asarray(x), jnp.asarray(k)
+        dims = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+        fd = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims))
+        fo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims))
+        xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+        kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
+
+        def t_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.conv2d(xt, kt, padding=1)
+
+        want = t_fwd().permute(0, 2, 3, 1).numpy()
+        ms = [timeit(lambda: fd(xj, kj).block_until_ready(), calls) * 1e3,
+              timeit(lambda: fo(xj, kj).block_until_ready(), calls) * 1e3, timeit(t_fwd, calls) * 1e3]
+        print(f"{f'{b},{h},{wd},{ci},{co}':>20} | {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:8.1f} | "
+              f"{rel(fd(xj, kj), want):.1e}, {rel(fo(xj, kj), want):.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,16 @@ def test_memory_benches_run(cmd):
     assert p.stdout.strip()
 
 
+def test_bench_conv_runs_and_every_form_matches_torch():
+    # the first two shapes: one below Winograd's size (8x8: XLA's convolution) and one above it (32x32)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_conv.py"), "--calls", "1", "--rounds", "1",
+                        "--shapes", "2"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = [line for line in p.stdout.splitlines() if line.count("|") == 3 and line.split("|")[0].strip()[:1].isdigit()]
+    diffs = [float(d) for line in rows for d in line.rsplit("|", 1)[1].split(",")]
+    assert len(rows) == 2 and len(diffs) == 4 and max(diffs) < 1e-5, p.stdout
+
+
 def test_bench_dense_runs_and_both_backwards_agree():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_dense.py"), "--calls", "1", "--rounds", "1"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)

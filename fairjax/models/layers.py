@@ -257,9 +257,11 @@ WINOGRAD_ON_CPU = True
 #: transposes) or ``"winograd"`` (through the Winograd transforms); for A/B benchmarks
 WINOGRAD_BACKWARD = "lax"
 #: smaller convolutions (batch x height x width pixels, or input or output channels) take XLA's direct
-#: convolution: there the 16 small products of Winograd's batched dot and its transforms cost more than the
-#: FLOPs they save (``bench/bench_conv.py``: at batch 4, Winograd wins at 32x32 and loses at 8x8 and 16x16)
-WINOGRAD_MIN_PIXELS = 4096
+#: convolution: there the 16 small products of Winograd's batched dot (pixels / 4 rows each) and its
+#: transforms cost more than the FLOPs they save. ``bench/bench_conv.py``: with 64 rows (8x8, batch 4)
+#: Winograd lost at every channel count, with 256 (16x16) it won and lost by turns, from 512 rows on it won
+#: (32x32 at batch 2 or 4, 64 to 1280 channels; 1.3-1.9x at SDXL's sizes)
+WINOGRAD_MIN_PIXELS = 2048
 WINOGRAD_MIN_CHANNELS = 32
 #: a convolution whose transformed input or output (4 times the input's or output's bytes) would be larger
 #: takes XLA's direct convolution instead
