@@ -8,15 +8,15 @@ XLA compiler options or buffer donations, in one process, interleaved, so the VM
                                                             # state (bench_unet), params and state (the trainer)
     python bench/ab_unet_step.py --dense plain flat          # Dense's product on its input as it is, or
                                                             # flattened (fairjax.models.layers.dense_dot_general)
-    python bench/ab_unet_step.py --conv lax winograd winograd-bwd   # convolutions as XLA's, or as
-                                    # fairjax.models.layers.conv_general_dilated (Winograd forward, lax or
-                                    # Winograd backward)
+    python bench/ab_unet_step.py --conv lax winograd winograd-fwd winograd-bwd   # convolutions as XLA's,
+                  # or as fairjax.models.layers.conv_general_dilated, differentiated as the direct convolution
+                  # (fairjax's default), with the Winograd forward only, or through the Winograd transforms
 
 ``--options``: one ``jit(step).lower(...)`` compiled once per arm with ``compiler_options``, each call on
 the same (undonated) arguments. ``--donate``: each arm threads its own params and AdamW state through its
 own jitted step. ``--dense``: each arm traces its own step with
 ``fairjax.models.layers.FLATTEN_ON_CPU`` off (``plain``) or on (``flat``); ``--conv`` likewise with
-``WINOGRAD_ON_CPU`` and ``WINOGRAD_BACKWARD``. ``--forward`` times the UNet's forward instead of the step
+``WINOGRAD_ON_CPU`` and ``WINOGRAD_DIFFERENTIATED``. ``--forward`` times the UNet's forward instead of the step
 (with ``--options``, ``--dense`` or ``--conv``). Prints median and min per
 arm over ``--rounds`` interleaved calls. The host is set up as
 ``fairjax.train`` sets it (glibc malloc tunables, synchronous CPU dispatch). No PyTorch side: the ratios to
@@ -49,7 +49,8 @@ def main():
     g.add_argument("--options", nargs="+", metavar="K=V[,K=V]", help="XLA compiler options, one arm each")
     g.add_argument("--donate", nargs="+", choices=sorted(DONATE), help="donation arms")
     g.add_argument("--dense", nargs="+", choices=["plain", "flat"], help="Dense product arms")
-    g.add_argument("--conv", nargs="+", choices=["lax", "winograd", "winograd-bwd"], help="convolution arms")
+    g.add_argument("--conv", nargs="+", choices=["lax", "winograd", "winograd-fwd", "winograd-bwd"],
+                   help="convolution arms")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--forward", action="store_true", help="time the forward instead of the train step")
     p.add_argument("--remat", default="none", help="remat policy of each transformer block (default none)")
@@ -123,12 +124,13 @@ def main():
         state = opt.init(params)
         for name in a.conv:
             layers.WINOGRAD_ON_CPU = name != "lax"
-            layers.WINOGRAD_BACKWARD = "winograd" if name == "winograd-bwd" else "lax"
+            layers.WINOGRAD_DIFFERENTIATED = {"winograd-fwd": "winograd-forward", "winograd-bwd": "winograd"}.get(
+                name, "direct")
             t0 = time.perf_counter()
             compiled = jax.jit(make_step()).lower(params, state).compile()
             print(f"conv {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             arms[f"conv {name}"] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
-        layers.WINOGRAD_ON_CPU, layers.WINOGRAD_BACKWARD = True, "lax"
+        layers.WINOGRAD_ON_CPU, layers.WINOGRAD_DIFFERENTIATED = True, "direct"
     else:
         for name in a.donate:
             fn = jax.jit(step, donate_argnums=DONATE[name])

@@ -12,8 +12,9 @@ Each shape is (batch, height, width, in channels, out channels, kernel size, str
 ``bench/bench_unet.py``'s UNet runs it; the table gives the median ms per call over ``--rounds`` interleaved
 rounds of ``--calls`` calls, the gradient as ``jax.grad`` / ``torch.autograd`` of ``sum(y * g)`` w.r.t. input and
 kernel, and the largest relative difference of each Flax form from torch's output. The gradient's ``fairjax``
-column is what fairjax runs (the Winograd forward, XLA's convolution transposes for the backward:
-``WINOGRAD_BACKWARD = "lax"``), ``wino-bwd`` differentiates through the Winograd transforms instead. The
+column is what fairjax runs (``WINOGRAD_DIFFERENTIATED = "direct"``: XLA's direct convolution, so the same as
+``lax`` up to noise, but for 1x1 kernels), ``wino-fwd`` the Winograd forward with the direct convolution's
+derivatives, ``wino-bwd`` differentiating through the Winograd transforms. The
 last line weights each shape by its count: the convolutions' share of one UNet forward and train step.
 
 ``--sdxl``: the forward alone at the full-size SDXL UNet's 3x3 convolutions (128x128 latents, batch 2 as with
@@ -70,9 +71,10 @@ def main():
     print(f"convolutions, ms per call (median of {a.calls} calls x {a.rounds} interleaved rounds); "
           f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
     print(f"{'B,H,W,Cin,Cout,k,s':>22} {'n':>3} | {'fwd lax':>8} {'fairjax':>8} {'torch':>8} | "
-          f"{'grad lax':>8} {'fairjax':>8} {'wino-bwd':>8} {'torch':>8} | rel. diff to torch (lax, fairjax)")
+          f"{'grad lax':>8} {'fairjax':>8} {'wino-fwd':>8} {'wino-bwd':>8} {'torch':>8} | "
+          "rel. diff to torch (lax, fairjax)")
     rng = np.random.default_rng(0)
-    total = np.zeros(7)
+    total = np.zeros(8)
     for (b, h, wd, ci, co, ks, st), n in SHAPES[:a.shapes]:
         pad = (ks - 1) // 2
 
@@ -83,13 +85,13 @@ def main():
         def ours(x, w):
             return direct(x, w, layers.conv_general_dilated)
 
-        def grad_of(conv, backward="lax"):
+        def grad_of(conv, differentiated="direct"):
             def f(x, w, g):
-                layers.WINOGRAD_BACKWARD = backward  # read while tracing
+                layers.WINOGRAD_DIFFERENTIATED = differentiated  # read while tracing
                 try:
                     return jax.grad(lambda x, w: jnp.vdot(conv(x, w), g), (0, 1))(x, w)
                 finally:
-                    layers.WINOGRAD_BACKWARD = "lax"
+                    layers.WINOGRAD_DIFFERENTIATED = "direct"
             return jax.jit(f)
 
         x = rng.standard_normal((b, h, wd, ci), dtype=np.float32)
@@ -110,10 +112,9 @@ def main():
             torch.autograd.grad((torch.nn.functional.conv2d(xt, kt, stride=st, padding=pad) * gt).sum(), (xt, kt))
 
         fd, fw = jax.jit(direct), jax.jit(ours)
-        gd, gw, gww = grad_of(direct), grad_of(ours), grad_of(ours, "winograd")
+        grads = [grad_of(direct), grad_of(ours), grad_of(ours, "winograd-forward"), grad_of(ours, "winograd")]
         arms = [lambda: fd(xj, kj).block_until_ready(), lambda: fw(xj, kj).block_until_ready(), t_fwd,
-                lambda: jax.block_until_ready(gd(xj, kj, gj)), lambda: jax.block_until_ready(gw(xj, kj, gj)),
-                lambda: jax.block_until_ready(gww(xj, kj, gj)), t_grad]
+                *[lambda gf=gf: jax.block_until_ready(gf(xj, kj, gj)) for gf in grads], t_grad]
         ms = [[] for _ in arms]
         for _ in range(a.rounds):
             for i, fn in enumerate(arms):
@@ -122,9 +123,10 @@ def main():
         total += n * med
         diffs = (rel(fd(xj, kj), want), rel(fw(xj, kj), want))
         print(f"{f'{b},{h},{wd},{ci},{co},{ks},{st}':>22} {n:>3} | {med[0]:8.3f} {med[1]:8.3f} {med[2]:8.3f} | "
-              f"{med[3]:8.3f} {med[4]:8.3f} {med[5]:8.3f} {med[6]:8.3f} | {diffs[0]:.1e}, {diffs[1]:.1e}", flush=True)
+              f"{med[3]:8.3f} {med[4]:8.3f} {med[5]:8.3f} {med[6]:8.3f} {med[7]:8.3f} | {diffs[0]:.1e}, {diffs[1]:.1e}",
+              flush=True)
     print(f"{'sum weighted by n':>22} {'':>3} | {total[0]:8.1f} {total[1]:8.1f} {total[2]:8.1f} | "
-          f"{total[3]:8.1f} {total[4]:8.1f} {total[5]:8.1f} {total[6]:8.1f} |")
+          f"{total[3]:8.1f} {total[4]:8.1f} {total[5]:8.1f} {total[6]:8.1f} {total[7]:8.1f} |")
 
 
 # (B, H, W, C_in, C_out): the full-size SDXL UNet's 3x3 convolutions at each resolution (128x128 latents, batch 2),

@@ -68,11 +68,11 @@ def test_winograd_equals_the_float64_convolution(shape, k):
     assert _rel(got, _numpy_conv(x, w, 1)) < 1e-5
 
 
-@pytest.mark.parametrize("backward", ["lax", "winograd"])
+@pytest.mark.parametrize("differentiated", ["direct", "winograd-forward", "winograd"])
 @pytest.mark.parametrize("remat", [False, True])
 @pytest.mark.parametrize("shape", [(2, 6, 6, 8), (1, 5, 7, 3)])
-def test_gradients_are_the_float64_ones(shape, remat, backward, monkeypatch, winograd_everywhere):
-    monkeypatch.setattr(layers, "WINOGRAD_BACKWARD", backward)
+def test_gradients_are_the_float64_ones(shape, remat, differentiated, monkeypatch, winograd_everywhere):
+    monkeypatch.setattr(layers, "WINOGRAD_DIFFERENTIATED", differentiated)
     x, w, g = _data(shape, 5, seed=1)
 
     def f(x, w):
@@ -87,6 +87,19 @@ def test_gradients_are_the_float64_ones(shape, remat, backward, monkeypatch, win
     tx, tw = _data(shape, 5, seed=2)[:2]
     _, tangent = jax.jvp(_conv, (x, w), (tx, tw))
     assert _rel(tangent, _numpy_conv(tx, w, 1) + _numpy_conv(x, tw, 1)) < 1e-5
+
+
+def test_differentiated_convolution_is_the_direct_one_by_default(monkeypatch, winograd_everywhere):
+    """Inference takes Winograd; under ``jax.grad`` (and ``jax.jvp``) the default computes XLA's direct
+    convolution, forward and backward, as if Winograd were off (the train step's program is unchanged)."""
+    x, w, g = _data((2, 6, 6, 8), 5)
+    grad = jax.grad(lambda x, w: jnp.sum(_conv(x, w) * g), (0, 1))
+    assert "dot_general" in _primitives(_conv, x, w) and "conv_general_dilated" not in _primitives(_conv, x, w)
+    assert "dot_general" not in _primitives(grad, x, w) and "conv_general_dilated" in _primitives(grad, x, w)
+    monkeypatch.setattr(layers, "WINOGRAD_DIFFERENTIATED", "winograd-forward")
+    assert {"dot_general", "conv_general_dilated"} <= _primitives(grad, x, w)
+    monkeypatch.setattr(layers, "WINOGRAD_DIFFERENTIATED", "winograd")
+    assert "conv_general_dilated" not in _primitives(grad, x, w)
 
 
 def test_one_by_one_is_a_matrix_product():

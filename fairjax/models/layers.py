@@ -253,9 +253,13 @@ def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.La
 #: ``lax.conv_general_dilated``); for A/B benchmarks (``bench/ab_unet_step.py --conv``) and tests
 WINOGRAD_ON_CPU = True
 
-#: how :func:`conv_general_dilated`'s Winograd convolutions differentiate: ``"lax"`` (XLA's convolution
-#: transposes) or ``"winograd"`` (through the Winograd transforms); for A/B benchmarks
-WINOGRAD_BACKWARD = "lax"
+#: what a Winograd-eligible convolution computes when it is differentiated (a custom JVP decides):
+#: ``"direct"``, XLA's direct convolution, forward and backward, exactly as without Winograd (the train
+#: step's time and compile time are unchanged; only inference takes Winograd); ``"winograd-forward"``, the
+#: Winograd forward with the direct convolution's derivatives; ``"winograd"``, differentiating through the
+#: Winograd transforms. The 50M UNet's train step ran at the same speed with each and compiled 20-25%
+#: slower with Winograd in it (BENCHMARKS.md), hence the default; the others are for A/B benchmarks
+WINOGRAD_DIFFERENTIATED = "direct"
 #: smaller convolutions (batch x height x width pixels, or input or output channels) take XLA's direct
 #: convolution: there the 16 small products of Winograd's batched dot (pixels / 4 rows each) and its
 #: transforms cost more than the FLOPs they save. ``bench/bench_conv.py``: with 64 rows (8x8, batch 4)
@@ -315,26 +319,29 @@ def _lax_conv3x3(x, kernel, precision=None):
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _winograd_or_lax(x, kernel, precision, backward):
-    """:func:`winograd_conv3x3`; with ``backward="lax"`` its derivatives are the direct convolution's (a
-    custom JVP whose tangent is ``lax``'s convolution, which JAX transposes for the gradient), so the
-    gradient runs XLA's convolution transposes and keeps only ``x`` and ``kernel`` for the backward."""
+def _winograd_or_lax(x, kernel, precision, differentiated):
+    """:func:`winograd_conv3x3`, differentiated as :data:`WINOGRAD_DIFFERENTIATED` says (``differentiated``):
+    with ``"direct"`` or ``"winograd-forward"`` the tangent is the direct convolution's, which JAX
+    transposes for the gradient with XLA's convolution transposes, keeping only ``x`` and ``kernel``."""
     return winograd_conv3x3(x, kernel, precision)
 
 
 @_winograd_or_lax.defjvp
-def _winograd_or_lax_jvp(precision, backward, primals, tangents):
-    if backward == "winograd":
+def _winograd_or_lax_jvp(precision, differentiated, primals, tangents):
+    if differentiated == "winograd":
         return jax.jvp(lambda x, k: winograd_conv3x3(x, k, precision), primals, tangents)
     (x, kernel), (dx, dk) = primals, tangents
-    return winograd_conv3x3(x, kernel, precision), _lax_conv3x3(dx, kernel, precision) + _lax_conv3x3(x, dk, precision)
+    y = (winograd_conv3x3 if differentiated == "winograd-forward" else _lax_conv3x3)(x, kernel, precision)
+    return y, _lax_conv3x3(dx, kernel, precision) + _lax_conv3x3(x, dk, precision)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
     """``lax.conv_general_dilated`` for :class:`Conv`. On the CPU backend, for a float32 NHWC convolution
-    with stride 1 and no dilation or groups: a 3x3 kernel with padding 1 runs as :func:`winograd_conv3x3`,
+    with stride 1 and no dilation or groups: a 3x3 kernel with padding 1 (from :data:`WINOGRAD_MIN_PIXELS`
+    and :data:`WINOGRAD_MIN_CHANNELS` up to :data:`WINOGRAD_MAX_BYTES`) runs as :func:`winograd_conv3x3`
+    where it is not differentiated (:data:`WINOGRAD_DIFFERENTIATED`),
     where XLA:CPU's direct convolution is slower than PyTorch's oneDNN at the UNet's sizes, and a 1x1
     kernel without padding as one ``(pixels, C_in) x (C_in, C_out)`` matrix product (``bench/bench_conv.py``).
     Everything else, and every other backend (whose convolution libraries choose their own algorithms),
@@ -353,7 +360,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         transformed = 4 * pixels * max(lhs.shape[-1], rhs.shape[-1]) * 4  # bytes of the larger of V and M
         if (rhs.shape[:2] == (3, 3) and pads == ((1, 1), (1, 1)) and transformed <= WINOGRAD_MAX_BYTES
                 and pixels >= WINOGRAD_MIN_PIXELS and min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS):
-            return _winograd_or_lax(lhs, rhs, precision, WINOGRAD_BACKWARD)
+            return _winograd_or_lax(lhs, rhs, precision, WINOGRAD_DIFFERENTIATED)
         if rhs.shape[:2] == (1, 1) and pads in (((0, 0), (0, 0)), "VALID"):
             y = jax.lax.dot(lhs.reshape(-1, lhs.shape[-1]), rhs.reshape(rhs.shape[2:]), precision=precision)
             return y.reshape(lhs.shape[:-1] + (rhs.shape[-1],))
