@@ -264,7 +264,7 @@ WINOGRAD_DIFFERENTIATED = "direct"
 #: convolution: there the 16 small products of Winograd's batched dot (pixels / 4 rows each) and its
 #: transforms cost more than the FLOPs they save. ``bench/bench_conv.py``: with 64 rows (8x8, batch 4)
 #: Winograd lost at every channel count, with 256 (16x16) it won and lost by turns, from 512 rows on it won
-#: (32x32 at batch 2 or 4, 64 to 1280 channels; 1.3-1.9x at SDXL's sizes)
+#: (32x32 at batch 2 or 4, 64 to 1280 channels; up to 1.8x at SDXL's sizes)
 WINOGRAD_MIN_PIXELS = 2048
 WINOGRAD_MIN_CHANNELS = 32
 #: a convolution whose transformed input or output (4 times the input's or output's bytes) would be larger
