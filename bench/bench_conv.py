@@ -7,6 +7,7 @@ gradient, side by side in one process.
     python bench/bench_conv.py                 # forward and gradient at every shape
     python bench/bench_conv.py --calls 50 --rounds 3
     python bench/bench_conv.py --sdxl          # forward only, at full-size SDXL shapes (1024x1024 images)
+    python bench/bench_conv.py --vae 256       # the SDXL VAE's decode to 256x256, fairjax's Conv on and off
 
 Each shape is (batch, height, width, in channels, out channels, kernel size, stride) with a count of how often one forward of
 ``bench/bench_unet.py``'s UNet runs it; the table gives the median ms per call over ``--rounds`` interleaved
@@ -19,6 +20,10 @@ last line weights each shape by its count: the convolutions' share of one UNet f
 
 ``--sdxl``: the forward alone at the full-size SDXL UNet's 3x3 convolutions (128x128 latents, batch 2 as with
 classifier-free guidance) and one VAE decoder convolution, 5 calls each.
+
+``--vae RES``: the full-size SDXL VAE decoder (random weights) decoding one latent to RES x RES pixels, with
+``WINOGRAD_ON_CPU`` off and on, interleaved over ``--rounds`` rounds; median seconds per call and the largest
+relative difference between the two.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sdxl", action="store_true", help="forward only, full-size SDXL shapes")
     p.add_argument("--shapes", type=int, default=None, help="only the first N shapes (a quick check)")
+    p.add_argument("--vae", type=int, default=None, metavar="RES", help="A/B of the SDXL VAE decode to RES px")
     a = p.parse_args()
 
     import jax
@@ -67,6 +73,8 @@ def main():
     torch.set_num_threads(os.cpu_count() or 1)
     if a.sdxl:
         return sdxl(a.calls if a.calls != 30 else 5)
+    if a.vae:
+        return vae_decode(a.vae, a.rounds)
 
     print(f"convolutions, ms per call (median of {a.calls} calls x {a.rounds} interleaved rounds); "
           f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
@@ -165,6 +173,39 @@ def sdxl(calls: int):
               timeit(lambda: fo(xj, kj).block_until_ready(), calls) * 1e3, timeit(t_fwd, calls) * 1e3]
         print(f"{f'{b},{h},{wd},{ci},{co}':>20} | {ms[0]:8.1f} {ms[1]:8.1f} {ms[2]:8.1f} | "
               f"{rel(fd(xj, kj), want):.1e}, {rel(fo(xj, kj), want):.1e}", flush=True)
+
+
+def vae_decode(res: int, rounds: int):
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bench_vae_clip import SDXL_VAE
+    from fairjax.models import layers, vae
+
+    model = vae.from_config(SDXL_VAE)
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, res // 8, res // 8), dtype=np.float32))
+    params = jax.jit(lambda: model.init(jax.random.key(0), z, method=model.decode))()["params"]
+    arms = {}
+    for on in (False, True):
+        layers.WINOGRAD_ON_CPU = on  # read while tracing
+        arms["fairjax Conv" if on else "lax"] = jax.jit(
+            lambda p, z: model.apply({"params": p}, z, method=model.decode)).lower(params, z).compile()
+    layers.WINOGRAD_ON_CPU = True
+    out = {k: np.asarray(f(params, z), np.float64) for k, f in arms.items()}
+    a, b = out.values()
+    times = {k: [] for k in arms}
+    for _ in range(rounds):
+        for k, f in arms.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(params, z))
+            times[k].append(time.perf_counter() - t0)
+    (n0, t0), (n1, t1) = ((k, statistics.median(v)) for k, v in times.items())
+    print(f"SDXL VAE decode to {res}x{res}, batch 1, median of {rounds} interleaved rounds; jax {jax.__version__}: "
+          f"{n0} {t0:.2f} s, {n1} {t1:.2f} s ({t1 / t0:.2f}x); max relative difference "
+          f"{np.abs(a - b).max() / np.abs(a).max():.1e}")
 
 
 if __name__ == "__main__":
