@@ -105,32 +105,27 @@ def main():
             compiled = lowered.compile(compiler_options={k: _value(v) for k, v in opts.items()})
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             arms[name] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
-    elif a.dense:
+    elif a.dense or a.conv:
         from fairjax.models import layers
 
+        # each arm: the fairjax.models.layers switches it traces its own step with
+        if a.dense:
+            switches = {f"dense {n}": {"FLATTEN_ON_CPU": n == "flat"} for n in a.dense}
+        else:
+            switches = {f"conv {n}": {"WINOGRAD_ON_CPU": n != "lax", "WINOGRAD_DIFFERENTIATED": {
+                "winograd-fwd": "winograd-forward", "winograd-bwd": "winograd"}.get(n, "direct")} for n in a.conv}
+        defaults = {k: getattr(layers, k) for values in switches.values() for k in values}
         params = jax.tree.map(jnp.asarray, weights)
         state = opt.init(params)
-        for name in a.dense:
-            layers.FLATTEN_ON_CPU = name == "flat"
+        for name, values in switches.items():
+            for k, v in values.items():
+                setattr(layers, k, v)
             t0 = time.perf_counter()
             compiled = jax.jit(make_step()).lower(params, state).compile()
-            print(f"dense {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-            arms[f"dense {name}"] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
-        layers.FLATTEN_ON_CPU = True
-    elif a.conv:
-        from fairjax.models import layers
-
-        params = jax.tree.map(jnp.asarray, weights)
-        state = opt.init(params)
-        for name in a.conv:
-            layers.WINOGRAD_ON_CPU = name != "lax"
-            layers.WINOGRAD_DIFFERENTIATED = {"winograd-fwd": "winograd-forward", "winograd-bwd": "winograd"}.get(
-                name, "direct")
-            t0 = time.perf_counter()
-            compiled = jax.jit(make_step()).lower(params, state).compile()
-            print(f"conv {name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-            arms[f"conv {name}"] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
-        layers.WINOGRAD_ON_CPU, layers.WINOGRAD_DIFFERENTIATED = True, "direct"
+            print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+            arms[name] = (lambda c=compiled: jax.block_until_ready(c(params, state)[2]))
+        for k, v in defaults.items():
+            setattr(layers, k, v)
     else:
         for name in a.donate:
             fn = jax.jit(step, donate_argnums=DONATE[name])
