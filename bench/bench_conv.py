@@ -51,9 +51,17 @@ SHAPES = [((4, 8, 8, 256, 256, 3, 1), 10), ((4, 32, 32, 64, 64, 3, 1), 7), ((4, 
           ((4, 16, 16, 256, 128, 1, 1), 1), ((4, 16, 16, 192, 128, 1, 1), 1), ((4, 32, 32, 192, 64, 1, 1), 1)]
 
 
+def _conv(conv, x, w, stride=1, pad=1):
+    """``conv`` (``lax.conv_general_dilated`` or fairjax's) of NHWC ``x`` with HWIO ``w``."""
+    import jax
+
+    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
+    return conv(x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=dims)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--calls", type=int, default=None, help="calls per timing (default 30; 5 with --sdxl)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sdxl", action="store_true", help="forward only, full-size SDXL shapes")
     p.add_argument("--shapes", type=int, default=None, help="only the first N shapes (a quick check)")
@@ -72,11 +80,12 @@ def main():
 
     torch.set_num_threads(os.cpu_count() or 1)
     if a.sdxl:
-        return sdxl(a.calls if a.calls != 30 else 5)
+        return sdxl(a.calls or 5)
     if a.vae:
         return vae_decode(a.vae, a.rounds)
+    calls = a.calls or 30
 
-    print(f"convolutions, ms per call (median of {a.calls} calls x {a.rounds} interleaved rounds); "
+    print(f"convolutions, ms per call (median of {calls} calls x {a.rounds} interleaved rounds); "
           f"jax {jax.__version__}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
     print(f"{'B,H,W,Cin,Cout,k,s':>22} {'n':>3} | {'fwd lax':>8} {'fairjax':>8} {'torch':>8} | "
           f"{'grad lax':>8} {'fairjax':>8} {'wino-fwd':>8} {'wino-bwd':>8} {'torch':>8} | "
@@ -86,12 +95,11 @@ def main():
     for (b, h, wd, ci, co, ks, st), n in SHAPES[:a.shapes]:
         pad = (ks - 1) // 2
 
-        def direct(x, w, conv=jax.lax.conv_general_dilated):
-            return conv(x, w, (st, st), ((pad, pad), (pad, pad)),
-                        dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+        def direct(x, w):
+            return _conv(jax.lax.conv_general_dilated, x, w, st, pad)
 
         def ours(x, w):
-            return direct(x, w, layers.conv_general_dilated)
+            return _conv(layers.conv_general_dilated, x, w, st, pad)
 
         def grad_of(conv, differentiated="direct"):
             def f(x, w, g):
@@ -126,7 +134,7 @@ def main():
         ms = [[] for _ in arms]
         for _ in range(a.rounds):
             for i, fn in enumerate(arms):
-                ms[i].append(timeit(fn, a.calls) * 1e3)
+                ms[i].append(timeit(fn, calls) * 1e3)
         med = np.array([statistics.median(v) for v in ms])
         total += n * med
         diffs = (rel(fd(xj, kj), want), rel(fw(xj, kj), want))
@@ -158,9 +166,8 @@ def sdxl(calls: int):
         x = rng.standard_normal((b, h, wd, ci), dtype=np.float32)
         k = (rng.standard_normal((3, 3, ci, co)) / np.sqrt(9 * ci)).astype(np.float32)
         xj, kj = jnp.asarray(x), jnp.asarray(k)
-        dims = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
-        fd = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims))
-        fo = jax.jit(lambda x, w: layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=dims))
+        fd = jax.jit(lambda x, w: _conv(jax.lax.conv_general_dilated, x, w))
+        fo = jax.jit(lambda x, w: _conv(layers.conv_general_dilated, x, w))
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
         kt = torch.from_numpy(k).permute(3, 2, 0, 1).contiguous()
 
