@@ -294,12 +294,11 @@ def winograd_conv3x3(x, kernel, precision=None):
     xp = jnp.pad(x, ((0, 0), (1, 2 * th - h + 1), (1, 2 * tw - w + 1), (0, 0)))  # (n, 2 th + 2, 2 tw + 2, c)
     rows = _transform(*(xp[:, a:a + 2 * th:2] for a in range(4)))  # each (n, th, 2 tw + 2, c)
     v = jnp.stack([col for r in rows for col in _transform(*(r[:, :, b:b + 2 * tw:2] for b in range(4)))])
-    g = kernel
 
     def g_t(r0, r1, r2):  # G = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
         return r0, (r0 + r1 + r2) * 0.5, (r0 - r1 + r2) * 0.5, r2
 
-    gr = [g_t(g[0, j], g[1, j], g[2, j]) for j in range(3)]
+    gr = [g_t(kernel[0, j], kernel[1, j], kernel[2, j]) for j in range(3)]
     u = jnp.stack([e for a in range(4) for e in g_t(gr[0][a], gr[1][a], gr[2][a])])  # (16, c, k)
     m = jax.lax.dot_general(v.reshape(16, n * th * tw, c), u.astype(v.dtype), (((2,), (1,)), ((0,), (0,))),
                             precision=precision).reshape(4, 4, n, th, tw, k)
@@ -338,12 +337,12 @@ def _winograd_or_lax_jvp(precision, differentiated, primals, tangents):
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1, precision=None,
                          preferred_element_type=None):
-    """``lax.conv_general_dilated`` for :class:`Conv`. On the CPU backend, for a float32 NHWC convolution
-    with stride 1 and no dilation or groups: a 3x3 kernel with padding 1 (from :data:`WINOGRAD_MIN_PIXELS`
-    and :data:`WINOGRAD_MIN_CHANNELS` up to :data:`WINOGRAD_MAX_BYTES`) runs as :func:`winograd_conv3x3`
-    where it is not differentiated (:data:`WINOGRAD_DIFFERENTIATED`),
-    where XLA:CPU's direct convolution is slower than PyTorch's oneDNN at the UNet's sizes, and a 1x1
-    kernel without padding as one ``(pixels, C_in) x (C_in, C_out)`` matrix product (``bench/bench_conv.py``).
+    """``lax.conv_general_dilated`` for :class:`Conv`. On the CPU backend, where XLA's direct convolution is
+    slower than PyTorch's oneDNN at the UNet's sizes (``bench/bench_conv.py``), for a float32 NHWC
+    convolution with stride 1 and no dilation or groups: a 3x3 kernel with padding 1 (from
+    :data:`WINOGRAD_MIN_PIXELS` and :data:`WINOGRAD_MIN_CHANNELS` up to :data:`WINOGRAD_MAX_BYTES`) runs as
+    :func:`winograd_conv3x3` where it is not differentiated (:data:`WINOGRAD_DIFFERENTIATED`), and a 1x1
+    kernel without padding as one ``(pixels, C_in) x (C_in, C_out)`` matrix product.
     Everything else, and every other backend (whose convolution libraries choose their own algorithms),
     gets ``lax.conv_general_dilated``."""
     dims = dimension_numbers
