@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""CPU speed of the Flax UNet vs diffusers' PyTorch UNet, same config, same weights, same process.
+"""CPU speed of the Flax UNet vs diffusers' PyTorch UNet, same config, same weights, same script.
 
     python bench/bench_unet.py [--steps 5] [--batch 4] [--size 32] [--scan-layers] [--remat POLICY]
+    python bench/bench_unet.py --omp-wait-policy default passive   # torch with both OpenMP wait policies
     python bench/bench_unet.py --compare-scan [--steps 5] [--remat POLICY]
 
 SDXL-shaped config: block_out_channels (64, 128, 256), transformer layers
@@ -36,11 +37,13 @@ import subprocess
 import sys
 import time
 
-# PyTorch's OpenMP threads spin-wait at barriers by default; on a machine shared with
-# other jobs (more runnable threads than cores) that makes torch several times slower
-# (measured: 10 s vs 1.7 s per forward here). PASSIVE is the fair setting; pass
-# OMP_WAIT_POLICY=ACTIVE to see torch's default behaviour.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch's OpenMP (libgomp) threads spin-wait a while at each barrier before they sleep: that is its
+# default, with OMP_WAIT_POLICY unset, what a PyTorch user gets, and what the torch side runs with unless
+# --omp-wait-policy says otherwise. Until 2026-12-07 this script set PASSIVE (threads sleep at once) for
+# torch, which made its forward and step 1.3-1.5x slower on a quiet 2-core machine (BENCHMARKS.md, "PyTorch's
+# OpenMP wait policy"). Spinning hurts only on a machine shared with other jobs; pass --omp-wait-policy
+# passive there. ACTIVE (spin for seconds) would keep the idle torch worker's threads busy while Flax runs.
+WAIT_POLICIES = ("default", "passive", "active")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -98,6 +101,11 @@ def main():
                     help="--compare-scan's step: mse (plain regression) or popalign (policy + frozen reference)")
     ap.add_argument("--one-process", action="store_true",
                     help="run Flax and torch in this one process (default: one worker process each)")
+    ap.add_argument("--omp-wait-policy", nargs="+", choices=WAIT_POLICIES, metavar="POLICY",
+                    default=[os.environ.get("OMP_WAIT_POLICY", "default").lower()],
+                    help="torch's OMP_WAIT_POLICY, one torch worker each, timed in the same interleaved rounds: default "
+                         "(unset: libgomp spins, then sleeps; PyTorch as users run it), passive, active (default: "
+                         "$OMP_WAIT_POLICY, else default)")
     ap.add_argument("--worker", choices=("flax", "torch"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare_scan:
@@ -105,32 +113,43 @@ def main():
     if args.worker:
         return worker(args)
     if args.one_process:
-        sides = {name: _Local(build(name, args)) for name in ("flax", "torch")}
+        policy = os.environ.get("OMP_WAIT_POLICY", "default").lower()
+        sides = {"flax": _Local(build("flax", args)), f"torch ({policy})": _Local(build("torch", args))}
     else:
-        sides = {name: _Remote([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", name])
-                 for name in ("flax", "torch")}
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        sides = {"flax": _Remote(cmd + ["--worker", "flax"])}
+        for policy in dict.fromkeys(args.omp_wait_policy):
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy != "default":
+                env["OMP_WAIT_POLICY"] = policy.upper()
+            sides[f"torch ({policy})"] = _Remote(cmd + ["--worker", "torch"], env)
     info = {name: side.info for name, side in sides.items()}
-    res = {"fwd": ([], []), "step": ([], [])}
+    res = {what: {name: [] for name in sides} for what in ("fwd", "step")}
     for _ in range(args.steps):  # interleave
         for what in res:
-            for i, side in enumerate(sides.values()):
-                res[what][i].append(side.run(what))
+            for name, side in sides.items():
+                res[what][name].append(side.run(what))
     for side in sides.values():
         side.close()
-    fi, ti = info["flax"], info["torch"]
+    fi = info["flax"]
+    torches = [name for name in sides if name != "flax"]
+    ti = info[torches[0]]
     print(f"UNet {fi['n_params'] / 1e6:.1f}M params, batch {args.batch}, {args.size}x{args.size} latents, context "
           f"{args.seq}x256, float32, jax {fi['jax']} ({fi['platform']}), torch {ti['torch']} ({ti['threads']} threads, "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); compile fwd {fi['compile_fwd']:.1f}s, "
+          f"OMP_WAIT_POLICY {' / '.join(n[7:-1] for n in torches)}); compile fwd {fi['compile_fwd']:.1f}s, "
           f"step {fi['compile_step']:.1f}s")
     print(f"attention_implementation={args.attention}, remat={args.remat}, scan_layers={args.scan_layers}; "
           f"{'one process' if args.one_process else 'one worker process per framework'} "
           f"(GLIBC_TUNABLES flax {fi['tunables']!r}, torch {ti['tunables']!r}); medians of {args.steps} "
           f"interleaved runs (wall, and process CPU time summed over threads)")
-    for name, (fj, pt) in res.items():
-        (wj, cj, sj, fj_), (wp, cp, sp, fp) = ([statistics.median(v[i] for v in r) for i in range(4)] for r in (fj, pt))
-        print(f"{name:5s}: wall flax {wj * 1e3:7.1f} ms  torch {wp * 1e3:7.1f} ms  ratio {wj / wp:.2f}  | "
-              f"cpu flax {cj * 1e3:7.1f} ms  torch {cp * 1e3:7.1f} ms  ratio {cj / cp:.2f}  | "
-              f"sys flax {sj * 1e3:5.0f} ms  torch {sp * 1e3:5.0f} ms  | page faults flax {fj_:.0f}  torch {fp:.0f}")
+    for what, runs in res.items():
+        wj, cj, sj, fj = (statistics.median(r[i] for r in runs["flax"]) for i in range(4))
+        for name in torches:
+            wp, cp, sp, fp = (statistics.median(r[i] for r in runs[name]) for i in range(4))
+            label = name if len(torches) > 1 else "torch"
+            print(f"{what:5s}: wall flax {wj * 1e3:7.1f} ms  {label} {wp * 1e3:7.1f} ms  ratio {wj / wp:.2f}  | "
+                  f"cpu flax {cj * 1e3:7.1f} ms  {label} {cp * 1e3:7.1f} ms  ratio {cj / cp:.2f}  | "
+                  f"sys flax {sj * 1e3:5.0f} ms  {label} {sp * 1e3:5.0f} ms  | page faults flax {fj:.0f}  {label} {fp:.0f}")
 
 
 def _torch_unet():
@@ -235,8 +254,8 @@ class _Local:
 class _Remote:
     """A worker process that builds one side, then times one call per request line on stdin."""
 
-    def __init__(self, cmd):
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, cmd, env=None):
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
 
     def _read(self):
