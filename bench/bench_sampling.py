@@ -25,9 +25,10 @@ import sys
 import tempfile
 import time
 
-# PyTorch's OpenMP threads spin-wait at barriers by default; on a machine shared with other
-# jobs that makes torch several times slower. PASSIVE is the fair setting here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch runs with PyTorch's own OpenMP wait policy (libgomp spins a while at each barrier, then sleeps), as
+# its users run it. Until 2026-12-07 this script set OMP_WAIT_POLICY=PASSIVE, which slowed torch 1.3x on a
+# quiet 2-core machine (BENCHMARKS.md, "PyTorch's OpenMP wait policy"). On a machine shared with other jobs
+# spinning hurts torch instead: export OMP_WAIT_POLICY=PASSIVE there. The header prints what was in effect.
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
@@ -101,7 +102,8 @@ def main() -> None:
                 got = out
     diff = int(np.abs(got.astype(int) - want.astype(int)).max())
     ips = {k: n_images / statistics.median(v) for k, v in times.items()}
-    print(f"devices: {jax.devices()[0].platform} x1 (jax), torch threads {torch.get_num_threads()}; "
+    print(f"devices: {jax.devices()[0].platform} x1 (jax), torch threads {torch.get_num_threads()} "
+          f"(OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
           f"{n_images} images {got.shape[1]}x{got.shape[2]}, {args.steps} Euler steps, cfg {args.cfg}, float32")
     print(f"fairjax first call (compile + run): {compile_s:.1f} s")
     for k in ("diffusers", "fairjax"):

@@ -27,9 +27,10 @@ import statistics
 import sys
 import time
 
-# PyTorch's OpenMP threads spin-wait at barriers by default; on a shared machine that makes
-# torch several times slower. PASSIVE is the fair setting (as in bench/bench_unet.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch runs with PyTorch's own OpenMP wait policy (libgomp spins a while at each barrier, then sleeps), as
+# its users run it. Until 2026-12-07 this script set OMP_WAIT_POLICY=PASSIVE, which slowed torch 1.3x on a
+# quiet 2-core machine (BENCHMARKS.md, "PyTorch's OpenMP wait policy"). On a machine shared with other jobs
+# spinning hurts torch instead: export OMP_WAIT_POLICY=PASSIVE there. The header prints what was in effect.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -155,7 +156,7 @@ def main():
     print(f"tiny SDXL-shaped UNet ({args.preset}: {n_params / 1e6:.2f}M params), batch {shape[0]} = "
           f"{shape[0] // 2} pairs of {shape[1:]} latents, context {ctx}, "
           f"float32; jax {jax.__version__} ({jax.devices()[0].platform}, compile {compile_s:.1f}s), torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']})")
+          f"{torch.__version__} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
     print(f"step (policy fwd+bwd, reference fwd, clip, AdamW): fairjax {args.loss} {mj * 1e3:.1f} ms "
           f"(min {min(t_fj) * 1e3:.1f})   torch diffusion-dpo {mp * 1e3:.1f} ms (min {min(t_pt) * 1e3:.1f})   "
           f"ratio fairjax/torch {mj / mp:.2f}")
