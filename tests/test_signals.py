@@ -84,6 +84,62 @@ def test_pipeline_tools_stop_with_143_and_write_nothing(tool, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def _tool_case(which, tmp_path, micro_sdxl, micro_diffusers_unet, tiny_vila_u):
+    """(main, argv, roots) of one conversion / export tool writing ``tmp_path/out``."""
+    from _bad_inputs import tool
+
+    out = str(tmp_path / "out")
+    if which == "convert_diffusers":
+        return tool(which).main, [micro_diffusers_unet, out], [micro_sdxl["root"]]
+    if which == "export_diffusers":
+        return tool(which).main, [micro_sdxl["model"], out], [micro_sdxl["root"]]
+    if which == "export_diffusers_lora":
+        return tool("export_diffusers").main, [micro_sdxl["model"], out, "--lora", micro_sdxl["lora"]], \
+            [micro_sdxl["root"]]
+    if which == "export_vila_u":
+        return tool(which).main, [tiny_vila_u["model"], out], [tiny_vila_u["root"]]
+    return tool(which).main, [tiny_vila_u["src"], out, "--siglip-config", tiny_vila_u["siglip"]], \
+        [tiny_vila_u["root"]]
+
+
+@pytest.mark.parametrize("which", ["convert_diffusers", "export_diffusers", "export_diffusers_lora", "export_vila_u",
+                                   "convert_vila_u"])
+def test_conversion_tools_stop_on_ctrl_c_with_one_line_and_130(which, tmp_path, capsys, monkeypatch, micro_sdxl,
+                                                              micro_diffusers_unet, tiny_vila_u):
+    """Ctrl-C while a tool writes OUT (these tools have no guard: Python raises ``KeyboardInterrupt`` where
+    the tool is): one line, exit 130, no traceback, and neither OUT nor its temp folder left. Ctrl-C lands
+    just before the written temp folder would become OUT, or, for convert_vila_u (whose tiny source has no
+    vision weights to finish with), as it opens the first weights inside the temp folder."""
+    from _bad_inputs import tree_digest
+
+    main, argv, roots = _tool_case(which, tmp_path, micro_sdxl, micro_diffusers_unet, tiny_vila_u)
+    out, seen = argv[1], []
+    if which == "convert_vila_u":
+        import fairjax.convert.vila_u as vila_u_convert
+
+        def reader(*a, **k):
+            seen.append(os.listdir(tmp_path))
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(vila_u_convert, "ShardedReader", reader)
+    else:
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            if os.path.abspath(dst) == out:
+                seen.append(os.listdir(src))
+                raise KeyboardInterrupt
+            return real(src, dst, *a, **k)
+
+        monkeypatch.setattr(os, "replace", replace)
+    before = tree_digest(*roots)
+    capsys.readouterr()
+    assert main(argv) == 130
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "\r" not in ln]
+    assert err == ["stopped by SIGINT (Ctrl-C) before the output was complete; nothing partial was kept"], err
+    assert seen and seen[0], "Ctrl-C did not land while OUT's temp folder held something"
+    assert os.listdir(tmp_path) == [] and tree_digest(*roots) == before
+
 def test_train_cli_exits_130_after_saving_on_sigint(tmp_path, capsys):
     """``python -m fairjax.train`` on the 1-D mixture, Ctrl-C during the run: it finishes the step,
     saves, prints one line and returns 130; no output says the run finished; the same command resumes."""

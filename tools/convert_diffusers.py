@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         convert(args.src, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
         code = fs.exit_status(e)
         if code is None:
             raise

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             sig = read_json(args.siglip_config) if args.siglip_config else None
             vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
                                           siglip_config=sig, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
         code = fs.exit_status(e)
         if code is None:
             raise

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                              prefix=None if args.lora_prefix == "none" else args.lora_prefix, format=args.format)
         else:
             export_model(args.model_dir, args.out, dtype=args.dtype, lora_path=args.lora, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
         code = fs.exit_status(e)
         if code is None:
             raise

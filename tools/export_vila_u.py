@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             export_lora(args.model_dir, args.lora, args.out, dtype=args.dtype, overwrite=args.overwrite)
         else:
             export_llm(args.model_dir, args.out, lora_path=args.lora, dtype=args.dtype, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
+    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
         code = fs.exit_status(e)
         if code is None:
             raise

@@ -508,9 +508,15 @@ def error_line(e: BaseException) -> str | None:
 def exit_status(e: BaseException) -> int | None:
     """What an entry point does with the failure that ends it: a stop signal (:class:`~fairjax.errors.Interrupted`)
     prints its one line and gives 128 + the signal's number; a :class:`UserError` or an OS refusal prints
-    :func:`error_line` and gives 2; anything else is a bug: None, re-raise it."""
+    :func:`error_line` and gives 2; anything else is a bug: None, re-raise it.
+
+    A ``KeyboardInterrupt`` is Ctrl-C in a tool without a :class:`~fairjax.io.preemption.PreemptionGuard`
+    (the conversion and export tools, which write through :func:`fairjax.io.model_dir.atomic_output_dir`
+    and so keep nothing partial): one line and 130."""
     if isinstance(e, Interrupted):
         line, code = str(e), e.exit_code
+    elif isinstance(e, KeyboardInterrupt):
+        line, code = "stopped by SIGINT (Ctrl-C) before the output was complete; nothing partial was kept", 130
     else:
         line, code = error_line(e), 2
         if line is None:

@@ -231,11 +231,13 @@ def atomic_output_dir(out: str, overwrite: bool = False):
                 old = fs.temp_path(out, "old")
                 os.replace(out, old)
             os.replace(tmp, out)
-        except OSError as e:
+        except BaseException as e:  # an OS refusal, or Ctrl-C / SIGTERM between the block and the rename
             shutil.rmtree(tmp, ignore_errors=True)
             if old and not os.path.exists(out):
                 os.replace(old, out)
-            raise OutputError(f"cannot write {out}: {fs.os_error_message(e) or e}") from None
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {out}: {fs.os_error_message(e) or e}") from None
+            raise
         if old:
             if os.path.isdir(old) and not os.path.islink(old):
                 shutil.rmtree(old)
