@@ -26,7 +26,7 @@ import tempfile
 import time
 
 # torch runs with PyTorch's own OpenMP wait policy (libgomp spins a while at each barrier, then sleeps), as
-# its users run it. Until 2026-12-07 this script set OMP_WAIT_POLICY=PASSIVE, which slowed torch 1.3x on a
+# its users run it. Until 2026-12-07 this script set OMP_WAIT_POLICY=PASSIVE, which slowed torch 1.7x on a
 # quiet 2-core machine (BENCHMARKS.md, "PyTorch's OpenMP wait policy"). On a machine shared with other jobs
 # spinning hurts torch instead: export OMP_WAIT_POLICY=PASSIVE there. The header prints what was in effect.
 

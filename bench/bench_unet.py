@@ -40,7 +40,7 @@ import time
 # PyTorch's OpenMP (libgomp) threads spin-wait a while at each barrier before they sleep: that is its
 # default, with OMP_WAIT_POLICY unset, what a PyTorch user gets, and what the torch side runs with unless
 # --omp-wait-policy says otherwise. Until 2026-12-07 this script set PASSIVE (threads sleep at once) for
-# torch, which made its forward and step 1.3-1.5x slower on a quiet 2-core machine (BENCHMARKS.md, "PyTorch's
+# torch, which made its forward and step 1.3-1.8x slower on a quiet 2-core machine (BENCHMARKS.md, "PyTorch's
 # OpenMP wait policy"). Spinning hurts only on a machine shared with other jobs; pass --omp-wait-policy
 # passive there. ACTIVE (spin for seconds) would keep the idle torch worker's threads busy while Flax runs.
 WAIT_POLICIES = ("default", "passive", "active")
