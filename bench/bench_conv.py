@@ -195,12 +195,12 @@ def vae_decode(res: int, rounds: int):
     model = vae.from_config(SDXL_VAE)
     z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 4, res // 8, res // 8), dtype=np.float32))
     params = jax.jit(lambda: model.init(jax.random.key(0), z, method=model.decode))()["params"]
-    arms = {}
+    arms, default = {}, layers.WINOGRAD_ON_CPU
     for on in (False, True):
         layers.WINOGRAD_ON_CPU = on  # read while tracing
         arms["fairjax Conv" if on else "lax"] = jax.jit(
             lambda p, z: model.apply({"params": p}, z, method=model.decode)).lower(params, z).compile()
-    layers.WINOGRAD_ON_CPU = True
+    layers.WINOGRAD_ON_CPU = default
     out = {k: np.asarray(f(params, z), np.float64) for k, f in arms.items()}
     a, b = out.values()
     times = {k: [] for k in arms}

@@ -115,14 +115,16 @@ def main():
     if args.one_process:
         policy = os.environ.get("OMP_WAIT_POLICY", "default").lower()
         sides = {"flax": _Local(build("flax", args)), f"torch ({policy})": _Local(build("torch", args))}
+        policies = {f"torch ({policy})": policy}
     else:
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
         sides = {"flax": _Remote(cmd + ["--worker", "flax"])}
-        for policy in dict.fromkeys(args.omp_wait_policy):
+        policies = {f"torch ({policy})": policy for policy in args.omp_wait_policy}  # side name -> policy
+        for name, policy in policies.items():
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
             if policy != "default":
                 env["OMP_WAIT_POLICY"] = policy.upper()
-            sides[f"torch ({policy})"] = _Remote(cmd + ["--worker", "torch"], env)
+            sides[name] = _Remote(cmd + ["--worker", "torch"], env)
     info = {name: side.info for name, side in sides.items()}
     res = {what: {name: [] for name in sides} for what in ("fwd", "step")}
     for _ in range(args.steps):  # interleave
@@ -132,11 +134,11 @@ def main():
     for side in sides.values():
         side.close()
     fi = info["flax"]
-    torches = [name for name in sides if name != "flax"]
+    torches = list(policies)
     ti = info[torches[0]]
     print(f"UNet {fi['n_params'] / 1e6:.1f}M params, batch {args.batch}, {args.size}x{args.size} latents, context "
           f"{args.seq}x256, float32, jax {fi['jax']} ({fi['platform']}), torch {ti['torch']} ({ti['threads']} threads, "
-          f"OMP_WAIT_POLICY {' / '.join(n[7:-1] for n in torches)}); compile fwd {fi['compile_fwd']:.1f}s, "
+          f"OMP_WAIT_POLICY {' / '.join(policies.values())}); compile fwd {fi['compile_fwd']:.1f}s, "
           f"step {fi['compile_step']:.1f}s")
     print(f"attention_implementation={args.attention}, remat={args.remat}, scan_layers={args.scan_layers}; "
           f"{'one process' if args.one_process else 'one worker process per framework'} "

@@ -140,6 +140,7 @@ def test_conversion_tools_stop_on_ctrl_c_with_one_line_and_130(which, tmp_path, 
     assert seen and seen[0], "Ctrl-C did not land while OUT's temp folder held something"
     assert os.listdir(tmp_path) == [] and tree_digest(*roots) == before
 
+
 def test_train_cli_exits_130_after_saving_on_sigint(tmp_path, capsys):
     """``python -m fairjax.train`` on the 1-D mixture, Ctrl-C during the run: it finishes the step,
     saves, prints one line and returns 130; no output says the run finished; the same command resumes."""
