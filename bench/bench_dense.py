@@ -2,8 +2,8 @@
 """The weight gradient of a Dense layer on XLA:CPU: as JAX differentiates ``x @ W`` for an input with
 leading (batch, token) axes, and with those axes flattened first (``fairjax.models.layers.dense_dot_general``).
 
-    python bench/bench_dense.py            # both parts
-    python bench/bench_dense.py --part dots|mlp
+    python bench/bench_dense.py            # all parts
+    python bench/bench_dense.py --part dots|mlp|bmm
 
 ``dots``: ``dW`` (the VJP of ``x @ W`` w.r.t. ``W`` at cotangent ``g``) at the 50M UNet's shapes (batch, tokens,
 in, out), jitted, median of ``--calls`` calls, ms and GFLOP/s, and the copies and transposes in the compiled
@@ -11,6 +11,11 @@ program: ``x`` as ``(B, T, in)``, ``x`` flattened to ``(B*T, in)``, and torch's 
 
 ``mlp``: the gradient of a 4-layer pre-norm MLP stack (layer norm, Dense up, GELU, Dense down, residual)
 with every Dense through ``lax.dot_general`` or through ``dense_dot_general``, interleaved, ms per call.
+
+``bmm``: the batched products of the 50M UNet's forward (the attention's ``q k^T`` and ``p v`` with the heads
+folded into the batch, and Winograd's 16 ``(tiles, C_in) x (C_in, C_out)`` products), as one batched
+``dot_general``, as one dot per batch element, and torch's ``bmm``, ms and GFLOP/s. XLA picks its kernel with
+``XLA_FLAGS`` (for example ``--xla_cpu_experimental_ynn_fusion_type=``), so compare flags by running it twice.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from _torch_util import timeit  # noqa: E402
 
 SHAPES = [(4, 64, 256, 256), (4, 1024, 128, 128), (4, 1024, 128, 1024), (4, 256, 256, 1024), (4, 256, 512, 256),
           (4, 1024, 512, 128), (4, 256, 1024, 256)]  # batch, tokens, in, out
+BMM = [(16, 256, 32, 256, "16x16 self-attention q k^T"), (16, 256, 256, 32, "16x16 self-attention p v"),
+       (16, 256, 32, 77, "16x16 cross-attention q k^T"), (32, 64, 32, 64, "8x8 self-attention q k^T"),
+       (16, 1024, 64, 64, "Winograd 32x32x64"), (16, 256, 128, 128, "Winograd 16x16x128"),
+       (16, 64, 256, 256, "Winograd 8x8x256")]  # batch, M, K, N
 MLP = [(4, 256, 256, 1024), (4, 1024, 128, 512), (4, 64, 256, 1024)]  # batch, tokens, width, hidden
 
 
@@ -75,6 +84,36 @@ def dots(calls: int):
         print(f"{f'{b},{t},{ci},{co}':>18} " + " ".join(f"{c:>26}" for c in cells), flush=True)
 
 
+def bmm(calls: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    rng = np.random.default_rng(0)
+    batched = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((2,), (1,)), ((0,), (0,)))))
+    per_item = jax.jit(lambda a, b: jnp.stack([a[i] @ b[i] for i in range(a.shape[0])]))
+    print(f"\nbatched products, ms and GFLOP/s, median of {calls} calls; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    print(f"{'batch,M,K,N':>18} {'batched dot_general':>22} {'one dot per item':>22} {'torch bmm':>22}  "
+          f"max relative difference to torch")
+    for n, m, k, c, what in BMM:
+        a = rng.standard_normal((n, m, k), dtype=np.float32)
+        b = rng.standard_normal((n, k, c), dtype=np.float32)
+        aj, bj, at, bt = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
+        gflop = 2 * n * m * k * c / 1e9
+        want = torch.bmm(at, bt).numpy()
+        cells, diff = [], 0.0
+        for fn in (batched, per_item):
+            diff = max(diff, float(np.abs(np.asarray(fn(aj, bj)) - want).max() / np.abs(want).max()))
+            ms = _time(lambda fn=fn: fn(aj, bj).block_until_ready(), calls)
+            cells.append(f"{ms:8.3f} ms {gflop / ms * 1e3:4.0f} GF")
+        ms = _time(lambda: torch.bmm(at, bt), calls)
+        cells.append(f"{ms:8.3f} ms {gflop / ms * 1e3:4.0f} GF")
+        print(f"{f'{n},{m},{k},{c}':>18} " + " ".join(f"{x:>22}" for x in cells) + f"  {diff:.1e}  ({what})",
+              flush=True)
+
+
 def mlp(calls: int, rounds: int):
     import jax
     import jax.numpy as jnp
@@ -117,14 +156,16 @@ def mlp(calls: int, rounds: int):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["dots", "mlp", "both"], default="both")
+    p.add_argument("--part", choices=["dots", "mlp", "bmm", "all"], default="all")
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
-    if a.part in ("dots", "both"):
+    if a.part in ("dots", "all"):
         dots(a.calls)
-    if a.part in ("mlp", "both"):
+    if a.part in ("mlp", "all"):
         mlp(max(1, a.calls // 3), a.rounds)
+    if a.part in ("bmm", "all"):
+        bmm(a.calls)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,13 @@ def test_bench_conv_runs_and_every_form_matches_torch():
 
 
 def test_bench_dense_runs_and_both_backwards_agree():
+    """bench/bench_dense.py, all three parts: the flattened Dense gradient and the batched products agree."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_dense.py"), "--calls", "1", "--rounds", "1"],
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     diffs = [float(line.rsplit(" ", 1)[1]) for line in p.stdout.splitlines() if "gradient difference" in line]
     assert len(diffs) == 3 and max(diffs) < 1e-5, p.stdout
+    # the batched products (both JAX forms) against torch's bmm on the same inputs
+    bmm = [float(line.split("  (")[0].rsplit(" ", 1)[1]) for line in p.stdout.splitlines()
+           if line.endswith(")") and ("attention" in line or "Winograd" in line)]
+    assert len(bmm) == 7 and max(bmm) < 1e-5, p.stdout
