@@ -44,6 +44,11 @@ def _time(fn, calls):
     return timeit(fn, calls) * 1e3
 
 
+def _cell(ms: float, gflop: float) -> str:
+    """A table cell: milliseconds and the GFLOP/s they give."""
+    return f"{ms:8.3f} ms {gflop / ms * 1e3:4.0f} GF"
+
+
 def dots(calls: int):
     import re
 
@@ -78,9 +83,8 @@ def dots(calls: int):
             hlo = fn.lower(xj, wj, gj).compile().as_text()
             copies = len(re.findall(r"= \S+ (?:copy|transpose)\(|copy_bitcast_fusion\S* = ", hlo))
             m = _time(lambda: fn(xj, wj, gj).block_until_ready(), calls)
-            cells.append(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF [{copies}]")
-        m = _time(lambda: xt_.T @ gt_, calls)
-        cells.append(f"{m:8.3f} ms {gflop / m * 1e3:4.0f} GF")
+            cells.append(f"{_cell(m, gflop)} [{copies}]")
+        cells.append(_cell(_time(lambda: xt_.T @ gt_, calls), gflop))
         print(f"{f'{b},{t},{ci},{co}':>18} " + " ".join(f"{c:>26}" for c in cells), flush=True)
 
 
@@ -106,10 +110,8 @@ def bmm(calls: int):
         cells, diff = [], 0.0
         for fn in (batched, per_item):
             diff = max(diff, float(np.abs(np.asarray(fn(aj, bj)) - want).max() / np.abs(want).max()))
-            ms = _time(lambda fn=fn: fn(aj, bj).block_until_ready(), calls)
-            cells.append(f"{ms:8.3f} ms {gflop / ms * 1e3:4.0f} GF")
-        ms = _time(lambda: torch.bmm(at, bt), calls)
-        cells.append(f"{ms:8.3f} ms {gflop / ms * 1e3:4.0f} GF")
+            cells.append(_cell(_time(lambda fn=fn: fn(aj, bj).block_until_ready(), calls), gflop))
+        cells.append(_cell(_time(lambda: torch.bmm(at, bt), calls), gflop))
         print(f"{f'{n},{m},{k},{c}':>18} " + " ".join(f"{x:>22}" for x in cells) + f"  {diff:.1e}  ({what})",
               flush=True)
 
