@@ -327,58 +327,44 @@ def _is_toy(model_dir: str) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
     generation batches; OUT is not written, a re-run starts over)."""
-    from fairjax.errors import Interrupted
-    from fairjax.io.preemption import PreemptionGuard
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    with PreemptionGuard():
-        try:
-            return _main(argv)
-        except Interrupted as e:  # between generation batches; OUT was not written
-            print(str(e), file=sys.stderr)
-            return e.exit_code
+    return fs.run_entry(lambda: _main(argv))
 
 
 def _main(argv: list[str]) -> int:
     from fairjax.config import split_overrides
     from fairjax.convert.resolve import add_model_args, resolve_args
 
-    try:
-        rest, overrides = split_overrides(argv)
-        p = argparse.ArgumentParser(prog="python -m fairjax.evaluate", description=__doc__.split("\n\n")[0])
-        p.add_argument("--model", required=True, help="fairjax model dir (or a fine-tuned unet-only output), diffusers "
-                                                      "folder or Hugging Face repo id ORG/NAME[@REVISION]")
-        p.add_argument("--lora", default=None, help="fairjax LoRA file merged into --model's UNet")
-        p.add_argument("--out", required=True, help="output folder (report/ inside)")
-        p.add_argument("--base", default=None, help="base model (dir, diffusers folder or repo id), evaluated first, "
-                                                    "side by side")
-        p.add_argument("--base-lora", default=None, help="LoRA merged into --base")
-        p.add_argument("--name", default=None, help="name of --model in the report (default: tuned, or model)")
-        p.add_argument("--base-name", default="base", help="name of --base in the report")
-        p.add_argument("--config", default=None, help="config file[:preset] with sample/eval sections")
-        p.add_argument("--overwrite", action="store_true")
-        add_model_args(p)
-        args = p.parse_args(rest)
-        args.model, args.base = resolve_args(args.model, args), resolve_args(args.base, args)
-        cfg = load_eval_config(args.config, args.base or args.model, overrides)
-        from fairjax import parallel
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m fairjax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="fairjax model dir (or a fine-tuned unet-only output), diffusers "
+                                                  "folder or Hugging Face repo id ORG/NAME[@REVISION]")
+    p.add_argument("--lora", default=None, help="fairjax LoRA file merged into --model's UNet")
+    p.add_argument("--out", required=True, help="output folder (report/ inside)")
+    p.add_argument("--base", default=None, help="base model (dir, diffusers folder or repo id), evaluated first, "
+                                                "side by side")
+    p.add_argument("--base-lora", default=None, help="LoRA merged into --base")
+    p.add_argument("--name", default=None, help="name of --model in the report (default: tuned, or model)")
+    p.add_argument("--base-name", default="base", help="name of --base in the report")
+    p.add_argument("--config", default=None, help="config file[:preset] with sample/eval sections")
+    p.add_argument("--overwrite", action="store_true")
+    add_model_args(p)
+    args = p.parse_args(rest)
+    args.model, args.base = resolve_args(args.model, args), resolve_args(args.base, args)
+    cfg = load_eval_config(args.config, args.base or args.model, overrides)
+    from fairjax import parallel
 
-        parallel.enable_compilation_cache()
-        models = {}
-        if args.base:
-            models[args.base_name] = (args.base, args.base_lora)
-        name = args.name or ("tuned" if args.base else "model")
-        if name in models:
-            raise UserError(f"--name {name!r} is also the base's name; pass another --name")
-        models[name] = (args.model, args.lora)
-        if args.config:
-            fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
-        report = evaluate(cfg, models, args.out, base_dir=args.base, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
+    parallel.enable_compilation_cache()
+    models = {}
+    if args.base:
+        models[args.base_name] = (args.base, args.base_lora)
+    name = args.name or ("tuned" if args.base else "model")
+    if name in models:
+        raise UserError(f"--name {name!r} is also the base's name; pass another --name")
+    models[name] = (args.model, args.lora)
+    if args.config:
+        fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
+    report = evaluate(cfg, models, args.out, base_dir=args.base, overwrite=args.overwrite)
     for line in summary_lines(report):
         print(line)
     print(f"report: {report['html']}")

@@ -182,19 +182,11 @@ def _generate(args: argparse.Namespace, prompts: list[str]) -> dict:
 def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it between
     batches (OUT is not written; nothing partial is kept)."""
-    from fairjax.errors import Interrupted
-    from fairjax.io.preemption import PreemptionGuard
 
-    with PreemptionGuard():
-        try:
-            summary = run(argv)
-        except (Interrupted, UserError, OSError) as e:
-            code = fs.exit_status(e)
-            if code is None:
-                raise
-            return code
-    print(json.dumps(summary, indent=2))
-    return 0
+    def body():
+        print(json.dumps(run(argv), indent=2))
+
+    return fs.run_entry(body)
 
 
 if __name__ == "__main__":

@@ -214,21 +214,16 @@ def main(argv=None) -> int:
     """Exit status: 0 trained, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the
     run (after a checkpoint; a re-run resumes there)."""
     from fairjax.errors import Interrupted
-    from fairjax.io.preemption import PreemptionGuard
 
-    with PreemptionGuard():
-        try:
-            summary = run(argv)
-        except (Interrupted, UserError, OSError) as e:
-            code = fs.exit_status(e)
-            if code is None:
-                raise
-            return code
+    def body():
+        summary = run(argv)
         print(json.dumps(summary, indent=2, default=str))
         if summary.get("preempted"):
             print(summary["message"], file=sys.stderr)
             return Interrupted("", summary["signal"]).exit_code
-    return 0
+        return 0
+
+    return fs.run_entry(body)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,56 @@ def test_error_line_is_none_for_bugs():
     assert fs.error_line(ConfigError("a\nb")) == "error: a b"  # always one line
 
 
+def _raise(e):
+    def body():
+        raise e
+    return body
+
+
+def test_run_entry_turns_how_a_command_ended_into_its_status(capsys):
+    """The one runner under every entry point: a result is the status (None: 0); a stop signal, bad input, an OS
+    refusal (and Ctrl-C in a tool) is one line on stderr and its code; a bug and, under the guard, a second
+    Ctrl-C keep their traceback."""
+    from fairjax.errors import Interrupted, UserError
+
+    assert fs.run_entry(lambda: None) == 0 and fs.run_entry(lambda: 3, guard=False) == 3
+    cases = [(_raise(Interrupted("stopped by SIGTERM at step 4; run it again", "SIGTERM")), True, 143,
+              "stopped by SIGTERM at step 4; run it again"),
+             (_raise(Interrupted("stopped by SIGINT", "SIGINT")), True, 130, "stopped by SIGINT"),
+             (_raise(UserError("bad --x; pass a number")), True, 2, "error: bad --x; pass a number"),
+             (_raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/y")), False, 2, "error: disk full writing /x/y"),
+             (_raise(KeyboardInterrupt()), False, 130, "stopped by SIGINT (Ctrl-C)")]
+    for body, guard, code, words in cases:
+        assert fs.run_entry(body, guard=guard) == code, words
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(words), err
+    for body, guard in ((_raise(KeyError("k")), False), (_raise(OSError(errno.EBADF, "bad fd")), True),
+                        (_raise(KeyboardInterrupt()), True)):
+        with pytest.raises((KeyError, OSError, KeyboardInterrupt)):
+            fs.run_entry(body, guard=guard)
+    assert capsys.readouterr().err == ""
+
+
+def test_run_entry_holds_the_guard_only_while_the_body_runs():
+    """guard=True: SIGTERM inside the body is a flag the body can poll (not the default kill); the previous
+    handler is back afterwards. guard=False installs nothing."""
+    from fairjax.io.preemption import raise_if_stopped
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    def body():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        seen.append(signal.getsignal(signal.SIGTERM))
+        raise_if_stopped("between batches")
+
+    assert fs.run_entry(body) == 143
+    assert seen and seen[0] is not before and signal.getsignal(signal.SIGTERM) is before
+    assert fs.run_entry(lambda: seen.append(signal.getsignal(signal.SIGTERM)), guard=False) == 0
+    assert seen[-1] is before
+
+
 def test_read_json_wants_an_object(tmp_path):
     for text, words in [("[1]", "expected a JSON object"), ("{x", "not valid JSON"), ("null", "found a NoneType")]:
         (tmp_path / "c.json").write_text(text)

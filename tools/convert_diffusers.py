@@ -45,7 +45,6 @@ from fairjax.convert.pipeline import (  # noqa: F401  (CONVERTERS, plan_sources:
     plan_pipeline,
     plan_sources,
 )
-from fairjax.errors import UserError
 from fairjax.io import fs
 
 
@@ -66,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", default=None, help="weight file variant, e.g. fp16 (default: plain, else fp16, else bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
-    try:
+
+    def body():  # Ctrl-C: one line, 130; nothing partial is kept
         convert(args.src, args.out, dtype=args.dtype, variant=args.variant, overwrite=args.overwrite)
-    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+
+    return fs.run_entry(body, guard=False)
 
 
 if __name__ == "__main__":

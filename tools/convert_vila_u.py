@@ -25,7 +25,6 @@ import argparse
 import sys
 
 from fairjax.convert import vila_u as vila_u_convert
-from fairjax.errors import UserError
 from fairjax.io import fs
 from fairjax.io.model_dir import read_json
 
@@ -41,19 +40,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="config.json of the SigLIP model named in rqvaesiglip.pretrained_model, if not built in")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = p.parse_args(argv)
-    try:
+
+    def body():  # Ctrl-C: one line, 130; nothing partial is kept
         fs.check_output(args.out, what="OUT", overwrite=args.overwrite,
                         inputs={"SRC": args.src, "--siglip-config": args.siglip_config})
         with fs.locked(args.out, what="OUT"):  # a second run on OUT is refused before anything is read
             sig = read_json(args.siglip_config) if args.siglip_config else None
             vila_u_convert.convert_vila_u(args.src, args.out, dtype=None if args.dtype == "as-stored" else args.dtype,
                                           siglip_config=sig, overwrite=args.overwrite)
-    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+
+    return fs.run_entry(body, guard=False)
 
 
 if __name__ == "__main__":

@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_model_args(p)
     args = p.parse_args(argv)
-    try:
+
+    def body():  # Ctrl-C: one line, 130; nothing partial is kept
         if args.merge and not args.lora:
             raise UserError("--merge needs --lora FILE")
         if args.format != "peft" and (args.merge or not args.lora):
@@ -227,12 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                              prefix=None if args.lora_prefix == "none" else args.lora_prefix, format=args.format)
         else:
             export_model(args.model_dir, args.out, dtype=args.dtype, lora_path=args.lora, overwrite=args.overwrite)
-    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+
+    return fs.run_entry(body, guard=False)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     add_model_args(p)
     args = p.parse_args(argv)
-    try:
+
+    def body():  # Ctrl-C: one line, 130; nothing partial is kept
         args.model_dir = resolve_args(args.model_dir, args)  # a vila-u checkpoint or repo id: converted once
         if args.merge and not args.lora:
             raise UserError("--merge needs --lora FILE")
@@ -208,12 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             export_lora(args.model_dir, args.lora, args.out, dtype=args.dtype, overwrite=args.overwrite)
         else:
             export_llm(args.model_dir, args.out, lora_path=args.lora, dtype=args.dtype, overwrite=args.overwrite)
-    except (UserError, OSError, KeyboardInterrupt) as e:  # Ctrl-C: one line, 130
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+
+    return fs.run_entry(body, guard=False)
 
 
 if __name__ == "__main__":

@@ -587,31 +587,24 @@ def main(argv=None) -> int:
                         "evaluation; 'skip' = the whole image is the face); weights under $DEEPFACE_HOME")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = p.parse_args(argv)
-    from fairjax.errors import Interrupted
     from fairjax.io import fs
-    from fairjax.io.preemption import PreemptionGuard
 
-    try:
-        with PreemptionGuard():  # SIGTERM / SIGINT: stop between generation batches, one line, 128 + the signal
-            if args.n < 2:
-                raise UserError(f"--n {args.n}: need at least 2 images per prompt")
-            if not 0 <= args.seed < 2**32:
-                raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
-            if args.fix_steps < 0:
-                raise UserError(f"--fix-steps {args.fix_steps} must be >= 0 (0 = no fix experiment)")
-            fs.check_output(args.out, what="--out", overwrite=args.overwrite,
-                            inputs={"--model": args.model, "--lora": args.lora, "--images": args.images})
-            with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
-                r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
-                                images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
-                                detector=args.detector, overwrite=args.overwrite)
+    def body():  # SIGTERM / SIGINT: stop between generation batches, one line, 128 + the signal
+        if args.n < 2:
+            raise UserError(f"--n {args.n}: need at least 2 images per prompt")
+        if not 0 <= args.seed < 2**32:
+            raise UserError(f"--seed must be in [0, 2**32) (got {args.seed})")
+        if args.fix_steps < 0:
+            raise UserError(f"--fix-steps {args.fix_steps} must be >= 0 (0 = no fix experiment)")
+        fs.check_output(args.out, what="--out", overwrite=args.overwrite,
+                        inputs={"--model": args.model, "--lora": args.lora, "--images": args.images})
+        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+            r = locate_bias(args.model, args.out, lora=args.lora, n_per_prompt=args.n, seed=args.seed,
+                            images_dir=args.images, prompts=args.prompts, fix_steps=args.fix_steps,
+                            detector=args.detector, overwrite=args.overwrite)
         print(json.dumps(r["summary"], indent=1, default=float))
-    except (Interrupted, UserError, OSError) as e:
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+
+    return fs.run_entry(body)
 
 
 if __name__ == "__main__":

@@ -255,24 +255,17 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true")
     add_model_args(p)
     args = p.parse_args(argv)
-    from fairjax.errors import Interrupted
-    from fairjax.io.preemption import PreemptionGuard
 
-    try:
-        with PreemptionGuard():  # SIGTERM / SIGINT: stop between batches, one line, exit 128 + the signal number
-            check_args(args)
-            with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
-                args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
-                from fairjax import parallel
+    def body():  # SIGTERM / SIGINT: stop between batches, one line, exit 128 + the signal number
+        check_args(args)
+        with fs.locked(args.out, what="--out"):  # a second run on OUT is refused before it loads a model
+            args.tuned, args.base = resolve_args(args.tuned, args), resolve_args(args.base, args)
+            from fairjax import parallel
 
-                parallel.enable_compilation_cache()
-                _run(args)
-    except (Interrupted, UserError, OSError) as e:
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
-    return 0
+            parallel.enable_compilation_cache()
+            _run(args)
+
+    return fs.run_entry(body)
 
 
 def check_args(args: argparse.Namespace) -> None:

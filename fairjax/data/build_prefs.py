@@ -364,49 +364,35 @@ def read_summary(path: str) -> dict:
 def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped it (between
     generation batches; nothing is written, a re-run starts over)."""
-    from fairjax.errors import Interrupted
-    from fairjax.io.preemption import PreemptionGuard
-
     argv = sys.argv[1:] if argv is None else argv
-    with PreemptionGuard():
-        try:
-            return _main(argv)
-        except Interrupted as e:  # between generation batches; nothing was written
-            print(str(e), file=sys.stderr)
-            return e.exit_code
+    return fs.run_entry(lambda: _main(argv))
 
 
 def _main(argv) -> int:
     from fairjax.config import apply_overrides, load_config_file, split_overrides
     from fairjax.convert.resolve import add_model_args, resolve_args
 
-    try:
-        rest, overrides = split_overrides(argv)
-        p = argparse.ArgumentParser(prog="python -m fairjax.data.build_prefs",
-                                    description="Generate, label and pair images into a PopAlign preference dataset.",
-                                    epilog="Override any config key with --config.KEY=VALUE (e.g. --config.prefs.n_neutral=32).")
-        p.add_argument("--config", required=True, help="config file[:preset] with sample/prefs sections, "
-                                                       "e.g. configs/toy_world.py")
-        p.add_argument("--out", required=True, help="dataset folder to write (the trainer's --config.data.path)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-        add_model_args(p)
-        args = p.parse_args(rest)
-        cfg = load_config_file(args.config)
-        apply_overrides(cfg, overrides)
-        for key in ("prefs", "sample", "model"):
-            if key not in cfg:
-                raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
-        fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
-        cfg.model.dir = resolve_args(str(cfg.model.dir), args)  # a diffusers folder or repo id: converted once
-        from fairjax import parallel
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m fairjax.data.build_prefs",
+                                description="Generate, label and pair images into a PopAlign preference dataset.",
+                                epilog="Override any config key with --config.KEY=VALUE (e.g. --config.prefs.n_neutral=32).")
+    p.add_argument("--config", required=True, help="config file[:preset] with sample/prefs sections, "
+                                                   "e.g. configs/toy_world.py")
+    p.add_argument("--out", required=True, help="dataset folder to write (the trainer's --config.data.path)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_model_args(p)
+    args = p.parse_args(rest)
+    cfg = load_config_file(args.config)
+    apply_overrides(cfg, overrides)
+    for key in ("prefs", "sample", "model"):
+        if key not in cfg:
+            raise UserError(f"config {args.config} has no '{key}' section; see configs/toy_world.py")
+    fs.check_disjoint({"--out": args.out}, {"--config": args.config.partition(":")[0]})
+    cfg.model.dir = resolve_args(str(cfg.model.dir), args)  # a diffusers folder or repo id: converted once
+    from fairjax import parallel
 
-        parallel.enable_compilation_cache()
-        summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
-        code = fs.exit_status(e)
-        if code is None:
-            raise
-        return code
+    parallel.enable_compilation_cache()
+    summary = build_prefs(cfg, args.out, overwrite=args.overwrite)
     print(json.dumps({k: summary[k] for k in ("generated", "records", "winners", "losers", "dropped")}))
     return 0
 

@@ -19,6 +19,8 @@ Every command calls these before it reads anything heavy (paths in, a one-line
 * :func:`error_line` -- ``error: <message>`` for a :class:`UserError` or an operating-system refusal
   (permission, read-only file system, disk full, a folder where a file goes, ...); None for anything
   else, which is a bug and keeps its traceback.
+* :func:`run_entry` -- an entry point's body run to its exit status: :func:`exit_status` for a stop signal,
+  bad input or Ctrl-C; a bug keeps its traceback.
 * :func:`temp_path` / :func:`remove_stale_temps` -- temp names ``.<name>.tmp-<pid>-<host>`` (and
   ``.old-``); a later run removes those whose process is dead on this host.
 """
@@ -523,6 +525,31 @@ def exit_status(e: BaseException) -> int | None:
             return None
     print(line, file=sys.stderr)
     return code
+
+
+def run_entry(body, *, guard: bool = True) -> int:
+    """An entry point's body run to its exit status, with the failure handling of every command in one place.
+
+    ``body()`` does the work and returns its exit status (None: 0). How it ends is :func:`exit_status`'s: a
+    :class:`~fairjax.errors.Interrupted`, a :class:`UserError`, an operating-system refusal or (``guard=False``)
+    a ``KeyboardInterrupt`` is one line and its code; anything else is a bug and keeps its traceback.
+
+    ``guard=True`` (the jobs: train, generate, evaluate, build_prefs, the analyses) runs ``body`` inside a
+    :class:`~fairjax.io.preemption.PreemptionGuard`: SIGTERM / SIGINT become a flag that the job's loops poll,
+    and it stops at the next safe point (128 + the signal's number). ``guard=False`` is for the conversion and
+    export tools, which have no such points and write through a temp folder that a rename publishes: the
+    default signal handling stops them where they are, with nothing partial kept (Ctrl-C: 130)."""
+    from fairjax.io.preemption import PreemptionGuard
+
+    stops = (Interrupted, UserError, OSError) + (() if guard else (KeyboardInterrupt,))
+    try:
+        with PreemptionGuard() if guard else contextlib.nullcontext():
+            code = body()
+    except stops as e:  # under the guard a KeyboardInterrupt is Ctrl-C pressed twice: a hard stop, traceback kept
+        code = exit_status(e)
+        if code is None:
+            raise
+    return 0 if code is None else code
 
 
 #: the environment variable that moves fairjax's cache (models, traced shapes)

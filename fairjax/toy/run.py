@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from fairjax.errors import Interrupted, UserError
-from fairjax.io import host
+from fairjax.io import fs, host
 from fairjax.io.preemption import raise_if_stopped
 
 
@@ -304,38 +304,27 @@ def _latent_shape(prefs_dir: str):
 
 def main(argv=None) -> int:
     """Exit status: 0, 2 bad input, 128 + the signal's number when SIGTERM / SIGINT stopped the job."""
-    from fairjax.io.preemption import PreemptionGuard
-
     argv = sys.argv[1:] if argv is None else list(argv)
-    with PreemptionGuard():
-        try:
-            return _main(argv)
-        except Interrupted as e:  # after the current stage saved; a re-run resumes that stage
-            print(str(e), file=sys.stderr)
-            return e.exit_code
+    return fs.run_entry(lambda: _main(argv))  # Interrupted: after the current stage saved; a re-run resumes it
 
 
 def _main(argv: list[str]) -> int:
     from fairjax.config import split_overrides
 
-    try:
-        rest, overrides = split_overrides(argv)
-        p = argparse.ArgumentParser(prog="python -m fairjax.toy.run", description=__doc__.split("\n\n")[0],
-                                    epilog="Override any key of configs/toy_world.py with --config.KEY=VALUE.")
-        p.add_argument("--workdir", default="runs/toy", help="where every stage writes (default runs/toy)")
-        p.add_argument("--preset", default=None, help="configs/toy_world.py preset (popalign, lora, quick, ...)")
-        p.add_argument("--no-sft", action="store_true", help="skip the SFT baseline")
-        p.add_argument("--calibrated", action="store_true", help="also train PopAlign with the calibrated beta")
-        p.add_argument("--overwrite", action="store_true", help="redo every stage")
-        args = p.parse_args(rest)
-        from fairjax import parallel
+    rest, overrides = split_overrides(argv)
+    p = argparse.ArgumentParser(prog="python -m fairjax.toy.run", description=__doc__.split("\n\n")[0],
+                                epilog="Override any key of configs/toy_world.py with --config.KEY=VALUE.")
+    p.add_argument("--workdir", default="runs/toy", help="where every stage writes (default runs/toy)")
+    p.add_argument("--preset", default=None, help="configs/toy_world.py preset (popalign, lora, quick, ...)")
+    p.add_argument("--no-sft", action="store_true", help="skip the SFT baseline")
+    p.add_argument("--calibrated", action="store_true", help="also train PopAlign with the calibrated beta")
+    p.add_argument("--overwrite", action="store_true", help="redo every stage")
+    args = p.parse_args(rest)
+    from fairjax import parallel
 
-        parallel.enable_compilation_cache()
-        run(args.workdir, args.preset, sft=not args.no_sft, calibrated=args.calibrated, overwrite=args.overwrite,
-            overrides=overrides)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    parallel.enable_compilation_cache()
+    run(args.workdir, args.preset, sft=not args.no_sft, calibrated=args.calibrated, overwrite=args.overwrite,
+        overrides=overrides)
     return 0
 
 

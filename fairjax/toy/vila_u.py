@@ -379,32 +379,27 @@ def target(metrics: dict, model: str = "bpo") -> dict:
 
 
 def main(argv=None) -> int:
-    from fairjax.io.preemption import PreemptionGuard
+    from fairjax.io import fs
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    with PreemptionGuard():
-        try:
-            from fairjax.config import split_overrides
 
-            argv, overrides = split_overrides(argv)
-            p = argparse.ArgumentParser(prog="python -m fairjax.toy.vila_u", description=__doc__.split("\n\n")[0],
-                                        epilog="--config.KEY=VALUE: every stage; --config.STAGE.KEY=VALUE: one stage "
-                                               f"({', '.join(STAGES)}).")
-            p.add_argument("--workdir", default="runs/toy_vila_u")
-            p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: default)")
-            p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the training and the evaluation")
-            p.add_argument("--no-locate", action="store_true", help="skip the locate-then-fix analysis")
-            p.add_argument("--overwrite", action="store_true", help="redo every stage")
-            args = p.parse_args(argv)
-            run(args.workdir, args.preset, seed=args.seed, locate=not args.no_locate, overwrite=args.overwrite,
-                overrides=overrides)
-        except Interrupted as e:
-            print(str(e), file=sys.stderr)
-            return e.exit_code
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return 0
+    def body():
+        from fairjax.config import split_overrides
+
+        rest, overrides = split_overrides(argv)
+        p = argparse.ArgumentParser(prog="python -m fairjax.toy.vila_u", description=__doc__.split("\n\n")[0],
+                                    epilog="--config.KEY=VALUE: every stage; --config.STAGE.KEY=VALUE: one stage "
+                                           f"({', '.join(STAGES)}).")
+        p.add_argument("--workdir", default="runs/toy_vila_u")
+        p.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: default)")
+        p.add_argument("--seed", type=int, default=0, help="seeds the pairs, the training and the evaluation")
+        p.add_argument("--no-locate", action="store_true", help="skip the locate-then-fix analysis")
+        p.add_argument("--overwrite", action="store_true", help="redo every stage")
+        args = p.parse_args(rest)
+        run(args.workdir, args.preset, seed=args.seed, locate=not args.no_locate, overwrite=args.overwrite,
+            overrides=overrides)
+
+    return fs.run_entry(body)
 
 
 if __name__ == "__main__":
