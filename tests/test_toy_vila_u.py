@@ -77,23 +77,22 @@ def test_probe_finds_a_planted_attribute_direction():
     assert 0.4 < res["chance"] < 0.6
 
 
-def test_quick_main_job_writes_result_and_report(tmp_path):
-    from fairjax.toy.vila_u import run
-
-    res = run(str(tmp_path / "w"), "quick", seed=0)
-    with open(tmp_path / "w" / "result.json") as f:
+def _check_quick_outputs(wd):
+    """What the quick main job (with its locate-then-fix analysis) writes: the four models' metrics, the shares
+    of the base's neutral images, the report, and each locate page."""
+    with open(os.path.join(wd, "result.json")) as f:
         saved = json.load(f)
     assert saved["metrics"].keys() == {"base", "sft", "bpo", "dpo"}
     for m in saved["metrics"].values():
         assert set(m["discrepancy"]) >= {"gender", "race"} and 0 <= m["recall"]["both"] <= 1
     assert set(saved["shares"]["base"]) == {"doctor", "chef", "pilot", "teacher"}
-    assert os.path.isfile(res["html"])
+    assert os.path.isfile(saved["html"])
     for name in ("base", "bpo"):
-        with open(tmp_path / "w" / "locate" / name / "locate.json") as f:
+        with open(os.path.join(wd, "locate", name, "locate.json")) as f:
             loc = json.load(f)
         for key in ("tokenizer_flip_rate", "understanding_accuracy", "generation_discrepancy", "probe_accuracy"):
             assert key in loc
-        assert os.path.isfile(tmp_path / "w" / "locate" / name / "index.html")
+        assert os.path.isfile(os.path.join(wd, "locate", name, "index.html"))
     assert set(saved["locate_moved"]["generation_discrepancy"]) == {"gender", "race"}
     assert saved["locate_moved"]["tokenizer_flip_rate"] == {"gender": 0.0, "race": 0.0}  # BPO leaves it alone
     page = open(saved["locate_compare_html"]).read()
@@ -199,14 +198,15 @@ def test_rebuild_reproduces_the_shipped_files(tmp_path):
 
 
 def test_sigterm_stops_after_a_saved_stage_and_a_rerun_resumes(tmp_path):
-    """SIGTERM during stage-2 training: exit 143 with a checkpoint; the same command reuses the pairs and
-    stage 1 and resumes stage 2 from the checkpoint."""
+    """The quick main job from the command line, with SIGTERM during stage-2 training: exit 143 with a
+    checkpoint; the same command reuses the pairs and stage 1, resumes stage 2 from the checkpoint and writes
+    everything the quick main job writes (the report and the locate-then-fix pages)."""
     import signal
     import subprocess
     import sys
 
     wd = str(tmp_path / "w")
-    cmd = [sys.executable, "-m", "fairjax.toy.vila_u", "--workdir", wd, "--preset", "quick", "--no-locate"]
+    cmd = [sys.executable, "-m", "fairjax.toy.vila_u", "--workdir", wd, "--preset", "quick"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in p.stdout:
@@ -225,4 +225,4 @@ def test_sigterm_stops_after_a_saved_stage_and_a_rerun_resumes(tmp_path):
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "pairs: reusing" in again.stdout and "train: reusing" in again.stdout
     assert "resumed from" in again.stdout + again.stderr
-    assert os.path.isfile(os.path.join(wd, "result.json"))
+    _check_quick_outputs(wd)
