@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -67,7 +68,14 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     n_images = len(prompts) * args.per_prompt
 
-    root = tempfile.mkdtemp(prefix="bench_sampling_")
+    root = tempfile.mkdtemp(prefix="bench_sampling_")  # the two ~200 MB model folders: removed when it ends
+    try:
+        _run(args, prompts, n_images, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(args, prompts, n_images, root) -> None:
     ref = build_tiny_sdxl(os.path.join(root, "diffusers"), unet=UNET, vae=VAE, text_hidden=128, text_layers=4)
     ref.set_progress_bar_config(disable=True)
     pipe = pl.load_pipeline(convert_tiny_sdxl(os.path.join(root, "diffusers"), os.path.join(root, "fairjax")))
