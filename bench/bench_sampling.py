@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -68,11 +67,8 @@ def main() -> None:
     prompts = PROMPTS[: args.prompts]
     n_images = len(prompts) * args.per_prompt
 
-    root = tempfile.mkdtemp(prefix="bench_sampling_")  # the two ~200 MB model folders: removed when it ends
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_sampling_") as root:  # the two ~200 MB model folders
         _run(args, prompts, n_images, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _run(args, prompts, n_images, root) -> None:
